@@ -1,0 +1,3 @@
+from scopestream.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Frame sources: simulated microscope, replay of recordings, remote (ZMQ) frames."""

@@ -1,0 +1,136 @@
+"""Frames published by ``scopestream publish`` on another machine (``tcp://HOST:PORT``)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from scopestream.acquisition.base import SourceError
+from scopestream.streaming.layout import StreamInfo
+from scopestream.streaming.protocol import DecodedFrame, EndOfStream, FrameReceiver
+
+if TYPE_CHECKING:
+    from scopestream.acquisition.base import FrameCallback, SpaceWaiter
+
+
+class RemoteSource:
+    """Receive frames over the scopestream ZMQ protocol.
+
+    The stream's layout is read from the first valid frame (the publisher puts it
+    in every header), so opening blocks until that frame arrives or
+    ``connect_timeout_s`` passes. Messages that are malformed, or whose shape or
+    dtype differ from the stream's, are counted in ``malformed`` and dropped
+    before the ring buffer. The stream ends at the publisher's end marker, at
+    ``stop()``, or after ``idle_timeout_s`` without a message (if given).
+    """
+
+    kind = "remote"
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        connect_timeout_s: float = 30.0,
+        idle_timeout_s: float | None = None,
+    ) -> None:
+        self.address = address
+        self.idle_timeout_s = idle_timeout_s
+        self._rx = FrameReceiver(address)
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.end_seen = False
+        deadline_ms = int(connect_timeout_s * 1000)
+        first = None
+        while first is None:
+            msg = self._rx.recv(timeout_ms=deadline_ms)
+            if msg is None:
+                self._rx.close()
+                raise SourceError(
+                    f"no frame from {address} within {connect_timeout_s:g} s; is "
+                    f"'scopestream publish' running and reachable there?"
+                )
+            if isinstance(msg, DecodedFrame):
+                first = msg
+        self._first: DecodedFrame | None = first
+        try:
+            info = StreamInfo.from_json(first.stream) if first.stream else None
+        except (KeyError, ValueError, TypeError):
+            info = None
+        if (
+            info is None
+            or info.frame_shape != first.data.shape
+            or info.dtype != first.data.dtype.name
+        ):
+            info = StreamInfo(frame_shape=first.data.shape, dtype=first.data.dtype.name)  # type: ignore[arg-type]
+        self.info = info
+
+    def describe(self) -> dict[str, Any]:
+        """Where the frames come from."""
+        return {"kind": self.kind, "address": self.address, "stream": self.info.to_json()}
+
+    def counters(self) -> dict[str, int]:
+        """Received and malformed message counts."""
+        return {"received": self._rx.stats.received, "malformed": self._rx.stats.malformed}
+
+    @property
+    def errors(self) -> list[str]:
+        """The last few reasons messages were rejected."""
+        return list(self._rx.stats.errors)
+
+    @property
+    def error(self) -> BaseException | None:
+        """The exception that ended the source, if any."""
+        return self._error
+
+    def start(self, sink: FrameCallback, wait_for_space: SpaceWaiter | None = None) -> None:
+        """Start the receive thread (the network is never paced by us: no ``wait_for_space``)."""
+        self._thread = threading.Thread(
+            target=self._run, args=(sink,), name="source-remote", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, sink: FrameCallback) -> None:
+        shape, dtype = self.info.frame_shape, self.info.dtype
+        idle_ms = 200
+        idle_total = 0.0
+        try:
+            if self._first is not None:
+                self._first.meta["timestamp_ns"] = time.monotonic_ns()
+                sink(self._first.data, self._first.meta)
+                self._first = None
+            while not self._stop.is_set():
+                msg = self._rx.recv(timeout_ms=idle_ms)
+                if msg is None:
+                    idle_total += idle_ms / 1000
+                    if self.idle_timeout_s is not None and idle_total >= self.idle_timeout_s:
+                        break
+                    continue
+                idle_total = 0.0
+                if isinstance(msg, EndOfStream):
+                    self.end_seen = True
+                    break
+                if msg.data.shape != shape or msg.data.dtype.name != dtype:
+                    self._rx.reject(
+                        f"frame of shape {msg.data.shape} {msg.data.dtype} "
+                        f"in a stream of {shape} {dtype}"
+                    )
+                    continue
+                sink(msg.data, msg.meta)
+        except BaseException as e:
+            self._error = e
+        finally:
+            self._rx.close()
+            self._done.set()
+
+    def stop(self) -> None:
+        """Stop receiving."""
+        self._stop.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the receive thread to end."""
+        if self._thread is None:
+            return True
+        return self._done.wait(timeout)

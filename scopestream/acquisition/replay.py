@@ -1,0 +1,240 @@
+"""Replay a recording (OME-Zarr, OME-TIFF / TIFF) as a live stream."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from scopestream.acquisition.base import SourceError, ThreadedSource
+from scopestream.streaming.frame import make_meta
+from scopestream.streaming.layout import StreamInfo
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from scopestream.streaming.frame import FrameMeta
+
+#: preload a recording when it is smaller than this
+PRELOAD_BYTES = 2 * 2**30
+
+
+class _AxisView:
+    """Index an array with named axes as (t, c, z) -> (y, x) frames, lazily.
+
+    Axes other than t, c, z, y, x (e.g. TIFF's ``q`` or ``i``) are folded into t.
+    """
+
+    def __init__(self, arr: Any, axes: str) -> None:
+        axes = axes.lower()
+        if "y" not in axes or "x" not in axes:
+            raise SourceError(f"cannot replay an image without y and x axes (axes {axes!r})")
+        if len(axes) != len(arr.shape) or len(set(axes)) != len(axes):
+            raise SourceError(f"axes {axes!r} do not match the array's shape {arr.shape}")
+        self.arr = arr
+        self.axes = axes
+        self.time_axes = [i for i, a in enumerate(axes) if a not in "czyx"]
+        self.time_shape = tuple(arr.shape[i] for i in self.time_axes)
+        size = dict(zip(axes, arr.shape, strict=True))
+        self.shape = (
+            int(np.prod(self.time_shape)) if self.time_axes else 1,
+            size.get("c", 1),
+            size.get("z", 1),
+            size["y"],
+            size["x"],
+        )
+        self.swap_yx = axes.index("x") < axes.index("y")
+
+    def frame(self, t: int, c: int, z: int) -> np.ndarray:
+        """The (y, x) frame at (t, c, z)."""
+        t_idx = np.unravel_index(t, self.time_shape) if self.time_axes else ()
+        idx: list[Any] = []
+        k = 0
+        for i, a in enumerate(self.axes):
+            if i in self.time_axes:
+                idx.append(int(t_idx[k]))
+                k += 1
+            elif a == "c":
+                idx.append(c)
+            elif a == "z":
+                idx.append(z)
+            else:
+                idx.append(slice(None))
+        out = np.asarray(self.arr[tuple(idx)])
+        return out.T if self.swap_yx else out
+
+
+def _open_zarr(path: Path) -> tuple[_AxisView, StreamInfo, np.ndarray | None]:
+    import zarr
+
+    root = zarr.open_group(str(path), mode="r")
+    attrs: dict[str, Any] = root.attrs.asdict()
+    ome: dict[str, Any] = attrs.get("ome", attrs)  # 0.5 nests under "ome", 0.4 does not
+    try:
+        ms: dict[str, Any] = ome["multiscales"][0]
+    except (KeyError, IndexError, TypeError):
+        raise SourceError(f"{path} is not an OME-Zarr image (no multiscales)") from None
+    axes = "".join(a["name"] if isinstance(a, dict) else a for a in ms["axes"])
+    arr: Any = root[ms["datasets"][0]["path"]]
+    scale: list[float] = [1.0] * len(axes)
+    for tr in ms["datasets"][0].get("coordinateTransformations", []):
+        if tr.get("type") == "scale":
+            scale = tr["scale"]
+    sc = dict(zip(axes.lower(), scale, strict=False))
+    names = [
+        c.get("label", f"c{i}") for i, c in enumerate(ome.get("omero", {}).get("channels", []))
+    ]
+    written: np.ndarray | None = None
+    if "written" in root:  # a scopestream run: replay only frames that were completely written
+        flags: Any = root["written"]
+        written = np.asarray(flags[...]).astype(bool)
+    data = _AxisView(arr, axes)
+    n_t, n_c, n_z, h, w = data.shape
+    if len(names) != n_c:
+        names = [f"c{i}" for i in range(n_c)]
+    info = StreamInfo(
+        frame_shape=(h, w),
+        dtype=str(arr.dtype),
+        n_t=n_t,
+        channel_names=tuple(names),
+        n_z=n_z,
+        pixel_size_um=float(sc.get("x", 1.0)),
+        z_step_um=float(sc.get("z", 1.0)),
+        interval_s=float(sc.get("t", 0.0)),
+    )
+    return data, info, written
+
+
+def _open_tiff(path: Path) -> tuple[_AxisView, StreamInfo, None]:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tf:
+        series = tf.series[0]
+        axes = series.axes.lower().replace("s", "c")
+        arr = series.asarray()
+    if ("y" not in axes or "x" not in axes) and arr.ndim >= 2:
+        axes = "qrstuvw"[: arr.ndim - 2] + "yx"
+    data = _AxisView(arr, axes)
+    n_t, n_c, n_z, h, w = data.shape
+    info = StreamInfo(
+        frame_shape=(h, w),
+        dtype=str(arr.dtype),
+        n_t=n_t,
+        channel_names=tuple(f"c{i}" for i in range(n_c)) if n_c > 1 else ("raw",),
+        n_z=n_z,
+        interval_s=0.0,
+    )
+    return data, info, None
+
+
+class ReplaySource(ThreadedSource):
+    """Stream a recorded dataset in acquisition order (t, then c, then z).
+
+    Parameters
+    ----------
+    path
+        ``.ome.zarr`` / ``.zarr`` directory or ``.tif``/``.tiff`` file.
+    fps
+        ``None``: the recorded frame rate (as fast as possible when unknown);
+        ``0``: as fast as the pipeline takes frames; otherwise that rate.
+    loop
+        Replay this many times (for soak tests and benchmarks).
+    """
+
+    kind = "replay"
+
+    def __init__(self, path: str | Path, *, fps: float | None = None, loop: int = 1) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise SourceError(f"replay: {self.path} does not exist")
+        suffixes = "".join(self.path.suffixes).lower()
+        if self.path.is_dir() and any((self.path / f).exists() for f in ("zarr.json", ".zattrs")):
+            data, info, written = _open_zarr(self.path)
+        elif suffixes.endswith((".tif", ".tiff")):
+            data, info, written = _open_tiff(self.path)
+        else:
+            raise SourceError(
+                f"replay: cannot read {self.path}; give an OME-Zarr directory or a TIFF file"
+            )
+        nbytes = int(np.prod(data.shape)) * np.dtype(info.dtype).itemsize
+        self.preloaded = nbytes <= PRELOAD_BYTES
+        if self.preloaded and not isinstance(data.arr, np.ndarray):
+            data.arr = np.asarray(data.arr[...])
+        self._data = data
+        self._written = written
+        self.loop = max(1, int(loop))
+        if fps is None:
+            fps = (
+                1.0 / (info.interval_s * info.frames_per_timepoint) if info.interval_s > 0 else 0.0
+            )
+        super().__init__(fps=fps)
+        n_t = info.n_t * self.loop if info.n_t is not None else None
+        self.info = StreamInfo(
+            frame_shape=info.frame_shape,
+            dtype=info.dtype,
+            n_t=n_t,
+            channel_names=info.channel_names,
+            n_z=info.n_z,
+            pixel_size_um=info.pixel_size_um,
+            z_step_um=info.z_step_um,
+            interval_s=info.interval_s,
+        )
+        self._n_t_once = info.n_t or 0
+
+    def describe(self) -> dict[str, Any]:
+        """Where the frames come from."""
+        return {
+            **super().describe(),
+            "path": str(self.path),
+            "loop": self.loop,
+            "preloaded": self.preloaded,
+        }
+
+    def frames(self) -> Iterator[tuple[np.ndarray, FrameMeta]]:
+        """Frames in order; frames a scopestream run never wrote are not replayed."""
+        info = self.info
+        for rep in range(self.loop):
+            for t in range(self._n_t_once):
+                for c in range(info.n_c):
+                    for z in range(info.n_z):
+                        if self._written is not None and not self._written[t, c, z]:
+                            continue
+                        frame = self._data.frame(t, c, z)
+                        yield (
+                            frame,
+                            make_meta(
+                                t=rep * self._n_t_once + t,
+                                c=c,
+                                z=z,
+                                source=f"replay:{self.path.name}",
+                            ),
+                        )
+
+
+class ArraySource(ThreadedSource):
+    """Replay frames held in memory, ``(n, y, x)``, cycling until ``n_frames`` are sent.
+
+    Used by benchmarks and tests: no disk read on the acquisition path.
+    """
+
+    kind = "memory"
+
+    def __init__(self, frames: np.ndarray, n_frames: int, *, fps: float = 0.0) -> None:
+        if frames.ndim != 3 or len(frames) == 0:
+            raise ValueError("frames must be a non-empty (n, y, x) array")
+        super().__init__(fps=fps)
+        self._frames = frames
+        self.n_frames = int(n_frames)
+        self.info = StreamInfo(
+            frame_shape=(int(frames.shape[1]), int(frames.shape[2])),
+            dtype=frames.dtype.name,
+            n_t=self.n_frames,
+            channel_names=("raw",),
+        )
+
+    def frames(self) -> Iterator[tuple[np.ndarray, FrameMeta]]:
+        """The held frames, cycled."""
+        k = len(self._frames)
+        for i in range(self.n_frames):
+            yield self._frames[i % k], make_meta(t=i, source=self.kind)

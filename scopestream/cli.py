@@ -1,0 +1,396 @@
+"""The ``scopestream`` command."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from scopestream import __version__
+
+if TYPE_CHECKING:
+    from scopestream.acquisition.base import FrameSource
+    from scopestream.config import RunConfig
+    from scopestream.streaming.runner import StreamRunner
+
+app = typer.Typer(
+    name="scopestream",
+    help="Live AI for microscopes: stream, denoise/stain, record OME-Zarr, view.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+bench_app = typer.Typer(
+    help="Benchmarks (JSON out, ratios against ceilings measured in the same run)."
+)
+app.add_typer(bench_app, name="bench")
+
+err = Console(stderr=True)
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _die(msg: str, code: int = EXIT_USAGE) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {msg}")
+    return typer.Exit(code)
+
+
+def _default_out(prefix: str = "run") -> str:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return str(Path("runs") / f"{prefix}-{stamp}.ome.zarr")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"scopestream {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Live AI for microscopes."""
+
+
+def _build_source(cfg: RunConfig) -> FrameSource:
+    from scopestream.acquisition.base import SourceError
+    from scopestream.acquisition.factory import make_source
+
+    try:
+        return make_source(
+            cfg.source, shape=cfg.shape, frames=cfg.frames, fps=cfg.fps, seed=cfg.seed
+        )
+    except (SourceError, ValueError, OSError) as e:
+        raise _die(str(e)) from None
+
+
+def _drive(runner: StreamRunner, show_progress: bool, label: str) -> dict[str, Any]:
+    """Run with a progress bar on stderr; Ctrl-C stops cleanly (twice: abort)."""
+    interrupts = 0
+
+    def on_sigint(signum: int, frame: object) -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts > 1:
+            raise KeyboardInterrupt
+        err.print("[yellow]stopping: writing what is buffered (Ctrl-C again to abort)[/]")
+        runner.stop()
+
+    old = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        runner.start()
+        total = runner.status.frames_expected
+        with Progress(
+            TextColumn(f"[bold]{label}"),
+            BarColumn(),
+            TextColumn(
+                "{task.completed}/{task.total} frames" if total else "{task.completed} frames"
+            ),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            console=err,
+            transient=True,
+            disable=not show_progress,
+        ) as progress:
+            task = progress.add_task(label, total=total, rate="")
+            while not runner.wait(0.2):
+                st = runner.status
+                progress.update(
+                    task, completed=st.frames_acquired, rate=f"{runner.acquired.fps():.1f} fps"
+                )
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert runner.summary is not None
+    return runner.summary
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    t = Table(title="run summary", show_header=False, title_justify="left")
+    ok = summary["status"] == "complete"
+    t.add_row("status", f"[{'green' if ok else 'red'}]{summary['status']}[/]")
+    for key in (
+        "frames_acquired",
+        "frames_written",
+        "frames_lost",
+        "malformed",
+        "fps",
+        "elapsed_s",
+    ):
+        t.add_row(key, str(summary.get(key)))
+    lat = summary.get("latency_ms", {})
+    t.add_row("latency p50/p99 (ms)", f"{lat.get('p50')} / {lat.get('p99')}")
+    cb = summary.get("callback_us", {})
+    t.add_row("callback copy p50/p99 (µs)", f"{cb.get('p50')} / {cb.get('p99')}")
+    for name, n in summary.get("frames_skipped", {}).items():
+        t.add_row(f"skipped ({name})", str(n))
+    if summary.get("out"):
+        t.add_row("out", str(summary["out"]))
+    if summary.get("error"):
+        t.add_row("error", f"[red]{summary['error']}[/]")
+    err.print(t)
+
+
+def _finish(summary: dict[str, Any], as_json: bool) -> None:
+    _print_summary(summary)
+    if as_json:
+        sys.stdout.write(json.dumps(summary, default=str) + "\n")
+        sys.stdout.flush()
+    if summary["status"] != "complete":
+        raise typer.Exit(EXIT_FAILED)
+
+
+def execute_run(cfg: RunConfig, *, as_json: bool, label: str = "acquiring") -> None:
+    """Run one configured stream to its end (shared by ``run`` and ``demo``)."""
+    from scopestream.streaming.runner import SinkSpec, StreamRunner
+    from scopestream.streaming.zarr_sink import SinkError, ZarrSink
+
+    if cfg.models:
+        raise _die(
+            f"models {list(cfg.models)} cannot run: live inference is not part of this version "
+            "yet; use --model none"
+        )
+    if cfg.viewer:
+        raise _die("the live viewer is not part of this version yet; use --no-viewer")
+    source = _build_source(cfg)
+    out = cfg.out or _default_out()
+    try:
+        sink = ZarrSink(
+            out,
+            source.info,
+            config=cfg.model_dump(mode="json"),
+            source=source.describe(),
+            overwrite=cfg.overwrite,
+        )
+    except (FileExistsError, SinkError) as e:
+        source.stop()
+        raise _die(str(e)) from None
+    runner = StreamRunner(
+        source,
+        [SinkSpec("zarr", sink, records=True)],
+        buffer_mb=cfg.buffer_mb,
+        max_frames=cfg.frames,
+        out=out,
+    )
+    summary = _drive(runner, show_progress=err.is_terminal, label=label)
+    _finish(summary, as_json)
+
+
+def _config_from(config: Path | None, overrides: dict[str, Any]) -> RunConfig:
+    from scopestream.config import ConfigError, RunConfig, load_config, merge
+
+    try:
+        base = load_config(config) if config else RunConfig()
+        return merge(base, overrides)
+    except ConfigError as e:
+        raise _die(str(e)) from None
+
+
+@app.command()
+def run(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML run configuration.")
+    ] = None,
+    source: Annotated[str | None, typer.Option(help="sim | replay:PATH | tcp://HOST:PORT")] = None,
+    frames: Annotated[int | None, typer.Option(help="Stop after N frames.")] = None,
+    shape: Annotated[
+        str | None, typer.Option(help="Frame size of the simulated camera, HxW.")
+    ] = None,
+    fps: Annotated[
+        float | None, typer.Option(help="Frame rate (0 = as fast as possible).")
+    ] = None,
+    model: Annotated[
+        list[str] | None, typer.Option("--model", help="Model name or path; 'none' = raw only.")
+    ] = None,
+    out: Annotated[
+        str | None, typer.Option(help="Output OME-Zarr (default runs/run-DATE.ome.zarr).")
+    ] = None,
+    overwrite: Annotated[
+        bool | None, typer.Option("--overwrite", help="Replace an existing output store.")
+    ] = None,
+    viewer: Annotated[
+        bool | None, typer.Option("--viewer/--no-viewer", help="Open the live viewer.")
+    ] = None,
+    buffer_mb: Annotated[float | None, typer.Option(help="Ring buffer memory (MiB).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the simulated sample.")] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the summary as one JSON line last.")
+    ] = False,
+) -> None:
+    """Stream frames from a source into an OME-Zarr run (and through models)."""
+    cfg = _config_from(
+        config,
+        {
+            "source": source,
+            "frames": frames,
+            "shape": shape,
+            "fps": fps,
+            "models": model,
+            "out": out,
+            "overwrite": overwrite,
+            "viewer": viewer,
+            "buffer_mb": buffer_mb,
+            "seed": seed,
+        },
+    )
+    execute_run(cfg, as_json=as_json)
+
+
+@app.command()
+def demo(
+    frames: Annotated[int, typer.Option(help="Frames to acquire.")] = 200,
+    shape: Annotated[str, typer.Option(help="Frame size HxW.")] = "512x512",
+    fps: Annotated[
+        float, typer.Option(help="Camera frame rate (0 = as fast as possible).")
+    ] = 50.0,
+    out: Annotated[str | None, typer.Option(help="Output OME-Zarr.")] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the summary as one JSON line last.")
+    ] = False,
+) -> None:
+    """The whole chain on the simulated microscope, ending with the run summary."""
+    from scopestream.config import RunConfig
+
+    cfg = RunConfig(
+        source="sim",
+        frames=frames,
+        shape=shape,  # type: ignore[arg-type]
+        fps=fps,
+        out=out or _default_out("demo"),
+    )
+    err.print(
+        f"[bold]scopestream demo[/]: simulated microscope, {cfg.shape[0]}x{cfg.shape[1]} at "
+        f"{fps:g} fps, {frames} frames → {cfg.out}"
+    )
+    execute_run(cfg, as_json=as_json, label="demo")
+    err.print(f"open it with: [bold]napari --plugin napari-ome-zarr {cfg.out}[/]")
+
+
+@app.command()
+def publish(
+    source: Annotated[str, typer.Option(help="sim | replay:PATH")] = "sim",
+    bind: Annotated[
+        str, typer.Option(help="Address to bind (loopback unless told otherwise).")
+    ] = "tcp://127.0.0.1:5557",
+    frames: Annotated[int | None, typer.Option(help="Stop after N frames.")] = None,
+    shape: Annotated[
+        str, typer.Option(help="Frame size of the simulated camera, HxW.")
+    ] = "512x512",
+    fps: Annotated[
+        float | None, typer.Option(help="Frame rate (0 = as fast as possible).")
+    ] = None,
+    receivers: Annotated[
+        int, typer.Option(help="Receivers to send the end-of-stream marker to.")
+    ] = 1,
+    wait_s: Annotated[
+        float, typer.Option(help="Wait this long for a receiver before starting.")
+    ] = 60.0,
+    seed: Annotated[int, typer.Option(help="Seed of the simulated sample.")] = 0,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the summary as one JSON line last.")
+    ] = False,
+) -> None:
+    """Publish a source's frames over the scopestream ZMQ protocol (the microscope side)."""
+    import zmq
+
+    from scopestream.config import RunConfig
+    from scopestream.streaming.protocol import FramePublisher, PublisherSink
+    from scopestream.streaming.runner import SinkSpec, StreamRunner
+
+    cfg = _config_from(
+        None, {"source": source, "frames": frames, "shape": shape, "fps": fps, "seed": seed}
+    )
+    assert isinstance(cfg, RunConfig)
+    src = _build_source(cfg)
+    try:
+        pub = FramePublisher(bind, stream=src.info.to_json())
+    except zmq.ZMQError as e:
+        raise _die(f"cannot bind {bind}: {e}") from None
+    err.print(f"publishing {cfg.source} on [bold]{pub.address}[/]; waiting for a receiver…")
+    if not pub.wait_for_receiver(wait_s):
+        pub.close()
+        raise _die(f"no receiver connected to {pub.address} within {wait_s:g} s", EXIT_FAILED)
+    runner = StreamRunner(
+        src,
+        [SinkSpec("publish", PublisherSink(pub, receivers), records=True)],
+        max_frames=cfg.frames,
+        out=pub.address,
+    )
+    summary = _drive(runner, show_progress=err.is_terminal, label="publishing")
+    _finish(summary, as_json)
+
+
+@app.command()
+def inspect(
+    path: Annotated[Path, typer.Argument(help="A run's OME-Zarr store.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Report a saved run: status, and how many frames of each image are complete."""
+    from scopestream.streaming.zarr_sink import inspect_run
+
+    try:
+        report = inspect_run(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise _die(f"cannot open {path} as a scopestream run: {e}") from None
+    if as_json:
+        typer.echo(json.dumps(report.to_json()))
+        return
+    t = Table(title=str(path), show_header=True, title_justify="left")
+    t.add_column("image")
+    t.add_column("shape (t,c,z,y,x)")
+    t.add_column("complete frames")
+    t.add_column("status")
+    for im in report.images:
+        t.add_row(im.name, "×".join(map(str, im.shape)), str(im.frames_complete), im.status)
+    Console().print(t)
+    typer.echo(f"status: {report.status}; expected frames: {report.frames_expected}")
+    if report.error:
+        typer.echo(f"error: {report.error}")
+
+
+@bench_app.command("streaming")
+def bench_streaming_cmd(
+    frames: Annotated[int, typer.Option(help="Frames per measurement.")] = 200,
+    shape: Annotated[str, typer.Option(help="Frame size HxW.")] = "2048x2048",
+    repeats: Annotated[int, typer.Option(help="Repeats (medians are reported).")] = 3,
+    in_flight: Annotated[int, typer.Option(help="Chunk writes in flight.")] = 8,
+    workdir: Annotated[
+        str | None, typer.Option(help="Where to write (default: temp dir).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+) -> None:
+    """Ring buffer + zarr sink throughput vs the tensorstore and plain-file ceilings."""
+    from scopestream.bench import bench_streaming
+    from scopestream.config import parse_shape
+
+    try:
+        hw = parse_shape(shape)
+    except ValueError as e:
+        raise _die(str(e)) from None
+    res = bench_streaming(
+        n_frames=frames, shape=hw, repeats=repeats, in_flight=in_flight, workdir=workdir
+    )
+    if not as_json:
+        err.print(
+            f"pipeline {res['fps']['pipeline']} fps, tensorstore {res['fps']['tensorstore']} fps, "
+            f"files {res['fps']['file']} fps; "
+            f"pipeline/tensorstore = {res['ratio_pipeline_vs_tensorstore']}"
+        )
+    typer.echo(json.dumps(res))
+
+
+def main() -> None:
+    """Entry point of the ``scopestream`` command."""
+    app()

@@ -1,0 +1,116 @@
+"""The versioned run configuration (YAML on disk, saved into every run's attributes).
+
+A user-written file is strict (``extra="forbid"``): a misspelt key is an error,
+never a silent default. Command-line flags override the file.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+CONFIG_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """A configuration file or flag that cannot be used."""
+
+
+def parse_shape(value: object) -> tuple[int, int]:
+    """``"512x512"``, ``512`` or ``[512, 512]`` → ``(512, 512)``."""
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+)\s*[xX×,]\s*(\d+)\s*", value) or re.fullmatch(
+            r"\s*(\d+)\s*", value
+        )
+        if not m:
+            raise ValueError(f"shape must look like 512x512, got {value!r}")
+        nums = [int(g) for g in m.groups()]
+        value = nums if len(nums) == 2 else nums * 2
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    if (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, int) for v in value)
+    ):
+        h, w = int(value[0]), int(value[1])
+        if h < 1 or w < 1:
+            raise ValueError(f"shape must be positive, got {h}x{w}")
+        return h, w
+    raise ValueError(f"shape must look like 512x512, got {value!r}")
+
+
+class RunConfig(BaseModel):
+    """Everything a run needs; the flags of ``scopestream run`` map onto these fields."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: Literal[1] = 1
+    source: str = Field("sim", description="sim | replay:PATH | tcp://HOST:PORT")
+    frames: int | None = Field(None, gt=0, description="stop after this many frames")
+    shape: tuple[int, int] = Field((512, 512), description="frame size of the simulated camera")
+    fps: float | None = Field(None, ge=0, description="frame rate; 0 = as fast as possible")
+    models: tuple[str, ...] = Field((), description="model names or paths; empty = none")
+    out: str | None = Field(None, description="output OME-Zarr path")
+    overwrite: bool = False
+    viewer: bool = False
+    buffer_mb: float = Field(512.0, gt=0, description="ring buffer memory")
+    seed: int = 0
+
+    @field_validator("shape", mode="before")
+    @classmethod
+    def _shape(cls, v: object) -> tuple[int, int]:
+        return parse_shape(v)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = [v]
+        if isinstance(v, (list, tuple)):
+            return tuple(m for m in v if str(m).lower() != "none")
+        return v
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read a YAML run configuration."""
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read config {p}: {e}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p} must hold a mapping of settings")
+    return validate_config(raw, where=str(p))
+
+
+def validate_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
+    """Validate a mapping, turning pydantic's errors into one readable message."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "(top)"
+            msg = "unknown setting (typo?)" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"  {loc}: {msg}")
+        raise ConfigError(f"invalid {where}:\n" + "\n".join(lines)) from None
+
+
+def merge(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """Apply command-line overrides (keys whose value is None are left alone)."""
+    data = cfg.model_dump()
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return validate_config(data, where="flags")
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """YAML text of a configuration (round-trips through `load_config`)."""
+    text: str = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    return text

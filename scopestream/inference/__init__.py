@@ -1,0 +1,1 @@
+"""Model packages, architectures, tiling and backends (torch, ONNX Runtime, TensorRT)."""

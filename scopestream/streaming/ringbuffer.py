@@ -1,0 +1,273 @@
+"""A preallocated ring buffer: one producer, several consumers, stated overflow policies.
+
+The producer (the acquisition callback) copies a frame into the next slot and
+returns; it never waits for a consumer. Each consumer has its own cursor and one
+of two overflow policies:
+
+``latest``
+    Live display: every read jumps to the newest frame. Frames passed over are
+    counted in ``skipped``. Allowed to lose frames, never to show a torn one.
+``all``
+    Lossless (recording, inference on every frame). If the producer laps the
+    consumer, the frame that would be overwritten is reported with
+    `BufferOverrun` and the run fails loudly; it is never dropped silently.
+
+Every slot carries a stamp (the sequence number it holds, ``-1`` while being
+written); a consumer's read is validated against the stamp when it releases the
+frame, so a slot overwritten while in use is detected rather than passed on.
+"""
+
+from __future__ import annotations
+
+import threading
+from enum import Enum
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from scopestream.streaming.frame import Frame
+
+if TYPE_CHECKING:
+    from scopestream.streaming.frame import FrameMeta
+
+
+class OverflowPolicy(str, Enum):
+    """What a consumer does when it cannot keep up with the producer."""
+
+    LATEST = "latest"
+    ALL = "all"
+
+
+class BufferOverrun(RuntimeError):
+    """A lossless consumer was lapped by the producer: frame ``seq`` was overwritten."""
+
+    def __init__(self, consumer: str, seq: int, n_slots: int) -> None:
+        self.consumer = consumer
+        self.seq = seq
+        super().__init__(
+            f"consumer {consumer!r} fell {n_slots} frames behind: frame {seq} was "
+            f"overwritten in the ring buffer before it was handled (lossless policy 'all'); "
+            f"the consumer is too slow for the frame rate or the buffer is too small"
+        )
+
+
+class FrameShapeError(ValueError):
+    """A frame does not match the buffer's shape or dtype."""
+
+
+class RingBuffer:
+    """Fixed number of preallocated frame slots of one shape and dtype.
+
+    Parameters
+    ----------
+    shape
+        Frame shape (e.g. ``(2048, 2048)``).
+    dtype
+        Frame dtype.
+    n_slots
+        Number of slots; a lossless consumer may lag at most ``n_slots - 1`` frames.
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype | str, n_slots: int) -> None:
+        if n_slots < 2:
+            raise ValueError(f"a ring buffer needs at least 2 slots, got {n_slots}")
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.n_slots = int(n_slots)
+        self._data = np.empty((self.n_slots, *self.shape), dtype=self.dtype)
+        self._data.fill(0)  # commit the pages now, not on the acquisition thread's first lap
+        self._stamp = np.full(self.n_slots, -1, dtype=np.int64)
+        self._meta: list[FrameMeta | None] = [None] * self.n_slots
+        self._head = 0  # sequence number of the next frame to be written
+        self._closed = False
+        self._cond = threading.Condition()
+        self._put_lock = threading.Lock()
+        self._consumers: list[Consumer] = []
+
+    @classmethod
+    def for_memory(
+        cls, shape: tuple[int, ...], dtype: np.dtype | str, budget_mb: float, min_slots: int = 4
+    ) -> RingBuffer:
+        """Size the buffer by a memory budget (in MiB), with at least ``min_slots`` slots."""
+        frame_bytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        n = max(min_slots, int(budget_mb * 2**20 // max(frame_bytes, 1)))
+        return cls(shape, dtype, n)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the pixel slots."""
+        return int(self._data.nbytes)
+
+    @property
+    def frames_written(self) -> int:
+        """Number of frames put so far."""
+        return self._head
+
+    @property
+    def closed(self) -> bool:
+        """Whether the producer has finished."""
+        return self._closed
+
+    def subscribe(self, name: str, policy: OverflowPolicy | str = OverflowPolicy.ALL) -> Consumer:
+        """Add a consumer that starts at the next frame to be written."""
+        consumer = Consumer(self, name, OverflowPolicy(policy))
+        with self._cond:
+            consumer._cursor = self._head
+            self._consumers.append(consumer)
+        return consumer
+
+    def unsubscribe(self, consumer: Consumer) -> None:
+        """Remove a consumer; the producer stops checking it for overruns."""
+        with self._cond:
+            if consumer in self._consumers:
+                self._consumers.remove(consumer)
+            self._cond.notify_all()
+
+    def put(self, data: np.ndarray, meta: FrameMeta) -> int:
+        """Copy a frame into the next slot and return its sequence number.
+
+        Never blocks on consumers. ``meta['seq']`` is set to the frame's number.
+        """
+        if data.shape != self.shape or data.dtype != self.dtype:
+            raise FrameShapeError(
+                f"frame {self._head} has shape {data.shape} and dtype {data.dtype}; "
+                f"this stream was set up for shape {self.shape} and dtype {self.dtype}"
+            )
+        with self._put_lock:
+            if self._closed:
+                raise RuntimeError("put() on a closed ring buffer")
+            seq = self._head
+            slot = seq % self.n_slots
+            oldest_allowed = seq - self.n_slots  # the frame this slot held until now
+            for c in self._consumers:
+                if (
+                    c.policy is OverflowPolicy.ALL
+                    and c._overrun is None
+                    and c._cursor <= oldest_allowed
+                ):
+                    c._overrun = c._cursor
+            self._stamp[slot] = -1
+            np.copyto(self._data[slot], data, casting="no")
+            meta["seq"] = seq
+            self._meta[slot] = meta
+            self._stamp[slot] = seq
+            with self._cond:
+                self._head = seq + 1
+                self._cond.notify_all()
+        return seq
+
+    def lag(self) -> int:
+        """Frames the slowest lossless consumer still has to release."""
+        with self._cond:
+            cursors = [c._cursor for c in self._consumers if c.policy is OverflowPolicy.ALL]
+            return self._head - min(cursors) if cursors else 0
+
+    def wait_for_space(self, timeout: float | None = None) -> bool:
+        """Block until the next put overruns no lossless consumer.
+
+        Only for sources that may be paced by the pipeline (replay or simulation at
+        "as fast as possible"); a camera never calls this.
+        """
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: self._closed or self._lag_locked() < self.n_slots, timeout
+            )
+
+    def _lag_locked(self) -> int:
+        cursors = [c._cursor for c in self._consumers if c.policy is OverflowPolicy.ALL]
+        return self._head - min(cursors) if cursors else 0
+
+    def close(self) -> None:
+        """Mark the end of the stream; consumers drain what is left, then get ``None``."""
+        with self._put_lock, self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def stats(self) -> dict[str, dict[str, int | str]]:
+        """Per-consumer counters."""
+        with self._cond:
+            return {c.name: c.counters() for c in self._consumers}
+
+
+class Consumer:
+    """One reader of a `RingBuffer` with its own cursor and overflow policy.
+
+    Use `get` to borrow the next frame (a view into the slot) and `release` when
+    done with it. Only one thread may use a consumer.
+    """
+
+    def __init__(self, ring: RingBuffer, name: str, policy: OverflowPolicy) -> None:
+        self.ring = ring
+        self.name = name
+        self.policy = policy
+        self._cursor = 0  # next frame to read (ALL) / oldest not yet passed (LATEST)
+        self._overrun: int | None = None
+        self.read = 0
+        self.skipped = 0
+        self.torn = 0
+
+    def counters(self) -> dict[str, int | str]:
+        """Snapshot of this consumer's counters."""
+        return {
+            "policy": self.policy.value,
+            "read": self.read,
+            "skipped": self.skipped + self.torn,
+            "lag": self.ring._head - self._cursor,
+        }
+
+    def get(self, timeout: float | None = None) -> Frame | None:
+        """Borrow the next frame (``all``) or the newest one (``latest``).
+
+        Returns ``None`` on timeout, or when the stream is closed and nothing is left.
+        Raises `BufferOverrun` if a lossless consumer was lapped.
+        """
+        ring = self.ring
+        while True:
+            with ring._cond:
+                if not ring._cond.wait_for(
+                    lambda: ring._head > self._cursor or ring._closed, timeout
+                ):
+                    return None
+                head = ring._head
+            self._check_overrun()
+            if head <= self._cursor:  # closed and drained
+                return None
+            if self.policy is OverflowPolicy.LATEST and head - 1 > self._cursor:
+                self.skipped += head - 1 - self._cursor
+                self._cursor = head - 1
+            seq = self._cursor
+            slot = seq % ring.n_slots
+            if ring._stamp[slot] != seq:
+                if self.policy is OverflowPolicy.ALL:
+                    raise BufferOverrun(self.name, seq, ring.n_slots)
+                self.torn += 1  # overwritten between our look at head and now; take the newest
+                self._cursor = seq + 1
+                continue
+            meta = ring._meta[slot]
+            assert meta is not None
+            return Frame(ring._data[slot], meta)
+
+    def release(self, frame: Frame) -> bool:
+        """Give the slot back. Returns False if it was overwritten while borrowed.
+
+        For a lossless consumer that raises `BufferOverrun` instead: the data read
+        from the slot cannot be trusted.
+        """
+        ring = self.ring
+        seq = frame.seq
+        intact = bool(ring._stamp[seq % ring.n_slots] == seq)
+        with ring._cond:
+            self._cursor = seq + 1
+            ring._cond.notify_all()
+        if not intact:
+            if self.policy is OverflowPolicy.ALL:
+                raise BufferOverrun(self.name, seq, ring.n_slots)
+            self.torn += 1
+            return False
+        self.read += 1
+        self._check_overrun()
+        return True
+
+    def _check_overrun(self) -> None:
+        if self._overrun is not None:
+            raise BufferOverrun(self.name, self._overrun, self.ring.n_slots)

@@ -1,0 +1,355 @@
+"""`StreamRunner`: source → ring buffer → one thread per sink, with a small state machine.
+
+::
+
+    IDLE ──start()──> RUNNING ──source done / stop()──> STOPPING ──drained──> FINISHED
+                         │                                  │
+                         └──────── error anywhere ──────────┴────────────────> FAILED
+
+The acquisition callback only copies the frame into the ring buffer and returns.
+Each sink reads from the buffer on its own thread with its own overflow policy
+(``all`` for recording, ``latest`` for display). An error in any stage (a frame
+of the wrong shape, a sink that cannot write, a lossless sink that was lapped)
+stops the source, lets the other sinks finish what is buffered, closes every
+sink with status ``failed`` and the reason, and ends in ``FAILED``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+from psygnal import Signal
+
+from scopestream.streaming.metrics import DurationStats, StageMetrics
+from scopestream.streaming.ringbuffer import (
+    BufferOverrun,
+    FrameShapeError,
+    OverflowPolicy,
+    RingBuffer,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from scopestream.acquisition.base import FrameSource
+    from scopestream.streaming.frame import FrameMeta
+    from scopestream.streaming.sinks import FrameSink
+
+
+class RunState(str, Enum):
+    """States of a run."""
+
+    IDLE = "idle"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+_TRANSITIONS = {
+    RunState.IDLE: {RunState.RUNNING, RunState.FAILED},
+    RunState.RUNNING: {RunState.STOPPING, RunState.FAILED},
+    RunState.STOPPING: {RunState.FINISHED, RunState.FAILED},
+    RunState.FINISHED: set(),
+    RunState.FAILED: set(),
+}
+
+
+class InvalidTransition(RuntimeError):
+    """A state change the state machine does not allow."""
+
+
+@dataclass(frozen=True)
+class SinkSpec:
+    """A sink, its name, its overflow policy, and whether it is the recording."""
+
+    name: str
+    sink: FrameSink
+    policy: OverflowPolicy = OverflowPolicy.ALL
+    records: bool = False
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """Frozen snapshot of a run, safe to hand to any thread."""
+
+    state: RunState
+    frames_acquired: int
+    frames_expected: int | None
+    elapsed_s: float
+    consumers: dict[str, dict[str, int | str]] = field(default_factory=dict)
+    error: str | None = None
+
+
+class StreamRunner:
+    """Runs one stream: a source, a ring buffer, and sinks on their own threads.
+
+    Parameters
+    ----------
+    source
+        Where frames come from.
+    sinks
+        Where they go, each with its overflow policy.
+    buffer_mb
+        Memory for the ring buffer (at least 4 slots).
+    max_frames
+        Stop the source after this many frames (``None``: when the source ends).
+    """
+
+    stateChanged = Signal(RunState)
+    #: (sink name, frame metadata) after a sink handled a frame; emitted on that sink's thread
+    frameReady = Signal(str, dict)
+    #: (consumer name, frames, reason) for frames a consumer passed over
+    frameDropped = Signal(str, int, str)
+    #: the run summary (a dict, as printed by ``--json``)
+    runFinished = Signal(dict)
+
+    def __init__(
+        self,
+        source: FrameSource,
+        sinks: Sequence[SinkSpec],
+        *,
+        buffer_mb: float = 512.0,
+        max_frames: int | None = None,
+        out: str | None = None,
+    ) -> None:
+        self.source = source
+        self.sinks = list(sinks)
+        names = [s.name for s in self.sinks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"sink names must be unique, got {names}")
+        info = source.info
+        self.ring = RingBuffer.for_memory(info.frame_shape, info.dtype, budget_mb=buffer_mb)
+        self.max_frames = max_frames
+        self.out = out
+        self.callback_time = DurationStats()
+        self.acquired = StageMetrics("acquire")
+        self.stage_metrics = {s.name: StageMetrics(s.name) for s in self.sinks}
+        self._consumers = {s.name: self.ring.subscribe(s.name, s.policy) for s in self.sinks}
+        self._threads: list[threading.Thread] = []
+        self._supervisor: threading.Thread | None = None
+        self._state = RunState.IDLE
+        self._state_lock = threading.Lock()
+        self._errors: list[str] = []
+        self._stop_requested = threading.Event()
+        self._finished = threading.Event()
+        self._t0 = 0.0
+        self._t_end: float | None = None
+        self._summary: dict[str, Any] | None = None
+        self._close_errors: list[str] = []
+
+    # -- state ------------------------------------------------------------
+    @property
+    def state(self) -> RunState:
+        """Current state."""
+        return self._state
+
+    def _set_state(self, new: RunState) -> None:
+        with self._state_lock:
+            if new is self._state:
+                return
+            if new not in _TRANSITIONS[self._state]:
+                raise InvalidTransition(f"{self._state.value} -> {new.value}")
+            self._state = new
+        self.stateChanged.emit(new)
+
+    @property
+    def status(self) -> RunStatus:
+        """A frozen snapshot of progress."""
+        end = self._t_end or time.monotonic()
+        return RunStatus(
+            state=self._state,
+            frames_acquired=self.ring.frames_written,
+            frames_expected=self._expected(),
+            elapsed_s=(end - self._t0) if self._t0 else 0.0,
+            consumers=self.ring.stats(),
+            error="; ".join(self._errors) or None,
+        )
+
+    def _expected(self) -> int | None:
+        exp = self.source.info.expected_frames
+        if self.max_frames is not None:
+            return self.max_frames if exp is None else min(exp, self.max_frames)
+        return exp
+
+    # -- running ----------------------------------------------------------
+    def start(self) -> None:
+        """Start the sinks' threads, then the source."""
+        self._set_state(RunState.RUNNING)
+        self._t0 = time.monotonic()
+        for spec in self.sinks:
+            th = threading.Thread(
+                target=self._consume, args=(spec,), name=f"sink-{spec.name}", daemon=True
+            )
+            th.start()
+            self._threads.append(th)
+        try:
+            self.source.start(self._on_frame, self.ring.wait_for_space)
+        except Exception as e:
+            self.fail(f"the source could not start: {e}")
+        self._supervisor = threading.Thread(target=self._supervise, name="runner", daemon=True)
+        self._supervisor.start()
+
+    def run(self, timeout: float | None = None) -> dict[str, Any]:
+        """Start, wait until the run ends, and return the summary."""
+        self.start()
+        if not self.wait(timeout):
+            self.stop()
+            self.wait()
+        assert self._summary is not None
+        return self._summary
+
+    def stop(self) -> None:
+        """Stop acquiring; what is in the buffer is still written."""
+        self._stop_requested.set()
+        self.source.stop()
+
+    def fail(self, reason: str) -> None:
+        """Record an error and stop the run; it will end as FAILED."""
+        self._errors.append(reason)
+        self._stop_requested.set()
+        self.source.stop()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the run is FINISHED or FAILED."""
+        return self._finished.wait(timeout)
+
+    @property
+    def summary(self) -> dict[str, Any] | None:
+        """The final summary once the run has ended."""
+        return self._summary
+
+    def _on_frame(self, data: np.ndarray, meta: FrameMeta) -> None:
+        """The acquisition callback: copy into the ring buffer and return."""
+        if self._stop_requested.is_set() and self._errors:
+            return
+        t0 = time.perf_counter()
+        try:
+            self.ring.put(data, meta)
+        except FrameShapeError as e:
+            self.fail(str(e))
+            return
+        except RuntimeError:  # buffer closed under a late frame after stop
+            return
+        self.callback_time.add(time.perf_counter() - t0)
+        self.acquired.record(meta["timestamp_ns"])
+        if self.max_frames is not None and self.ring.frames_written >= self.max_frames:
+            self.source.stop()
+
+    def _consume(self, spec: SinkSpec) -> None:
+        consumer = self._consumers[spec.name]
+        metrics = self.stage_metrics[spec.name]
+        scratch: np.ndarray | None = None
+        reported_skips = 0
+        try:
+            while True:
+                frame = consumer.get(timeout=0.1)
+                if frame is None:
+                    if self.ring.closed and consumer.ring.frames_written <= consumer._cursor:
+                        break
+                    continue
+                meta = cast("FrameMeta", dict(frame.meta))
+                if spec.policy is OverflowPolicy.LATEST:
+                    # copy out, then validate: a display never shows a torn frame
+                    if scratch is None:
+                        scratch = np.empty_like(frame.data)
+                    np.copyto(scratch, frame.data)
+                    if not consumer.release(frame):
+                        continue
+                    spec.sink.write(scratch, meta)
+                else:
+                    try:
+                        spec.sink.write(frame.data, meta)
+                    finally:
+                        consumer.release(frame)
+                metrics.record(meta["timestamp_ns"])
+                self.frameReady.emit(spec.name, meta)
+                skipped = consumer.skipped + consumer.torn
+                if skipped > reported_skips:
+                    self.frameDropped.emit(
+                        spec.name, skipped - reported_skips, "skipped to the newest frame"
+                    )
+                    reported_skips = skipped
+        except BufferOverrun as e:
+            self.fail(str(e))
+        except Exception as e:
+            self.fail(f"sink {spec.name!r}: {e}")
+        finally:
+            if self._errors:
+                # a failed stage must not block the producer's space check
+                self.ring.unsubscribe(consumer)
+
+    def _supervise(self) -> None:
+        src = self.source
+        while not src.wait(0.1):
+            pass
+        if src.error is not None:
+            self._errors.append(f"the source failed: {src.error}")
+        if self._state is RunState.RUNNING:
+            self._set_state(RunState.STOPPING)
+        self.ring.close()
+        for th in self._threads:
+            th.join()
+        for spec in self.sinks:
+            flush = getattr(spec.sink, "flush", None)
+            if flush is not None:
+                try:
+                    flush()
+                except Exception as e:
+                    self._errors.append(f"sink {spec.name!r}: {e}")
+        self._t_end = time.monotonic()
+        status = "failed" if self._errors else "complete"
+        summary = self._build_summary()
+        for spec in self.sinks:
+            try:
+                spec.sink.close(status, "; ".join(self._errors) or None, summary)
+            except Exception as e:
+                self._errors.append(f"closing sink {spec.name!r} failed: {e}")
+                self._close_errors.append(spec.name)
+        summary = self._build_summary()
+        self._summary = summary
+        self._set_state(RunState.FAILED if self._errors else RunState.FINISHED)
+        self._finished.set()
+        self.runFinished.emit(summary)
+
+    def _build_summary(self) -> dict[str, Any]:
+        st = self.status
+        acquired = st.frames_acquired
+        rec = next((s for s in self.sinks if s.records), None)
+        written = acquired
+        latency = {"p50": 0.0, "p99": 0.0}
+        fps = self.acquired.fps()
+        if rec is not None:
+            written = int(getattr(rec.sink, "frames_written", self.stage_metrics[rec.name].count))
+            m = getattr(rec.sink, "metrics", self.stage_metrics[rec.name])
+            latency = m.latency_ms()
+            fps = m.fps() or fps
+        counters = self.source.counters()
+        stages = {name: m.snapshot() for name, m in self.stage_metrics.items()}
+        if rec is not None and hasattr(rec.sink, "metrics"):
+            stages[f"{rec.name}:disk"] = rec.sink.metrics.snapshot()
+        return {
+            "status": "failed" if self._errors else "complete",
+            "state": (RunState.FAILED if self._errors else RunState.FINISHED).value,
+            "frames_acquired": acquired,
+            "frames_expected": st.frames_expected,
+            "frames_written": written,
+            "frames_lost": max(0, acquired - written) if rec is not None else 0,
+            "frames_skipped": {n: int(c["skipped"]) for n, c in st.consumers.items()},
+            "malformed": int(counters.get("malformed", 0)),
+            "fps": round(fps, 2),
+            "acquire_fps": round(self.acquired.fps(), 2),
+            "latency_ms": latency,
+            "callback_us": self.callback_time.summary_us(),
+            "elapsed_s": round(st.elapsed_s, 3),
+            "stages": stages,
+            "buffer": {"slots": self.ring.n_slots, "mb": round(self.ring.nbytes / 2**20, 1)},
+            "source": self.source.describe(),
+            "out": self.out,
+            "error": st.error,
+        }

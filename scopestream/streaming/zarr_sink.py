@@ -1,0 +1,550 @@
+"""OME-Zarr 0.5 run store, written with tensorstore's ``zarr3`` driver.
+
+Layout of ``RUN.ome.zarr``::
+
+    zarr.json          root group = the raw image (OME multiscales, omero channels)
+                       + ``scopestream`` attributes: status, counts, config, source, outputs
+    0/                 raw pixels, (t, c, z, y, x), one chunk per frame, blosc-lz4
+    written/           uint8 (t, c, z): 1 once that frame's chunk is on disk
+    <output>/          one image group per model output, same layout (0/, written/)
+
+A frame's chunk is written (tensorstore writes each chunk to a temporary file
+and renames it), and only after that completes is its ``written`` flag set. So
+after a crash (even ``kill -9``) the store opens, and ``written`` says exactly
+which frames are complete: a frame never acquired reads as the fill value but
+is flagged 0, so it cannot be mistaken for a dark frame.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import shutil
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import tensorstore as ts
+
+from scopestream.streaming.metrics import StageMetrics
+from scopestream.streaming.ome import image_attrs
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+    from scopestream.streaming.frame import FrameMeta
+    from scopestream.streaming.layout import StreamInfo
+
+STORE_FORMAT = 1
+RESERVED_NAMES = frozenset({"0", "written", "labels"})
+_T_CHUNK_INDEX = 64
+
+
+class SinkError(RuntimeError):
+    """Writing to the store failed (disk full, unwritable path, ...)."""
+
+
+def _now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to ``path`` through a temporary file and a rename (never half-written)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    data = json.dumps(obj, indent=1, allow_nan=False).encode()
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_group_attrs(path: Path) -> dict[str, Any]:
+    """Attributes of the zarr v3 group at ``path``."""
+    meta = json.loads((path / "zarr.json").read_text())
+    if meta.get("node_type") != "group":
+        raise ValueError(f"{path} is not a zarr group")
+    attrs: dict[str, Any] = meta.get("attributes", {})
+    return attrs
+
+
+def _blosc_codecs(itemsize: int) -> list[dict[str, Any]]:
+    return [
+        {"name": "bytes", "configuration": {"endian": "little"}},
+        {
+            "name": "blosc",
+            "configuration": {
+                "cname": "lz4",
+                "clevel": 1,
+                "shuffle": "shuffle",
+                "typesize": itemsize,
+            },
+        },
+    ]
+
+
+def _frame_chunk(shape: tuple[int, int], itemsize: int, max_bytes: int = 16 * 2**20) -> list[int]:
+    """One chunk per frame, split in y/x only for very large frames."""
+    y, x = shape
+    while y * x * itemsize > max_bytes and y > 256:
+        y = (y + 1) // 2
+    while y * x * itemsize > max_bytes and x > 256:
+        x = (x + 1) // 2
+    return [y, x]
+
+
+def _ts_file(path: Path) -> dict[str, Any]:
+    return {"driver": "file", "path": str(path)}
+
+
+class ImageWriter:
+    """Writes frames of one image (raw or one model output) into its group.
+
+    Several chunk writes are in flight at once (``max_in_flight``); `write`
+    returns once tensorstore has copied the frame, so the caller may reuse its
+    buffer. Completed frames are counted, flagged in ``written``, and timed in
+    ``metrics``.
+    """
+
+    def __init__(
+        self,
+        group: Path,
+        name: str,
+        info: StreamInfo,
+        *,
+        channel_names: Sequence[str] | None = None,
+        dtype: np.dtype | str | None = None,
+        attrs: Mapping[str, Any] | None = None,
+        max_in_flight: int = 8,
+        windows: Sequence[tuple[float, float]] | None = None,
+    ) -> None:
+        self.group = group
+        self.name = name
+        self.info = info
+        self.channel_names = tuple(channel_names or info.channel_names)
+        self.dtype = np.dtype(dtype or info.dtype)
+        self.max_in_flight = max(1, max_in_flight)
+        self.metrics = StageMetrics(f"write:{name}")
+        self.frames_written = 0
+        self.frames_submitted = 0
+        self._extra_attrs = dict(attrs or {})
+        self._windows = windows
+        self._pending: deque[tuple[Any, int, int, int, int]] = deque()
+        self._pending_index: deque[Any] = deque()
+        self._t_cap = info.n_t or _T_CHUNK_INDEX
+        self._t_max = -1
+        self._closed = False
+        n_c, n_z = len(self.channel_names), info.n_z
+        fy, fx = info.frame_shape
+        group.mkdir(parents=True, exist_ok=False)
+        self._write_attrs(status="acquiring")
+        self._arr = ts.open(
+            {
+                "driver": "zarr3",
+                "kvstore": _ts_file(group / "0"),
+                "metadata": {
+                    "shape": [self._t_cap, n_c, n_z, fy, fx],
+                    "data_type": self.dtype.name,
+                    "chunk_grid": {
+                        "name": "regular",
+                        "configuration": {
+                            "chunk_shape": [1, 1, 1, *_frame_chunk((fy, fx), self.dtype.itemsize)]
+                        },
+                    },
+                    "chunk_key_encoding": {"name": "default"},
+                    "codecs": _blosc_codecs(self.dtype.itemsize),
+                    "fill_value": 0,
+                    "dimension_names": ["t", "c", "z", "y", "x"],
+                },
+                "create": True,
+            }
+        ).result()
+        self._index = ts.open(
+            {
+                "driver": "zarr3",
+                "kvstore": _ts_file(group / "written"),
+                "metadata": {
+                    "shape": [self._t_cap, n_c, n_z],
+                    "data_type": "uint8",
+                    "chunk_grid": {
+                        "name": "regular",
+                        "configuration": {"chunk_shape": [_T_CHUNK_INDEX, n_c, n_z]},
+                    },
+                    "chunk_key_encoding": {"name": "default"},
+                    "codecs": [{"name": "bytes"}],
+                    "fill_value": 0,
+                    "dimension_names": ["t", "c", "z"],
+                    "attributes": {
+                        "description": "1 where the frame at (t, c, z) is completely written"
+                    },
+                },
+                "create": True,
+            }
+        ).result()
+
+    # -- attributes -------------------------------------------------------
+    def _write_attrs(self, status: str, **extra: Any) -> None:
+        sc = {
+            "format": STORE_FORMAT,
+            "image": self.name,
+            "status": status,
+            "frames_written": self.frames_written,
+            "updated": _now_iso(),
+            **self._extra_attrs,
+            **extra,
+        }
+        attrs = {
+            "ome": image_attrs(
+                self.name, self.info, self.channel_names, self.dtype, self._windows
+            ),
+            "scopestream": sc,
+        }
+        write_json_atomic(
+            self.group / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": attrs}
+        )
+
+    def update_attrs(self, status: str = "acquiring", **extra: Any) -> None:
+        """Rewrite this group's attributes with current counts."""
+        self._extra_attrs.update(extra)
+        self._write_attrs(status)
+
+    # -- pixels -----------------------------------------------------------
+    def _ensure_t(self, t: int) -> None:
+        if t < self._t_cap:
+            return
+        if self.info.n_t is not None:
+            raise SinkError(
+                f"frame at t={t} is outside the plan's {self.info.n_t} time points ({self.name})"
+            )
+        new_cap = max(t + 1, self._t_cap * 2)
+        self.flush()  # resize rewrites metadata; no write may be in flight across it
+        n_c, n_z = len(self.channel_names), self.info.n_z
+        fy, fx = self.info.frame_shape
+        self._arr = self._arr.resize(
+            exclusive_max=[new_cap, n_c, n_z, fy, fx], resize_metadata_only=True
+        ).result()
+        self._index = self._index.resize(
+            exclusive_max=[new_cap, n_c, n_z], resize_metadata_only=True
+        ).result()
+        self._t_cap = new_cap
+
+    def write(self, data: np.ndarray, meta: FrameMeta) -> None:
+        """Start writing one frame at its ``(t, c, z)``; returns once the pixels are copied."""
+        if self._closed:
+            raise SinkError(f"image {self.name!r} is closed")
+        t, c, z = meta["t"], meta["c"], meta["z"]
+        if meta["p"] != 0:
+            raise SinkError(
+                f"frame {meta['seq']} is at position {meta['p']}; this store holds one position"
+            )
+        if not (0 <= c < len(self.channel_names) and 0 <= z < self.info.n_z and t >= 0):
+            raise SinkError(
+                f"frame {meta['seq']} has indices t={t}, c={c}, z={z} outside the plan "
+                f"(c < {len(self.channel_names)}, z < {self.info.n_z})"
+            )
+        if data.shape != self.info.frame_shape:
+            raise SinkError(
+                f"frame {meta['seq']} has shape {data.shape}, image {self.name!r} holds "
+                f"{self.info.frame_shape}"
+            )
+        self._ensure_t(t)
+        try:
+            futures = self._arr[t, c, z].write(data.astype(self.dtype, copy=False))
+            futures.copy.result()
+        except Exception as e:
+            raise SinkError(f"writing frame {meta['seq']} to {self.group} failed: {e}") from e
+        self._pending.append((futures, t, c, z, meta["timestamp_ns"]))
+        self.frames_submitted += 1
+        self._t_max = max(self._t_max, t)
+        self._reap(block=len(self._pending) >= self.max_in_flight)
+
+    def _reap(self, block: bool = False) -> None:
+        while self._pending and (block or self._pending[0][0].done()):
+            futures, t, c, z, ts_ns = self._pending.popleft()
+            block = False
+            try:
+                futures.commit.result()
+            except Exception as e:
+                raise SinkError(
+                    f"writing frame t={t} c={c} z={z} to {self.group} failed: {e}"
+                ) from e
+            self._pending_index.append(self._index[t, c, z].write(np.uint8(1)))
+            self.frames_written += 1
+            self.metrics.record(ts_ns)
+        while self._pending_index and self._pending_index[0].done():
+            self._check_index(self._pending_index.popleft())
+
+    def _check_index(self, fut: Any) -> None:
+        try:
+            fut.result()
+        except Exception as e:
+            raise SinkError(f"updating the frame index of {self.group} failed: {e}") from e
+
+    def flush(self) -> None:
+        """Wait until every frame submitted so far is on disk and flagged."""
+        while self._pending:
+            self._reap(block=True)
+        while self._pending_index:
+            self._check_index(self._pending_index.popleft())
+
+    def close(self, status: str = "complete", **extra: Any) -> None:
+        """Flush, trim an open-ended time axis to what was written, and record ``status``."""
+        if self._closed:
+            return
+        try:
+            if status != "failed":
+                self.flush()
+            else:
+                with contextlib.suppress(SinkError):
+                    self.flush()
+            if self.info.n_t is None and self._t_max + 1 != self._t_cap:
+                n_c, n_z = len(self.channel_names), self.info.n_z
+                fy, fx = self.info.frame_shape
+                t_len = max(self._t_max + 1, 1)
+                self._arr.resize(
+                    exclusive_max=[t_len, n_c, n_z, fy, fx], resize_metadata_only=True
+                ).result()
+                self._index.resize(
+                    exclusive_max=[t_len, n_c, n_z], resize_metadata_only=True
+                ).result()
+        finally:
+            self._closed = True
+            with contextlib.suppress(OSError):
+                self._write_attrs(status, finished=_now_iso(), **extra)
+
+
+class ZarrSink:
+    """The run's OME-Zarr store; as a frame sink it writes the raw frames.
+
+    Parameters
+    ----------
+    path
+        ``RUN.ome.zarr`` directory to create.
+    info
+        The stream's layout.
+    config, source
+        JSON-able run configuration and source description, saved in attributes.
+    overwrite
+        Replace an existing store at ``path``; refused by default.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        info: StreamInfo,
+        *,
+        config: Mapping[str, Any] | None = None,
+        source: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
+        max_in_flight: int = 8,
+        attrs_interval_s: float = 1.0,
+    ) -> None:
+        self.path = Path(path)
+        self.info = info
+        prepare_output_path(self.path, overwrite)
+        self.attrs_interval_s = attrs_interval_s
+        self._last_attrs = 0.0
+        self.outputs: dict[str, ImageWriter] = {}
+        self._provenance: dict[str, Any] = {}
+        run_attrs = {
+            "config": dict(config or {}),
+            "source": dict(source or {}),
+            "stream": info.to_json(),
+            "frames_expected": info.expected_frames,
+            "started": _now_iso(),
+            "writer": {"pid": os.getpid(), "host": socket.gethostname()},
+            "outputs": self._provenance,
+        }
+        try:
+            self.raw = ImageWriter(
+                self.path, "raw", info, attrs=run_attrs, max_in_flight=max_in_flight
+            )
+        except (OSError, ValueError) as e:
+            raise SinkError(f"cannot create the run store at {self.path}: {e}") from e
+
+    @property
+    def metrics(self) -> StageMetrics:
+        """Metrics of the raw writer."""
+        return self.raw.metrics
+
+    @property
+    def frames_written(self) -> int:
+        """Raw frames completely written."""
+        return self.raw.frames_written
+
+    def add_output(
+        self,
+        name: str,
+        *,
+        channel_names: Sequence[str],
+        dtype: np.dtype | str = "float32",
+        provenance: Mapping[str, Any] | None = None,
+        windows: Sequence[tuple[float, float]] | None = None,
+    ) -> ImageWriter:
+        """Create the image group for one model output (``RUN.ome.zarr/<name>``)."""
+        if name in RESERVED_NAMES or name in self.outputs or "/" in name or not name:
+            raise ValueError(f"output name {name!r} is reserved, empty or already used")
+        prov = {"kind": "prediction", **dict(provenance or {})}
+        writer = ImageWriter(
+            self.path / name,
+            name,
+            self.info,
+            channel_names=channel_names,
+            dtype=dtype,
+            attrs={"prediction": prov},
+            max_in_flight=self.raw.max_in_flight,
+            windows=windows,
+        )
+        self.outputs[name] = writer
+        self._provenance[name] = prov
+        self._write_root("acquiring")
+        return writer
+
+    def flush(self) -> None:
+        """Wait until everything submitted is on disk."""
+        self.raw.flush()
+        for w in self.outputs.values():
+            w.flush()
+
+    def write(self, data: np.ndarray, meta: FrameMeta) -> None:
+        """Write one raw frame."""
+        self.raw.write(data, meta)
+        now = time.monotonic()
+        if now - self._last_attrs >= self.attrs_interval_s:
+            self._last_attrs = now
+            self._write_root("acquiring")
+
+    def _write_root(self, status: str, **extra: Any) -> None:
+        try:
+            self.raw.update_attrs(status, outputs=self._provenance, **extra)
+        except OSError as e:
+            raise SinkError(f"updating the attributes of {self.path} failed: {e}") from e
+
+    def close(
+        self, status: str = "complete", error: str | None = None, summary: Any = None
+    ) -> None:
+        """Finish every image and record the final status (``complete`` or ``failed``)."""
+        errors: list[str] = []
+        for w in self.outputs.values():
+            try:
+                w.close(status)
+            except SinkError as e:
+                errors.append(str(e))
+                status = "failed"
+        extra: dict[str, Any] = {"error": error or ("; ".join(errors) or None)}
+        if summary is not None:
+            extra["summary"] = summary
+        self.raw.close(status, outputs=self._provenance, **extra)
+        if errors:
+            raise SinkError("; ".join(errors))
+
+
+def prepare_output_path(path: Path, overwrite: bool) -> None:
+    """Refuse to clobber an existing path unless asked; never delete a non-zarr directory."""
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise FileExistsError(
+                f"{path} already exists; choose another --out or pass --overwrite to replace it"
+            )
+        if path.is_dir() and ((path / "zarr.json").exists() or not any(path.iterdir())):
+            shutil.rmtree(path)
+        else:
+            raise FileExistsError(
+                f"{path} exists and is not a zarr store; "
+                "refusing to delete it even with --overwrite"
+            )
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise SinkError(f"cannot create {path}: {parent} is not a directory")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SinkError(f"cannot create {path}: {e}") from e
+    if not os.access(parent, os.W_OK):
+        raise SinkError(f"cannot create {path}: {parent} is not writable")
+
+
+@dataclass
+class ImageReport:
+    """What one image of a saved run holds."""
+
+    name: str
+    shape: tuple[int, ...]
+    frames_complete: int
+    status: str
+
+
+@dataclass
+class RunReport:
+    """What a saved (or interrupted) run holds; see `inspect_run`."""
+
+    path: str
+    status: str
+    interrupted: bool
+    frames_expected: int | None
+    frames_complete: int
+    images: list[ImageReport] = field(default_factory=list)
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return {
+            "path": self.path,
+            "status": self.status,
+            "interrupted": self.interrupted,
+            "frames_expected": self.frames_expected,
+            "frames_complete": self.frames_complete,
+            "images": [vars(i) | {"shape": list(i.shape)} for i in self.images],
+            "error": self.error,
+        }
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_written(group: Path) -> np.ndarray:
+    """The ``written`` flags (t, c, z) of an image group."""
+    idx = ts.open({"driver": "zarr3", "kvstore": _ts_file(group / "written")}).result()
+    return np.asarray(idx.read().result())
+
+
+def inspect_run(path: str | os.PathLike[str]) -> RunReport:
+    """Open a run store (finished, failed, or cut off by a crash) and count complete frames."""
+    root = Path(path)
+    attrs = read_group_attrs(root).get("scopestream", {})
+    status = str(attrs.get("status", "unknown"))
+    writer = attrs.get("writer", {})
+    interrupted = (
+        status == "acquiring"
+        and writer.get("host") == socket.gethostname()
+        and not _pid_alive(int(writer.get("pid", -1)))
+    )
+    images = []
+    for name in ["raw", *attrs.get("outputs", {})]:
+        group = root if name == "raw" else root / name
+        flags = read_written(group)
+        arr = ts.open({"driver": "zarr3", "kvstore": _ts_file(group / "0")}).result()
+        g_status = str(read_group_attrs(group).get("scopestream", {}).get("status", "unknown"))
+        images.append(ImageReport(name, tuple(arr.shape), int(flags.sum()), g_status))
+    return RunReport(
+        path=str(root),
+        status="interrupted" if interrupted else status,
+        interrupted=interrupted,
+        frames_expected=attrs.get("frames_expected"),
+        frames_complete=images[0].frames_complete,
+        images=images,
+        error=attrs.get("error"),
+    )

@@ -1,0 +1,1 @@
+"""Offline training from saved runs, evaluation and export."""
