@@ -8,9 +8,11 @@ of two overflow policies:
     Live display: every read jumps to the newest frame. Frames passed over are
     counted in ``skipped``. Allowed to lose frames, never to show a torn one.
 ``all``
-    Lossless (recording, inference on every frame). If the producer laps the
-    consumer, the frame that would be overwritten is reported with
-    `BufferOverrun` and the run fails loudly; it is never dropped silently.
+    Lossless (recording, inference on every frame). A slot a lossless consumer
+    has not released is never overwritten: if the producer would lap it, the new
+    frame is refused (``put`` returns -1 and counts it), the consumer finishes the
+    frames it has and then raises `BufferOverrun` naming the first refused frame,
+    and the run fails loudly. Nothing is dropped silently and nothing torn is written.
 
 Every slot carries a stamp (the sequence number it holds, ``-1`` while being
 written); a consumer's read is validated against the stamp when it releases the
@@ -45,9 +47,9 @@ class BufferOverrun(RuntimeError):
         self.consumer = consumer
         self.seq = seq
         super().__init__(
-            f"consumer {consumer!r} fell {n_slots} frames behind: frame {seq} was "
-            f"overwritten in the ring buffer before it was handled (lossless policy 'all'); "
-            f"the consumer is too slow for the frame rate or the buffer is too small"
+            f"consumer {consumer!r} fell {n_slots} frames behind: frame {seq} could not be "
+            f"buffered without overwriting a frame it had not handled (lossless policy 'all'); "
+            f"it is too slow for the frame rate or the buffer is too small"
         )
 
 
@@ -83,6 +85,9 @@ class RingBuffer:
         self._cond = threading.Condition()
         self._put_lock = threading.Lock()
         self._consumers: list[Consumer] = []
+        #: frames refused because a lossless consumer would have been lapped
+        self.refused = 0
+        self.first_refused: BufferOverrun | None = None
 
     @classmethod
     def for_memory(
@@ -127,6 +132,8 @@ class RingBuffer:
         """Copy a frame into the next slot and return its sequence number.
 
         Never blocks on consumers. ``meta['seq']`` is set to the frame's number.
+        Returns -1 (and counts the frame in ``refused``) when the slot still holds
+        a frame a lossless consumer has not released.
         """
         if data.shape != self.shape or data.dtype != self.dtype:
             raise FrameShapeError(
@@ -139,13 +146,19 @@ class RingBuffer:
             seq = self._head
             slot = seq % self.n_slots
             oldest_allowed = seq - self.n_slots  # the frame this slot held until now
+            lapped = False
             for c in self._consumers:
-                if (
-                    c.policy is OverflowPolicy.ALL
-                    and c._overrun is None
-                    and c._cursor <= oldest_allowed
-                ):
-                    c._overrun = c._cursor
+                if c.policy is OverflowPolicy.ALL and c._cursor <= oldest_allowed:
+                    lapped = True
+                    if c._overrun is None:
+                        c._overrun = seq
+                        if self.first_refused is None:
+                            self.first_refused = BufferOverrun(c.name, seq, self.n_slots)
+            if lapped:
+                self.refused += 1
+                with self._cond:
+                    self._cond.notify_all()
+                return -1
             self._stamp[slot] = -1
             np.copyto(self._data[slot], data, casting="no")
             meta["seq"] = seq
@@ -219,18 +232,20 @@ class Consumer:
         """Borrow the next frame (``all``) or the newest one (``latest``).
 
         Returns ``None`` on timeout, or when the stream is closed and nothing is left.
-        Raises `BufferOverrun` if a lossless consumer was lapped.
+        Raises `BufferOverrun` once a lossless consumer has handled every frame
+        before the first one that was refused on its account.
         """
         ring = self.ring
         while True:
             with ring._cond:
                 if not ring._cond.wait_for(
-                    lambda: ring._head > self._cursor or ring._closed, timeout
+                    lambda: ring._head > self._cursor or ring._closed or self._overrun is not None,
+                    timeout,
                 ):
                     return None
                 head = ring._head
-            self._check_overrun()
-            if head <= self._cursor:  # closed and drained
+            if head <= self._cursor:  # drained: report a refused frame, else the end
+                self._check_overrun()
                 return None
             if self.policy is OverflowPolicy.LATEST and head - 1 > self._cursor:
                 self.skipped += head - 1 - self._cursor
@@ -265,7 +280,6 @@ class Consumer:
             self.torn += 1
             return False
         self.read += 1
-        self._check_overrun()
         return True
 
     def _check_overrun(self) -> None:

@@ -142,6 +142,7 @@ class StreamRunner:
         self._t_end: float | None = None
         self._summary: dict[str, Any] | None = None
         self._close_errors: list[str] = []
+        self._n_acquired = 0
 
     # -- state ------------------------------------------------------------
     @property
@@ -164,7 +165,7 @@ class StreamRunner:
         end = self._t_end or time.monotonic()
         return RunStatus(
             state=self._state,
-            frames_acquired=self.ring.frames_written,
+            frames_acquired=self._n_acquired,
             frames_expected=self._expected(),
             elapsed_s=(end - self._t0) if self._t0 else 0.0,
             consumers=self.ring.stats(),
@@ -229,8 +230,9 @@ class StreamRunner:
         if self._stop_requested.is_set() and self._errors:
             return
         t0 = time.perf_counter()
+        self._n_acquired += 1
         try:
-            self.ring.put(data, meta)
+            seq = self.ring.put(data, meta)
         except FrameShapeError as e:
             self.fail(str(e))
             return
@@ -238,7 +240,11 @@ class StreamRunner:
             return
         self.callback_time.add(time.perf_counter() - t0)
         self.acquired.record(meta["timestamp_ns"])
-        if self.max_frames is not None and self.ring.frames_written >= self.max_frames:
+        if seq < 0:
+            if not self._stop_requested.is_set():
+                self.fail(str(self.ring.first_refused))
+            return
+        if self.max_frames is not None and self._n_acquired >= self.max_frames:
             self.source.stop()
 
     def _consume(self, spec: SinkSpec) -> None:
@@ -276,7 +282,8 @@ class StreamRunner:
                     )
                     reported_skips = skipped
         except BufferOverrun as e:
-            self.fail(str(e))
+            if str(e) not in self._errors:
+                self.fail(str(e))
         except Exception as e:
             self.fail(f"sink {spec.name!r}: {e}")
         finally:

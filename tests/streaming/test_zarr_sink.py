@@ -6,7 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -23,7 +23,12 @@ from scopestream.streaming.zarr_sink import (
     read_written,
 )
 
-INFO = StreamInfo(frame_shape=(32, 40), dtype="uint16", n_t=5, channel_names=("bf", "nuclei"), n_z=2)
+if TYPE_CHECKING:
+    from pathlib import Path
+
+INFO = StreamInfo(
+    frame_shape=(32, 40), dtype="uint16", n_t=5, channel_names=("bf", "nuclei"), n_z=2
+)
 
 
 def fill(t: int, c: int, z: int) -> np.ndarray:
@@ -77,7 +82,9 @@ def test_outputs_are_sibling_images_with_provenance(tmp_path: Path) -> None:
     info = StreamInfo(frame_shape=(16, 16), n_t=3)
     sink = ZarrSink(out, info)
     w = sink.add_output(
-        "stain", channel_names=["nuclei", "membrane"], provenance={"model": "stain", "version": 2, "sha256": "ab"}
+        "stain",
+        channel_names=["nuclei", "membrane"],
+        provenance={"model": "stain", "version": 2, "sha256": "ab"},
     )
     for t in range(3):
         sink.write(np.zeros((16, 16), np.uint16), make_meta(t=t))
@@ -167,7 +174,12 @@ def test_kill_9_mid_run_leaves_an_openable_store(tmp_path: Path) -> None:
     assert done <= report.frames_complete <= done + 1
     flags = read_written(out)[:, 0, 0].astype(bool)
     assert flags[: report.frames_complete].all() and not flags[report.frames_complete :].any()
-    data = np.asarray(ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(out / "0")}}).result().read().result())
+    data = np.asarray(
+        ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(out / "0")}})
+        .result()
+        .read()
+        .result()
+    )
     assert (data[0] == 0).all() and flags[0]  # a dark frame that was acquired ...
     assert (data[-1] == 0).all() and not flags[-1]  # ... vs a frame never acquired
     for t in range(1, report.frames_complete):
