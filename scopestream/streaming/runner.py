@@ -308,7 +308,8 @@ class StreamRunner:
                 try:
                     flush()
                 except Exception as e:
-                    self._errors.append(f"sink {spec.name!r}: {e}")
+                    if not self._errors:  # after a failure, later write errors are echoes
+                        self._errors.append(f"sink {spec.name!r}: {e}")
         self._t_end = time.monotonic()
         status = "failed" if self._errors else "complete"
         summary = self._build_summary()

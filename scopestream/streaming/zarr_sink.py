@@ -21,6 +21,7 @@ import contextlib
 import datetime as _dt
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -48,6 +49,15 @@ _T_CHUNK_INDEX = 64
 
 class SinkError(RuntimeError):
     """Writing to the store failed (disk full, unwritable path, ...)."""
+
+
+def _explain(e: BaseException) -> str:
+    """Lead a tensorstore error with the OS reason in plain words (e.g. 'No space left')."""
+    text = str(e)
+    m = re.search(r"os_error_code='(\d+)'", text)
+    if m:
+        return f"{os.strerror(int(m.group(1)))} ({text})"
+    return text
 
 
 def _now_iso() -> str:
@@ -258,7 +268,9 @@ class ImageWriter:
             futures = self._arr[t, c, z].write(data.astype(self.dtype, copy=False))
             futures.copy.result()
         except Exception as e:
-            raise SinkError(f"writing frame {meta['seq']} to {self.group} failed: {e}") from e
+            raise SinkError(
+                f"writing frame {meta['seq']} to {self.group} failed: {_explain(e)}"
+            ) from e
         self._pending.append((futures, t, c, z, meta["timestamp_ns"]))
         self.frames_submitted += 1
         self._t_max = max(self._t_max, t)
@@ -272,7 +284,7 @@ class ImageWriter:
                 futures.commit.result()
             except Exception as e:
                 raise SinkError(
-                    f"writing frame t={t} c={c} z={z} to {self.group} failed: {e}"
+                    f"writing frame t={t} c={c} z={z} to {self.group} failed: {_explain(e)}"
                 ) from e
             self._pending_index.append(self._index[t, c, z].write(np.uint8(1)))
             self.frames_written += 1
@@ -284,7 +296,9 @@ class ImageWriter:
         try:
             fut.result()
         except Exception as e:
-            raise SinkError(f"updating the frame index of {self.group} failed: {e}") from e
+            raise SinkError(
+                f"updating the frame index of {self.group} failed: {_explain(e)}"
+            ) from e
 
     def flush(self) -> None:
         """Wait until every frame submitted so far is on disk and flagged."""
