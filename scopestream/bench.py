@@ -8,7 +8,9 @@ In one run, on the same frames and the same disk, it measures
 * ``file``: the raw bytes written to one file per frame with fsync and rename from
   the same number of threads (the disk ceiling).
 
-Each is repeated and interleaved; the medians and their ratios are reported.
+Each is repeated, in a rotating order and after a ``sync``, so that no variant
+always pays for another's writeback; the medians and their ratios are reported.
+The disks of shared machines are noisy: read ``all_fps`` before the ratios.
 """
 
 from __future__ import annotations
@@ -116,11 +118,14 @@ def bench_streaming(
     base = Path(tempfile.mkdtemp(prefix="scopestream-bench-", dir=workdir))
     results: dict[str, list[float]] = {"pipeline": [], "tensorstore": [], "file": []}
     runs = {"pipeline": _bench_pipeline, "tensorstore": _bench_tensorstore, "file": _bench_files}
+    names = list(runs)
     try:
         for r in range(repeats):
-            for name, fn in runs.items():
+            # rotate the order so no variant always follows another's writeback
+            for name in names[r % 3 :] + names[: r % 3]:
                 target = base / f"{name}-{r}"
-                results[name].append(fn(frames, n_frames, target, in_flight))
+                os.sync()  # start each measurement with no dirty pages of the last one
+                results[name].append(runs[name](frames, n_frames, target, in_flight))
                 shutil.rmtree(target, ignore_errors=True)
     finally:
         shutil.rmtree(base, ignore_errors=True)

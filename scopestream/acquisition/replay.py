@@ -10,6 +10,7 @@ import numpy as np
 from scopestream.acquisition.base import SourceError, ThreadedSource
 from scopestream.streaming.frame import make_meta
 from scopestream.streaming.layout import StreamInfo
+from scopestream.streaming.zarr_sink import complete_frames
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -86,9 +87,8 @@ def _open_zarr(path: Path) -> tuple[_AxisView, StreamInfo, np.ndarray | None]:
         c.get("label", f"c{i}") for i, c in enumerate(ome.get("omero", {}).get("channels", []))
     ]
     written: np.ndarray | None = None
-    if "written" in root:  # a scopestream run: replay only frames that were completely written
-        flags: Any = root["written"]
-        written = np.asarray(flags[...]).astype(bool)
+    if "scopestream" in attrs:  # a scopestream run: replay only frames completely written
+        written = complete_frames(path)
     data = _AxisView(arr, axes)
     n_t, n_c, n_z, h, w = data.shape
     if len(names) != n_c:

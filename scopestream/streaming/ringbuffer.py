@@ -117,7 +117,7 @@ class RingBuffer:
         """Add a consumer that starts at the next frame to be written."""
         consumer = Consumer(self, name, OverflowPolicy(policy))
         with self._cond:
-            consumer._cursor = self._head
+            consumer._cursor = consumer._next = self._head
             self._consumers.append(consumer)
         return consumer
 
@@ -203,21 +203,29 @@ class RingBuffer:
 
 
 class Consumer:
-    """One reader of a `RingBuffer` with its own cursor and overflow policy.
+    """One reader of a `RingBuffer` with its own cursors and overflow policy.
 
     Use `get` to borrow the next frame (a view into the slot) and `release` when
-    done with it. Only one thread may use a consumer.
+    done with it. A lossless consumer may borrow several frames before releasing
+    them (a sink with writes in flight), but releases them in order. Only one
+    thread may use a consumer.
     """
 
     def __init__(self, ring: RingBuffer, name: str, policy: OverflowPolicy) -> None:
         self.ring = ring
         self.name = name
         self.policy = policy
-        self._cursor = 0  # next frame to read (ALL) / oldest not yet passed (LATEST)
+        self._cursor = 0  # oldest frame not yet released (what the producer must not lap)
+        self._next = 0  # next frame to borrow
         self._overrun: int | None = None
         self.read = 0
         self.skipped = 0
         self.torn = 0
+
+    @property
+    def held(self) -> int:
+        """Frames borrowed and not yet released."""
+        return self._next - self._cursor
 
     def counters(self) -> dict[str, int | str]:
         """Snapshot of this consumer's counters."""
@@ -236,40 +244,46 @@ class Consumer:
         before the first one that was refused on its account.
         """
         ring = self.ring
+        latest = self.policy is OverflowPolicy.LATEST
+        if latest and self.held:
+            raise RuntimeError("a 'latest' consumer borrows one frame at a time")
         while True:
             with ring._cond:
                 if not ring._cond.wait_for(
-                    lambda: ring._head > self._cursor or ring._closed or self._overrun is not None,
+                    lambda: ring._head > self._next or ring._closed or self._overrun is not None,
                     timeout,
                 ):
                     return None
                 head = ring._head
-            if head <= self._cursor:  # drained: report a refused frame, else the end
+            if head <= self._next:  # drained: report a refused frame, else the end
                 self._check_overrun()
                 return None
-            if self.policy is OverflowPolicy.LATEST and head - 1 > self._cursor:
-                self.skipped += head - 1 - self._cursor
-                self._cursor = head - 1
-            seq = self._cursor
+            if latest and head - 1 > self._next:
+                self.skipped += head - 1 - self._next
+                self._next = self._cursor = head - 1
+            seq = self._next
             slot = seq % ring.n_slots
             if ring._stamp[slot] != seq:
-                if self.policy is OverflowPolicy.ALL:
+                if not latest:
                     raise BufferOverrun(self.name, seq, ring.n_slots)
                 self.torn += 1  # overwritten between our look at head and now; take the newest
-                self._cursor = seq + 1
+                self._next = self._cursor = seq + 1
                 continue
             meta = ring._meta[slot]
             assert meta is not None
+            self._next = seq + 1
             return Frame(ring._data[slot], meta)
 
     def release(self, frame: Frame) -> bool:
-        """Give the slot back. Returns False if it was overwritten while borrowed.
+        """Give the slot back (oldest borrowed first). False if it was overwritten meanwhile.
 
-        For a lossless consumer that raises `BufferOverrun` instead: the data read
-        from the slot cannot be trusted.
+        Only a ``latest`` consumer can see that (the producer never overwrites a
+        lossless consumer's slot); for a lossless one it raises `BufferOverrun`.
         """
         ring = self.ring
         seq = frame.seq
+        if seq != self._cursor:
+            raise RuntimeError(f"release frames in order: expected {self._cursor}, got {seq}")
         intact = bool(ring._stamp[seq % ring.n_slots] == seq)
         with ring._cond:
             self._cursor = seq + 1

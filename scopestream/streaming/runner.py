@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any, cast
@@ -28,16 +29,18 @@ from psygnal import Signal
 from scopestream.streaming.metrics import DurationStats, StageMetrics
 from scopestream.streaming.ringbuffer import (
     BufferOverrun,
+    Consumer,
     FrameShapeError,
     OverflowPolicy,
     RingBuffer,
 )
+from scopestream.streaming.sinks import DeferredFrameSink
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from scopestream.acquisition.base import FrameSource
-    from scopestream.streaming.frame import FrameMeta
+    from scopestream.streaming.frame import Frame, FrameMeta
     from scopestream.streaming.sinks import FrameSink
 
 
@@ -249,38 +252,13 @@ class StreamRunner:
 
     def _consume(self, spec: SinkSpec) -> None:
         consumer = self._consumers[spec.name]
-        metrics = self.stage_metrics[spec.name]
-        scratch: np.ndarray | None = None
-        reported_skips = 0
         try:
-            while True:
-                frame = consumer.get(timeout=0.1)
-                if frame is None:
-                    if self.ring.closed and consumer.ring.frames_written <= consumer._cursor:
-                        break
-                    continue
-                meta = cast("FrameMeta", dict(frame.meta))
-                if spec.policy is OverflowPolicy.LATEST:
-                    # copy out, then validate: a display never shows a torn frame
-                    if scratch is None:
-                        scratch = np.empty_like(frame.data)
-                    np.copyto(scratch, frame.data)
-                    if not consumer.release(frame):
-                        continue
-                    spec.sink.write(scratch, meta)
-                else:
-                    try:
-                        spec.sink.write(frame.data, meta)
-                    finally:
-                        consumer.release(frame)
-                metrics.record(meta["timestamp_ns"])
-                self.frameReady.emit(spec.name, meta)
-                skipped = consumer.skipped + consumer.torn
-                if skipped > reported_skips:
-                    self.frameDropped.emit(
-                        spec.name, skipped - reported_skips, "skipped to the newest frame"
-                    )
-                    reported_skips = skipped
+            if spec.policy is OverflowPolicy.LATEST:
+                self._consume_latest(spec, consumer)
+            elif isinstance(spec.sink, DeferredFrameSink):
+                self._consume_deferred(spec, spec.sink, consumer)
+            else:
+                self._consume_all(spec, consumer)
         except BufferOverrun as e:
             if str(e) not in self._errors:
                 self.fail(str(e))
@@ -290,6 +268,77 @@ class StreamRunner:
             if self._errors:
                 # a failed stage must not block the producer's space check
                 self.ring.unsubscribe(consumer)
+
+    def _drained(self, consumer: Consumer) -> bool:
+        return self.ring.closed and self.ring.frames_written <= consumer._next
+
+    def _done(self, spec: SinkSpec, meta: FrameMeta) -> None:
+        self.stage_metrics[spec.name].record(meta["timestamp_ns"])
+        self.frameReady.emit(spec.name, meta)
+
+    def _consume_all(self, spec: SinkSpec, consumer: Consumer) -> None:
+        """Lossless, copying sink: write, then release the slot."""
+        while True:
+            frame = consumer.get(timeout=0.1)
+            if frame is None:
+                if self._drained(consumer):
+                    return
+                continue
+            meta = cast("FrameMeta", dict(frame.meta))
+            try:
+                spec.sink.write(frame.data, meta)
+            finally:
+                consumer.release(frame)
+            self._done(spec, meta)
+
+    def _consume_deferred(
+        self, spec: SinkSpec, sink: DeferredFrameSink, consumer: Consumer
+    ) -> None:
+        """Lossless, zero-copy sink: the slot is released only once the frame is written."""
+        held: deque[tuple[Frame, FrameMeta]] = deque()
+
+        def settle(block: bool) -> None:
+            for _ in range(sink.collect(block)):
+                frame, meta = held.popleft()
+                consumer.release(frame)
+                self._done(spec, meta)
+
+        while True:
+            frame = consumer.get(timeout=0.02 if held else 0.1)
+            if frame is None:
+                if held:
+                    settle(block=self._drained(consumer))
+                elif self._drained(consumer):
+                    return
+                continue
+            meta = cast("FrameMeta", dict(frame.meta))
+            sink.submit(frame.data, meta)
+            held.append((frame, meta))
+            settle(block=len(held) >= sink.max_outstanding)
+
+    def _consume_latest(self, spec: SinkSpec, consumer: Consumer) -> None:
+        """Display-style sink: newest frame only, copied out and validated before use."""
+        scratch: np.ndarray | None = None
+        reported = 0
+        while True:
+            frame = consumer.get(timeout=0.1)
+            if frame is None:
+                if self._drained(consumer):
+                    return
+                continue
+            if scratch is None:
+                scratch = np.empty_like(frame.data)
+            np.copyto(scratch, frame.data)
+            meta = cast("FrameMeta", dict(frame.meta))
+            if consumer.release(frame):  # False: torn while copying, never shown
+                spec.sink.write(scratch, meta)
+                self._done(spec, meta)
+            skipped = consumer.skipped + consumer.torn
+            if skipped > reported:
+                self.frameDropped.emit(
+                    spec.name, skipped - reported, "skipped to the newest frame"
+                )
+                reported = skipped
 
     def _supervise(self) -> None:
         src = self.source

@@ -5,14 +5,15 @@ Layout of ``RUN.ome.zarr``::
     zarr.json          root group = the raw image (OME multiscales, omero channels)
                        + ``scopestream`` attributes: status, counts, config, source, outputs
     0/                 raw pixels, (t, c, z, y, x), one chunk per frame, blosc-lz4
-    written/           uint8 (t, c, z): 1 once that frame's chunk is on disk
-    <output>/          one image group per model output, same layout (0/, written/)
+    <output>/          one image group per model output, same layout
 
-A frame's chunk is written (tensorstore writes each chunk to a temporary file
-and renames it), and only after that completes is its ``written`` flag set. So
-after a crash (even ``kill -9``) the store opens, and ``written`` says exactly
-which frames are complete: a frame never acquired reads as the fill value but
-is flagged 0, so it cannot be mistaken for a dark frame.
+Every frame is stored as its own chunk file, dark frames included
+(``store_data_equal_to_fill_value``), and tensorstore writes each chunk to a
+temporary file and renames it. So a chunk file exists exactly when that frame
+is completely on disk: after a crash (even ``kill -9``) the store opens and
+`complete_frames` lists which frames are whole. A frame never acquired has no
+chunk file, so it cannot be mistaken for a dark frame, and no per-frame index
+has to be kept (or fsynced) while acquiring.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ if TYPE_CHECKING:
     from scopestream.streaming.layout import StreamInfo
 
 STORE_FORMAT = 1
-RESERVED_NAMES = frozenset({"0", "written", "labels"})
-_T_CHUNK_INDEX = 64
+RESERVED_NAMES = frozenset({"0", "labels"})
+_T_INITIAL = 64
 
 
 class SinkError(RuntimeError):
@@ -118,8 +119,8 @@ class ImageWriter:
 
     Several chunk writes are in flight at once (``max_in_flight``); `write`
     returns once tensorstore has copied the frame, so the caller may reuse its
-    buffer. Completed frames are counted, flagged in ``written``, and timed in
-    ``metrics``.
+    buffer (or, with ``reference=True``, keeps a view of it until the frame is
+    committed: no copy). Completed frames are counted and timed in ``metrics``.
     """
 
     def __init__(
@@ -146,8 +147,7 @@ class ImageWriter:
         self._extra_attrs = dict(attrs or {})
         self._windows = windows
         self._pending: deque[tuple[Any, int, int, int, int]] = deque()
-        self._pending_index: deque[Any] = deque()
-        self._t_cap = info.n_t or _T_CHUNK_INDEX
+        self._t_cap = info.n_t or _T_INITIAL
         self._t_max = -1
         self._closed = False
         n_c, n_z = len(self.channel_names), info.n_z
@@ -173,28 +173,8 @@ class ImageWriter:
                     "dimension_names": ["t", "c", "z", "y", "x"],
                 },
                 "create": True,
-            }
-        ).result()
-        self._index = ts.open(
-            {
-                "driver": "zarr3",
-                "kvstore": _ts_file(group / "written"),
-                "metadata": {
-                    "shape": [self._t_cap, n_c, n_z],
-                    "data_type": "uint8",
-                    "chunk_grid": {
-                        "name": "regular",
-                        "configuration": {"chunk_shape": [_T_CHUNK_INDEX, n_c, n_z]},
-                    },
-                    "chunk_key_encoding": {"name": "default"},
-                    "codecs": [{"name": "bytes"}],
-                    "fill_value": 0,
-                    "dimension_names": ["t", "c", "z"],
-                    "attributes": {
-                        "description": "1 where the frame at (t, c, z) is completely written"
-                    },
-                },
-                "create": True,
+                # a chunk file for every frame, dark ones too: existence = complete
+                "store_data_equal_to_fill_value": True,
             }
         ).result()
 
@@ -239,13 +219,15 @@ class ImageWriter:
         self._arr = self._arr.resize(
             exclusive_max=[new_cap, n_c, n_z, fy, fx], resize_metadata_only=True
         ).result()
-        self._index = self._index.resize(
-            exclusive_max=[new_cap, n_c, n_z], resize_metadata_only=True
-        ).result()
         self._t_cap = new_cap
 
-    def write(self, data: np.ndarray, meta: FrameMeta) -> None:
-        """Start writing one frame at its ``(t, c, z)``; returns once the pixels are copied."""
+    def write(self, data: np.ndarray, meta: FrameMeta, *, reference: bool = False) -> None:
+        """Start writing one frame at its ``(t, c, z)``.
+
+        Returns once tensorstore has copied the pixels, or at once with
+        ``reference=True``: then ``data`` must stay unchanged until the frame is
+        counted in ``frames_written`` (the zero-copy path of the recording sink).
+        """
         if self._closed:
             raise SinkError(f"image {self.name!r} is closed")
         t, c, z = meta["t"], meta["c"], meta["z"]
@@ -265,8 +247,14 @@ class ImageWriter:
             )
         self._ensure_t(t)
         try:
-            futures = self._arr[t, c, z].write(data.astype(self.dtype, copy=False))
-            futures.copy.result()
+            if reference:
+                futures = self._arr[t, c, z].write(
+                    data.astype(self.dtype, copy=False),
+                    can_reference_source_data_indefinitely=True,
+                )
+            else:
+                futures = self._arr[t, c, z].write(data.astype(self.dtype, copy=False))
+                futures.copy.result()
         except Exception as e:
             raise SinkError(
                 f"writing frame {meta['seq']} to {self.group} failed: {_explain(e)}"
@@ -274,9 +262,10 @@ class ImageWriter:
         self._pending.append((futures, t, c, z, meta["timestamp_ns"]))
         self.frames_submitted += 1
         self._t_max = max(self._t_max, t)
-        self._reap(block=len(self._pending) >= self.max_in_flight)
+        self.reap(block=len(self._pending) >= self.max_in_flight)
 
-    def _reap(self, block: bool = False) -> None:
+    def reap(self, block: bool = False) -> None:
+        """Count the frames whose chunks are on disk (in order); wait for one if ``block``."""
         while self._pending and (block or self._pending[0][0].done()):
             futures, t, c, z, ts_ns = self._pending.popleft()
             block = False
@@ -286,26 +275,13 @@ class ImageWriter:
                 raise SinkError(
                     f"writing frame t={t} c={c} z={z} to {self.group} failed: {_explain(e)}"
                 ) from e
-            self._pending_index.append(self._index[t, c, z].write(np.uint8(1)))
             self.frames_written += 1
             self.metrics.record(ts_ns)
-        while self._pending_index and self._pending_index[0].done():
-            self._check_index(self._pending_index.popleft())
-
-    def _check_index(self, fut: Any) -> None:
-        try:
-            fut.result()
-        except Exception as e:
-            raise SinkError(
-                f"updating the frame index of {self.group} failed: {_explain(e)}"
-            ) from e
 
     def flush(self) -> None:
-        """Wait until every frame submitted so far is on disk and flagged."""
+        """Wait until every frame submitted so far is on disk."""
         while self._pending:
-            self._reap(block=True)
-        while self._pending_index:
-            self._check_index(self._pending_index.popleft())
+            self.reap(block=True)
 
     def close(self, status: str = "complete", **extra: Any) -> None:
         """Flush, trim an open-ended time axis to what was written, and record ``status``."""
@@ -323,9 +299,6 @@ class ImageWriter:
                 t_len = max(self._t_max + 1, 1)
                 self._arr.resize(
                     exclusive_max=[t_len, n_c, n_z, fy, fx], resize_metadata_only=True
-                ).result()
-                self._index.resize(
-                    exclusive_max=[t_len, n_c, n_z], resize_metadata_only=True
                 ).result()
         finally:
             self._closed = True
@@ -365,6 +338,7 @@ class ZarrSink:
         self.attrs_interval_s = attrs_interval_s
         self._last_attrs = 0.0
         self.outputs: dict[str, ImageWriter] = {}
+        self._collected = 0
         self._provenance: dict[str, Any] = {}
         run_attrs = {
             "config": dict(config or {}),
@@ -426,9 +400,29 @@ class ZarrSink:
         for w in self.outputs.values():
             w.flush()
 
+    @property
+    def max_outstanding(self) -> int:
+        """Frames `submit` may hold before `collect` must be asked to wait."""
+        return self.raw.max_in_flight
+
+    def submit(self, data: np.ndarray, meta: FrameMeta) -> None:
+        """Write one raw frame without copying it: ``data`` must stay valid until collected."""
+        self.raw.write(data, meta, reference=True)
+        self._tick()
+
+    def collect(self, block: bool = False) -> int:
+        """How many submitted frames are on disk since the last call (in submission order)."""
+        self.raw.reap(block)
+        done = self.raw.frames_written - self._collected
+        self._collected = self.raw.frames_written
+        return done
+
     def write(self, data: np.ndarray, meta: FrameMeta) -> None:
-        """Write one raw frame."""
+        """Write one raw frame (copied before returning)."""
         self.raw.write(data, meta)
+        self._tick()
+
+    def _tick(self) -> None:
         now = time.monotonic()
         if now - self._last_attrs >= self.attrs_interval_s:
             self._last_attrs = now
@@ -529,10 +523,30 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def read_written(group: Path) -> np.ndarray:
-    """The ``written`` flags (t, c, z) of an image group."""
-    idx = ts.open({"driver": "zarr3", "kvstore": _ts_file(group / "written")}).result()
-    return np.asarray(idx.read().result())
+def complete_frames(group: str | os.PathLike[str]) -> np.ndarray:
+    """Which frames (t, c, z) of an image group are completely on disk.
+
+    A frame is complete when every chunk file of it exists (chunks are renamed
+    into place whole, and every frame is stored, dark ones too).
+    """
+    arr_dir = Path(group) / "0"
+    meta = json.loads((arr_dir / "zarr.json").read_text())
+    shape = meta["shape"]
+    chunk = meta["chunk_grid"]["configuration"]["chunk_shape"]
+    tiles = -(-shape[3] // chunk[3]) * -(-shape[4] // chunk[4])
+    counts = np.zeros(shape[:3], dtype=np.int64)
+    base = arr_dir / "c"
+    for dirpath, _dirs, files in os.walk(base):
+        rel = Path(dirpath).relative_to(base).parts
+        if len(rel) != 4:
+            continue
+        for f in files:
+            if f.isdigit():  # skip tensorstore's temporary '*.__lock' files
+                t, c, z = int(rel[0]), int(rel[1]), int(rel[2])
+                if t < shape[0] and c < shape[1] and z < shape[2]:
+                    counts[t, c, z] += 1
+    complete: np.ndarray = counts == tiles
+    return complete
 
 
 def inspect_run(path: str | os.PathLike[str]) -> RunReport:
@@ -549,7 +563,7 @@ def inspect_run(path: str | os.PathLike[str]) -> RunReport:
     images = []
     for name in ["raw", *attrs.get("outputs", {})]:
         group = root if name == "raw" else root / name
-        flags = read_written(group)
+        flags = complete_frames(group)
         arr = ts.open({"driver": "zarr3", "kvstore": _ts_file(group / "0")}).result()
         g_status = str(read_group_attrs(group).get("scopestream", {}).get("status", "unknown"))
         images.append(ImageReport(name, tuple(arr.shape), int(flags.sum()), g_status))

@@ -20,7 +20,7 @@ from scopestream.streaming.zarr_sink import (
     SinkError,
     ZarrSink,
     inspect_run,
-    read_written,
+    complete_frames,
 )
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ def test_writes_valid_ome_zarr_05_with_attributes(tmp_path: Path) -> None:
     data = zarr.open_group(str(out), mode="r")["0"][...]
     assert data.shape == (5, 2, 2, 32, 40)
     assert data[3, 1, 0, 0, 0] == 3101
-    assert read_written(out).all()
+    assert complete_frames(out).all()
 
 
 def test_open_ended_time_axis_grows_and_is_trimmed(tmp_path: Path) -> None:
@@ -98,7 +98,7 @@ def test_outputs_are_sibling_images_with_provenance(tmp_path: Path) -> None:
     report = inspect_run(out)
     assert [(i.name, i.frames_complete) for i in report.images] == [("raw", 3), ("stain", 3)]
     with pytest.raises(ValueError, match="reserved"):
-        sink.add_output("written", channel_names=["x"])
+        sink.add_output("0", channel_names=["x"])
 
 
 def test_refuses_to_overwrite_unless_asked(tmp_path: Path) -> None:
@@ -172,7 +172,7 @@ def test_kill_9_mid_run_leaves_an_openable_store(tmp_path: Path) -> None:
     assert report.interrupted and report.status == "interrupted"
     # every frame flushed before the kill is complete; at most the one in flight more
     assert done <= report.frames_complete <= done + 1
-    flags = read_written(out)[:, 0, 0].astype(bool)
+    flags = complete_frames(out)[:, 0, 0]
     assert flags[: report.frames_complete].all() and not flags[report.frames_complete :].any()
     data = np.asarray(
         ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(out / "0")}})
