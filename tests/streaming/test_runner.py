@@ -13,7 +13,7 @@ from scopestream.streaming.frame import make_meta
 from scopestream.streaming.layout import StreamInfo
 from scopestream.streaming.ringbuffer import OverflowPolicy
 from scopestream.streaming.runner import InvalidTransition, RunState, SinkSpec, StreamRunner
-from scopestream.streaming.zarr_sink import ZarrSink, inspect_run, complete_frames
+from scopestream.streaming.zarr_sink import ZarrSink, complete_frames, inspect_run
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping

@@ -19,8 +19,8 @@ from scopestream.streaming.layout import StreamInfo
 from scopestream.streaming.zarr_sink import (
     SinkError,
     ZarrSink,
-    inspect_run,
     complete_frames,
+    inspect_run,
 )
 
 if TYPE_CHECKING:
