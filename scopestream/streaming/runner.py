@@ -144,7 +144,6 @@ class StreamRunner:
         self._t0 = 0.0
         self._t_end: float | None = None
         self._summary: dict[str, Any] | None = None
-        self._close_errors: list[str] = []
         self._n_acquired = 0
 
     # -- state ------------------------------------------------------------
@@ -211,13 +210,24 @@ class StreamRunner:
     def stop(self) -> None:
         """Stop acquiring; what is in the buffer is still written."""
         self._stop_requested.set()
+        self._to_stopping()
         self.source.stop()
 
     def fail(self, reason: str) -> None:
         """Record an error and stop the run; it will end as FAILED."""
         self._errors.append(reason)
         self._stop_requested.set()
+        self._to_stopping()
         self.source.stop()
+
+    def _to_stopping(self) -> None:
+        with self._state_lock:
+            running = self._state is RunState.RUNNING
+        if running:
+            try:
+                self._set_state(RunState.STOPPING)
+            except InvalidTransition:  # raced with the supervisor: already stopping
+                pass
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the run is FINISHED or FAILED."""
@@ -346,8 +356,7 @@ class StreamRunner:
             pass
         if src.error is not None:
             self._errors.append(f"the source failed: {src.error}")
-        if self._state is RunState.RUNNING:
-            self._set_state(RunState.STOPPING)
+        self._to_stopping()
         self.ring.close()
         for th in self._threads:
             th.join()
@@ -367,7 +376,6 @@ class StreamRunner:
                 spec.sink.close(status, "; ".join(self._errors) or None, summary)
             except Exception as e:
                 self._errors.append(f"closing sink {spec.name!r} failed: {e}")
-                self._close_errors.append(spec.name)
         summary = self._build_summary()
         self._summary = summary
         self._set_state(RunState.FAILED if self._errors else RunState.FINISHED)
