@@ -16,6 +16,7 @@ sink with status ``failed`` and the reason, and ends in ``FAILED``.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -224,10 +225,8 @@ class StreamRunner:
         with self._state_lock:
             running = self._state is RunState.RUNNING
         if running:
-            try:
+            with contextlib.suppress(InvalidTransition):  # raced: already past RUNNING
                 self._set_state(RunState.STOPPING)
-            except InvalidTransition:  # raced with the supervisor: already stopping
-                pass
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the run is FINISHED or FAILED."""
