@@ -68,12 +68,20 @@ def _root(
 def _build_source(cfg: RunConfig) -> FrameSource:
     from scopestream.acquisition.base import SourceError
     from scopestream.acquisition.factory import make_source
+    from scopestream.config import ConfigError, build_plan
 
     try:
         return make_source(
-            cfg.source, shape=cfg.shape, frames=cfg.frames, fps=cfg.fps, seed=cfg.seed
+            cfg.source,
+            shape=cfg.shape,
+            frames=cfg.frames,
+            fps=cfg.fps,
+            seed=cfg.seed,
+            plan=build_plan(cfg),
+            mm_dir=cfg.mm_dir,
+            mm_save_dir=cfg.mm_save_dir,
         )
-    except (SourceError, ValueError, OSError) as e:
+    except (SourceError, ConfigError, ValueError, OSError) as e:
         raise _die(str(e)) from None
 
 
@@ -133,7 +141,11 @@ def _print_summary(summary: dict[str, Any]) -> None:
     lat = summary.get("latency_ms", {})
     t.add_row("latency p50/p99 (ms)", f"{lat.get('p50')} / {lat.get('p99')}")
     cb = summary.get("callback_us", {})
-    t.add_row("callback copy p50/p99 (µs)", f"{cb.get('p50')} / {cb.get('p99')}")
+    cpu = summary.get("callback_cpu_us", {})
+    t.add_row(
+        "callback p50/p99 (µs, wall | cpu)",
+        f"{cb.get('p50')} / {cb.get('p99')} | {cpu.get('p50')} / {cpu.get('p99')}",
+    )
     for name, n in summary.get("frames_skipped", {}).items():
         t.add_row(f"skipped ({name})", str(n))
     if summary.get("out"):
@@ -203,7 +215,12 @@ def run(
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="YAML run configuration.")
     ] = None,
-    source: Annotated[str | None, typer.Option(help="sim | replay:PATH | tcp://HOST:PORT")] = None,
+    source: Annotated[
+        str | None,
+        typer.Option(
+            help="sim | mmcore:demo | pycromanager[:demo|:sim|:CFG] | replay:PATH | tcp://…"
+        ),
+    ] = None,
     frames: Annotated[int | None, typer.Option(help="Stop after N frames.")] = None,
     shape: Annotated[
         str | None, typer.Option(help="Frame size of the simulated camera, HxW.")
@@ -225,14 +242,45 @@ def run(
     ] = None,
     buffer_mb: Annotated[float | None, typer.Option(help="Ring buffer memory (MiB).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the simulated sample.")] = None,
+    channels: Annotated[
+        str | None, typer.Option(help="Plan channels, e.g. 'brightfield:5,nuclei:20' (ms).")
+    ] = None,
+    z_planes: Annotated[int | None, typer.Option(help="Planes per z-stack.")] = None,
+    z_step: Annotated[float | None, typer.Option(help="Z step (µm).")] = None,
+    interval: Annotated[float | None, typer.Option(help="Time-lapse interval (s).")] = None,
+    time_points: Annotated[int | None, typer.Option(help="Time points of the plan.")] = None,
+    mda: Annotated[
+        str | None, typer.Option(help="A useq-schema MDASequence YAML as the plan.")
+    ] = None,
+    mm_dir: Annotated[
+        str | None, typer.Option(help="Micro-Manager folder with the device adapters.")
+    ] = None,
+    mm_save_dir: Annotated[
+        str | None, typer.Option(help="Let Micro-Manager also save its own copy (NDTiff) there.")
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the summary as one JSON line last.")
     ] = False,
 ) -> None:
     """Stream frames from a source into an OME-Zarr run (and through models)."""
+    plan = {
+        k: v
+        for k, v in {
+            "channels": channels,
+            "z_planes": z_planes,
+            "z_step_um": z_step,
+            "interval_s": interval,
+            "time_points": time_points,
+        }.items()
+        if v is not None
+    }
     cfg = _config_from(
         config,
         {
+            "plan": plan or None,
+            "mda": mda,
+            "mm_dir": mm_dir,
+            "mm_save_dir": mm_save_dir,
             "source": source,
             "frames": frames,
             "shape": shape,
@@ -387,6 +435,32 @@ def bench_streaming_cmd(
             f"pipeline {res['fps']['pipeline']} fps, tensorstore {res['fps']['tensorstore']} fps, "
             f"files {res['fps']['file']} fps; "
             f"pipeline/tensorstore = {res['ratio_pipeline_vs_tensorstore']}"
+        )
+    typer.echo(json.dumps(res))
+
+
+@bench_app.command("acquisition")
+def bench_acquisition_cmd(
+    frames: Annotated[int, typer.Option(help="Frames per measurement.")] = 300,
+    shape: Annotated[str, typer.Option(help="Frame size HxW.")] = "2048x2048",
+    repeats: Annotated[int, typer.Option(help="Repeats (medians are reported).")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+) -> None:
+    """Simulator frames/s and the acquisition callback's cost (copy vs adopt)."""
+    from scopestream.bench import bench_acquisition
+    from scopestream.config import parse_shape
+
+    try:
+        hw = parse_shape(shape)
+    except ValueError as e:
+        raise _die(str(e)) from None
+    res = bench_acquisition(shape=hw, frames=frames, repeats=repeats)
+    if not as_json:
+        cb = res["callback_us"]
+        err.print(
+            f"renderer {res['renderer_fps']} fps, sim through MDA {res['sim_mda_fps']} fps; "
+            f"callback p50/p99 {cb['wall_p50']}/{cb['wall_p99']} µs wall, "
+            f"{cb['cpu_p50']}/{cb['cpu_p99']} µs cpu"
         )
     typer.echo(json.dumps(res))
 

@@ -8,12 +8,22 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 CONFIG_VERSION = 1
+
+if TYPE_CHECKING:
+    from scopestream.acquisition.plan import AcquisitionPlan
 
 
 class ConfigError(ValueError):
@@ -44,6 +54,65 @@ def parse_shape(value: object) -> tuple[int, int]:
     raise ValueError(f"shape must look like 512x512, got {value!r}")
 
 
+class ChannelConfig(BaseModel):
+    """One channel of a plan: ``nuclei:20`` is shorthand for name nuclei, 20 ms."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1)
+    exposure_ms: float = Field(10.0, gt=0)
+    config: str | None = Field(None, description="Micro-Manager preset (default: the name)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: object) -> object:
+        if isinstance(v, str):
+            name, _, exp = v.partition(":")
+            out: dict[str, object] = {"name": name.strip()}
+            if exp.strip():
+                out["exposure_ms"] = float(exp.strip().removesuffix("ms"))
+            return out
+        return v
+
+
+class PlanConfig(BaseModel):
+    """What to acquire: time points × channels × z-planes (t, c, z order)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    time_points: int | None = Field(None, gt=0, description="default: enough for --frames")
+    interval_s: float = Field(0.0, ge=0)
+    z_planes: int = Field(1, gt=0)
+    z_step_um: float = Field(1.0, gt=0)
+    channels: tuple[ChannelConfig, ...] = ()
+    channel_group: str = "Channel"
+    pairs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="which channels the trainer pairs, e.g. {denoise: {input: low, target: high}}",
+    )
+
+    @field_validator("channels", mode="before")
+    @classmethod
+    def _channels(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [c for c in v.split(",") if c.strip()]
+        return v
+
+    @model_validator(mode="after")
+    def _pairs_name_channels(self) -> PlanConfig:
+        names = {c.name for c in self.channels}
+        for kind, pair in self.pairs.items():
+            if not isinstance(pair, dict):
+                raise ValueError(f"pairs.{kind} must map input/target(s) to channel names")
+            used = [pair.get("input"), pair.get("target"), *pair.get("targets", [])]
+            unknown = [u for u in used if u is not None and u not in names]
+            if unknown:
+                raise ValueError(
+                    f"pairs.{kind} names channels {unknown} that the plan does not have"
+                )
+        return self
+
+
 class RunConfig(BaseModel):
     """Everything a run needs; the flags of ``scopestream run`` map onto these fields."""
 
@@ -60,6 +129,10 @@ class RunConfig(BaseModel):
     viewer: bool = False
     buffer_mb: float = Field(512.0, gt=0, description="ring buffer memory")
     seed: int = 0
+    plan: PlanConfig = PlanConfig()
+    mda: str | None = Field(None, description="a useq-schema MDASequence YAML (instead of plan)")
+    mm_dir: str | None = Field(None, description="Micro-Manager folder with device adapters")
+    mm_save_dir: str | None = Field(None, description="let Micro-Manager save its own copy there")
 
     @field_validator("shape", mode="before")
     @classmethod
@@ -74,6 +147,42 @@ class RunConfig(BaseModel):
         if isinstance(v, (list, tuple)):
             return tuple(m for m in v if str(m).lower() != "none")
         return v
+
+
+def build_plan(cfg: RunConfig) -> AcquisitionPlan:
+    """The run's acquisition plan: from ``mda`` (useq YAML) or ``plan``, capped by ``frames``."""
+    from scopestream.acquisition.plan import AcquisitionPlan, ChannelSpec, PlanError
+
+    try:
+        if cfg.mda:
+            import useq
+
+            try:
+                seq = useq.MDASequence.from_file(cfg.mda)
+            except Exception as e:
+                raise ConfigError(f"cannot read the MDA sequence {cfg.mda}: {e}") from None
+            return AcquisitionPlan.from_mda_sequence(seq).limited_to(cfg.frames)
+        p = cfg.plan
+        channels = tuple(ChannelSpec(c.name, c.exposure_ms, c.config) for c in p.channels)
+        per_t = max(1, len(channels)) * p.z_planes
+        if p.time_points is not None:
+            t = p.time_points
+        elif cfg.frames is not None:
+            t = -(-cfg.frames // per_t)
+        else:
+            t = 100
+        interval = p.interval_s or (1.0 / cfg.fps if cfg.fps else 0.0)
+        zs = (0.0,) if p.z_planes == 1 else AcquisitionPlan.z_range(p.z_planes, p.z_step_um)
+        return AcquisitionPlan(
+            time_points=t,
+            interval_s=interval,
+            z_offsets_um=zs,
+            channels=channels,
+            channel_group=p.channel_group,
+            pairs=dict(p.pairs),
+        ).limited_to(cfg.frames)
+    except PlanError as e:
+        raise ConfigError(f"invalid plan: {e}") from None
 
 
 def load_config(path: str | Path) -> RunConfig:

@@ -31,6 +31,9 @@ class FrameSource(Protocol):
     """
 
     info: StreamInfo
+    #: True if every frame handed to ``sink`` is a fresh array that nobody writes to
+    #: afterwards (then the ring buffer keeps it instead of copying it)
+    hands_over_frames: bool
 
     def describe(self) -> dict[str, Any]:
         """JSON-able description saved with the run."""
@@ -62,6 +65,7 @@ class ThreadedSource:
 
     kind = "threaded"
     info: StreamInfo
+    hands_over_frames = False
 
     def __init__(self, fps: float = 0.0) -> None:
         if fps < 0:

@@ -1,4 +1,4 @@
-"""Build a `FrameSource` from a source spec string (``sim``, ``replay:PATH``, ``tcp://…``)."""
+"""Build a `FrameSource` from a source spec (``sim``, ``mmcore:demo``, ``pycromanager:…``, …)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,12 @@ from scopestream.acquisition.base import SourceError
 
 if TYPE_CHECKING:
     from scopestream.acquisition.base import FrameSource
+    from scopestream.acquisition.plan import AcquisitionPlan
 
-SOURCE_FORMS = "sim, replay:PATH, tcp://HOST:PORT"
+SOURCE_FORMS = (
+    "sim, mmcore:demo, mmcore:CONFIG.cfg, pycromanager (running Micro-Manager), "
+    "pycromanager:demo, pycromanager:sim, pycromanager:CONFIG.cfg, replay:PATH, tcp://HOST:PORT"
+)
 
 
 def make_source(
@@ -19,18 +23,74 @@ def make_source(
     frames: int | None = None,
     fps: float | None = None,
     seed: int = 0,
+    plan: AcquisitionPlan | None = None,
+    mm_dir: str | None = None,
+    mm_save_dir: str | None = None,
 ) -> FrameSource:
-    """The source a spec names; raises `SourceError` with the valid forms otherwise."""
+    """The source a spec names; raises `SourceError` with the valid forms otherwise.
+
+    ``plan`` is what Micro-Manager-driven sources (``sim``, ``mmcore``,
+    ``pycromanager``) acquire; without one, a time-lapse of ``frames`` frames.
+    """
     spec = spec.strip()
     kind, _, arg = spec.partition(":")
-    match kind.lower():
+    kind = kind.lower()
+    if kind in ("sim", "mmcore", "pycromanager") and plan is None:
+        from scopestream.acquisition.plan import AcquisitionPlan
+        from scopestream.acquisition.sim import default_sim_plan
+
+        plan = (
+            default_sim_plan(frames, fps)
+            if kind == "sim" or arg == "sim"
+            else AcquisitionPlan.timelapse(frames or 100, interval_s=1.0 / fps if fps else 0.0)
+        )
+    if (kind == "sim" or (kind == "pycromanager" and arg == "sim")) and plan and not plan.channels:
+        from dataclasses import replace
+
+        from scopestream.acquisition.sim import DEFAULT_SIM_CHANNEL
+
+        plan = replace(plan, channels=(DEFAULT_SIM_CHANNEL,))  # the sim needs a light path
+    match kind:
         case "sim":
             from scopestream.acquisition.sim import SimulatedSource
 
             if arg:
                 raise SourceError(f"'sim' takes no argument, got {spec!r}")
-            return SimulatedSource(
-                shape, n_frames=frames if frames is not None else 100, fps=fps or 0.0, seed=seed
+            assert plan is not None
+            return SimulatedSource(shape, plan, seed=seed)
+        case "mmcore":
+            from scopestream.acquisition.mmcore import (
+                MMCoreSource,
+                check_config,
+                demo_config,
+                load_core,
+            )
+
+            if not arg:
+                raise SourceError(
+                    "mmcore needs a target: mmcore:demo or mmcore:CONFIG.cfg --mm-dir DIR"
+                )
+            assert plan is not None
+            d, cfg = demo_config() if arg == "demo" else check_config(arg, mm_dir)
+            core = load_core(d, cfg)
+            try:
+                return MMCoreSource(
+                    core, plan, label=f"mmcore:{arg}", teardown=lambda c: c.unloadAllDevices()
+                )
+            except Exception:
+                core.unloadAllDevices()
+                raise
+        case "pycromanager":
+            from scopestream.acquisition.pycromanager_source import PycromanagerSource
+
+            assert plan is not None
+            sim = None
+            if arg == "sim":
+                from scopestream.acquisition.sim import SimulatedSource
+
+                sim = SimulatedSource(shape, plan, seed=seed)
+            return PycromanagerSource(
+                arg or None, plan, mm_dir=mm_dir, sim=sim, save_dir=mm_save_dir
             )
         case "replay":
             from scopestream.acquisition.replay import ReplaySource
@@ -42,9 +102,5 @@ def make_source(
             from scopestream.acquisition.remote import RemoteSource
 
             return RemoteSource(spec)
-        case "pycromanager" | "mmcore":
-            raise SourceError(
-                f"the {kind!r} source is not part of this version yet; available: {SOURCE_FORMS}"
-            )
         case _:
             raise SourceError(f"unknown source {spec!r}; use one of: {SOURCE_FORMS}")

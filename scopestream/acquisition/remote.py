@@ -26,6 +26,8 @@ class RemoteSource:
     """
 
     kind = "remote"
+    #: every frame is a fresh array nobody writes to afterwards: the ring adopts it
+    hands_over_frames = True
 
     def __init__(
         self,

@@ -1,7 +1,9 @@
-"""Replay a recording (OME-Zarr, OME-TIFF / TIFF) as a live stream."""
+"""Replay a recording (OME-Zarr, NDTiff, OME-TIFF / TIFF) as a live stream."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -128,13 +130,56 @@ def _open_tiff(path: Path) -> tuple[_AxisView, StreamInfo, None]:
     return data, info, None
 
 
+def _find_ndtiff(path: Path) -> Path | None:
+    """The NDTiff dataset folder at ``path`` or directly inside it (pycromanager nests one)."""
+    if (path / "NDTiff.index").exists():
+        return path
+    inner = sorted(p.parent for p in path.glob("*/NDTiff.index"))
+    return inner[0] if len(inner) == 1 else None
+
+
+def _open_ndtiff(path: Path) -> tuple[_AxisView, StreamInfo, None]:
+    try:
+        from ndtiff import Dataset
+    except ImportError as e:
+        raise SourceError(
+            "reading NDTiff needs the ndtiff package; pip install 'scopestream[mm]'"
+        ) from e
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints progress on stdout
+        ds = Dataset(str(path))
+    names = {"time": "t", "channel": "c", "z": "z"}
+    present = [a for a in ds.axes if len(ds.axes[a]) > 0]
+    ordered = [a for a in ("time", "channel", "z") if a in present]
+    others = [a for a in present if a not in names]
+    axes_letters = "".join("q" for _ in others) + "".join(names[a] for a in ordered) + "yx"
+    arr = ds.as_array(axes=[*others, *ordered])
+    data = _AxisView(arr, axes_letters)
+    n_t, n_c, n_z, h, w = data.shape
+    summary = ds.summary_metadata or {}
+    channels = [str(c) for c in ds.axes.get("channel", [])] or ["raw"]
+    info = StreamInfo(
+        frame_shape=(h, w),
+        dtype=str(arr.dtype),
+        n_t=n_t,
+        channel_names=tuple(channels)
+        if len(channels) == n_c
+        else tuple(f"c{i}" for i in range(n_c)),
+        n_z=n_z,
+        pixel_size_um=float(summary.get("PixelSize_um", 1.0) or 1.0),
+        z_step_um=float(summary.get("z-step_um", 1.0) or 1.0),
+        interval_s=float(summary.get("Interval_ms", 0.0) or 0.0) / 1000.0,
+    )
+    return data, info, None
+
+
 class ReplaySource(ThreadedSource):
     """Stream a recorded dataset in acquisition order (t, then c, then z).
 
     Parameters
     ----------
     path
-        ``.ome.zarr`` / ``.zarr`` directory or ``.tif``/``.tiff`` file.
+        ``.ome.zarr`` / ``.zarr`` directory, an NDTiff dataset folder (as
+        Micro-Manager/pycromanager save them) or a ``.tif``/``.tiff`` file.
     fps
         ``None``: the recorded frame rate (as fast as possible when unknown);
         ``0``: as fast as the pipeline takes frames; otherwise that rate.
@@ -143,19 +188,25 @@ class ReplaySource(ThreadedSource):
     """
 
     kind = "replay"
+    #: frames are views of a recording nobody modifies: the ring adopts them
+    hands_over_frames = True
 
     def __init__(self, path: str | Path, *, fps: float | None = None, loop: int = 1) -> None:
         self.path = Path(path)
         if not self.path.exists():
             raise SourceError(f"replay: {self.path} does not exist")
         suffixes = "".join(self.path.suffixes).lower()
+        ndtiff = _find_ndtiff(self.path) if self.path.is_dir() else None
         if self.path.is_dir() and any((self.path / f).exists() for f in ("zarr.json", ".zattrs")):
             data, info, written = _open_zarr(self.path)
+        elif ndtiff is not None:
+            data, info, written = _open_ndtiff(ndtiff)
         elif suffixes.endswith((".tif", ".tiff")):
             data, info, written = _open_tiff(self.path)
         else:
             raise SourceError(
-                f"replay: cannot read {self.path}; give an OME-Zarr directory or a TIFF file"
+                f"replay: cannot read {self.path}; give an OME-Zarr or NDTiff directory "
+                "or a TIFF file"
             )
         nbytes = int(np.prod(data.shape)) * np.dtype(info.dtype).itemsize
         self.preloaded = nbytes <= PRELOAD_BYTES
@@ -219,6 +270,8 @@ class ArraySource(ThreadedSource):
     """
 
     kind = "memory"
+    #: frames are views of a recording nobody modifies: the ring adopts them
+    hands_over_frames = True
 
     def __init__(self, frames: np.ndarray, n_frames: int, *, fps: float = 0.0) -> None:
         if frames.ndim != 3 or len(frames) == 0:

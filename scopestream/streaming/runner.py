@@ -17,6 +17,7 @@ sink with status ``failed`` and the reason, and ends in ``FAILED``.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import time
 from collections import deque
@@ -43,6 +44,10 @@ if TYPE_CHECKING:
     from scopestream.acquisition.base import FrameSource
     from scopestream.streaming.frame import Frame, FrameMeta
     from scopestream.streaming.sinks import FrameSink
+
+
+#: GIL switch interval while running (CPython's default is 5 ms)
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 class RunState(str, Enum):
@@ -128,10 +133,15 @@ class StreamRunner:
         if len(set(names)) != len(names):
             raise ValueError(f"sink names must be unique, got {names}")
         info = source.info
-        self.ring = RingBuffer.for_memory(info.frame_shape, info.dtype, budget_mb=buffer_mb)
+        # sources that hand over fresh frames are adopted, not copied (see RingBuffer)
+        adopt = bool(getattr(source, "hands_over_frames", False))
+        self.ring = RingBuffer.for_memory(
+            info.frame_shape, info.dtype, budget_mb=buffer_mb, adopt=adopt
+        )
         self.max_frames = max_frames
         self.out = out
-        self.callback_time = DurationStats()
+        self.callback_time = DurationStats()  # wall time of the acquisition callback
+        self.callback_cpu = DurationStats()  # its thread CPU time (waits for cores excluded)
         self.acquired = StageMetrics("acquire")
         self.stage_metrics = {s.name: StageMetrics(s.name) for s in self.sinks}
         self._consumers = {s.name: self.ring.subscribe(s.name, s.policy) for s in self.sinks}
@@ -146,6 +156,7 @@ class StreamRunner:
         self._t_end: float | None = None
         self._summary: dict[str, Any] | None = None
         self._n_acquired = 0
+        self._switch_interval = sys.getswitchinterval()
 
     # -- state ------------------------------------------------------------
     @property
@@ -185,6 +196,9 @@ class StreamRunner:
     def start(self) -> None:
         """Start the sinks' threads, then the source."""
         self._set_state(RunState.RUNNING)
+        # the acquisition callback must not wait up to CPython's default 5 ms for the GIL
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch_interval, GIL_SWITCH_INTERVAL_S))
         self._t0 = time.monotonic()
         for spec in self.sinks:
             th = threading.Thread(
@@ -242,6 +256,7 @@ class StreamRunner:
         if self._stop_requested.is_set() and self._errors:
             return
         t0 = time.perf_counter()
+        c0 = time.thread_time()
         self._n_acquired += 1
         try:
             seq = self.ring.put(data, meta)
@@ -251,6 +266,7 @@ class StreamRunner:
         except RuntimeError:  # buffer closed under a late frame after stop
             return
         self.callback_time.add(time.perf_counter() - t0)
+        self.callback_cpu.add(time.thread_time() - c0)
         self.acquired.record(meta["timestamp_ns"])
         if seq < 0:
             if not self._stop_requested.is_set():
@@ -377,6 +393,7 @@ class StreamRunner:
                 self._errors.append(f"closing sink {spec.name!r} failed: {e}")
         summary = self._build_summary()
         self._summary = summary
+        sys.setswitchinterval(self._switch_interval)
         self._set_state(RunState.FAILED if self._errors else RunState.FINISHED)
         self._finished.set()
         self.runFinished.emit(summary)
@@ -410,6 +427,7 @@ class StreamRunner:
             "acquire_fps": round(self.acquired.fps(), 2),
             "latency_ms": latency,
             "callback_us": self.callback_time.summary_us(),
+            "callback_cpu_us": self.callback_cpu.summary_us(),
             "elapsed_s": round(st.elapsed_s, 3),
             "stages": stages,
             "buffer": {"slots": self.ring.n_slots, "mb": round(self.ring.nbytes / 2**20, 1)},

@@ -12,6 +12,8 @@ import tifffile
 
 from scopestream.acquisition.base import FrameSource, SourceError
 from scopestream.acquisition.factory import make_source
+from scopestream.acquisition.plan import AcquisitionPlan, ChannelSpec
+from scopestream.acquisition.pycromanager_source import PycromanagerSource
 from scopestream.acquisition.remote import RemoteSource
 from scopestream.acquisition.replay import ArraySource, ReplaySource
 from scopestream.acquisition.sim import SimulatedSource
@@ -39,7 +41,7 @@ class SourceConformance:
 
     n_expected: int
 
-    def make(self, tmp_path: Path) -> FrameSource:
+    def make(self, tmp_path: Path, frames: int = 12) -> FrameSource:
         raise NotImplementedError
 
     def test_frames_match_info_and_metadata(self, tmp_path: Path) -> None:
@@ -57,10 +59,10 @@ class SourceConformance:
         stamps = [m["timestamp_ns"] for _, m in got]
         assert stamps == sorted(stamps)
         desc = src.describe()
-        assert desc["kind"] == src.kind  # type: ignore[attr-defined]
+        assert desc["kind"].startswith(src.kind)  # type: ignore[attr-defined]
 
     def test_stop_ends_promptly(self, tmp_path: Path) -> None:
-        src = self.make(tmp_path)
+        src = self.make(tmp_path, frames=5000)
         first = threading.Event()
 
         def sink(d: np.ndarray, m: FrameMeta) -> None:
@@ -74,57 +76,149 @@ class SourceConformance:
 
 
 class TestSimulatedSource(SourceConformance):
+    """``sim``: the simulated microscope as a UniMMCore, driven by pymmcore-plus."""
+
     n_expected = 12
 
-    def make(self, tmp_path: Path) -> FrameSource:
-        return SimulatedSource((96, 128), n_frames=12, seed=3)
+    def make(self, tmp_path: Path, frames: int = 12) -> FrameSource:
+        return SimulatedSource(
+            (96, 128), AcquisitionPlan.timelapse(frames, channels=(NUC,)), seed=3
+        )
 
-    def test_noise_statistics_match_the_camera_model(self) -> None:
-        src = SimulatedSource((128, 128), n_frames=40, seed=1, peak_photons=400, read_noise_e=2.0)
+    def test_every_frame_matches_its_ground_truth(self) -> None:
+        plan = AcquisitionPlan(
+            time_points=2,
+            z_offsets_um=(-2.0, 0.0, 2.0),
+            channels=(ChannelSpec("brightfield", 5), ChannelSpec("nuclei", 30)),
+        )
+        src = SimulatedSource((96, 96), plan, seed=1, time_step_s=20)
         got = collect(src)
-        frames = np.stack([d for d, _ in got]).astype(np.float64)
-        truth = np.stack([src.ground_truth(m["t"]) for _, m in got]).astype(np.float64)
-        resid = frames - truth
-        assert abs(resid.mean()) < 0.6  # unbiased (0.5 is the rounding of the cast)
-        signal = truth - src.params["offset_adu"]
-        bright = signal > 200
-        # shot noise: variance ≈ photons + read², within 10 %
-        ratio = resid[bright].var() / (signal[bright] + 4.0).mean()
-        assert 0.9 < ratio < 1.1
-        assert frames.max() <= 4095  # 12-bit camera
+        assert [(m["t"], m["c"], m["z"]) for _, m in got] == [
+            (t, c, z) for t in range(2) for c in range(2) for z in range(3)
+        ]
+        cam = src.microscope.camera
+        for data, meta in got:
+            truth = src.ground_truth(meta)
+            photons = (truth - cam.offset_adu) / cam.gain_adu_per_e
+            sigma = cam.gain_adu_per_e * np.sqrt(photons + cam.read_noise_e**2)
+            z = (data - truth) / sigma  # what is left is exactly the camera's noise
+            assert abs(float(z.mean())) < 0.1
+            assert 0.85 < float(z.var()) < 1.15
+        assert [m["exposure_ms"] for _, m in got][:6] == [5, 5, 5, 30, 30, 30]
+        assert [m["stage_z_um"] for _, m in got][:3] == [-2.0, 0.0, 2.0]
+        # the sample lives on: t=1 is 20 s later and the cells have moved
+        t0, t1 = got[4][0].astype(float), got[10][0].astype(float)
+        assert np.corrcoef(t0.ravel(), t1.ravel())[0, 1] < 0.99
 
-    def test_content_is_cells_not_noise(self) -> None:
-        src = SimulatedSource((256, 256), n_frames=1, seed=0)
-        truth = src.ground_truth(0)
-        sig = truth - truth.min()
-        assert (sig > 0.5 * sig.max()).mean() > 0.05  # nuclei cover a real fraction
-        assert (sig < 0.1 * sig.max()).mean() > 0.3  # with background between cells
+    def test_same_seed_same_frames(self) -> None:
+        a = collect(
+            SimulatedSource((64, 64), AcquisitionPlan.timelapse(3, channels=(NUC,)), seed=9)
+        )
+        b = collect(
+            SimulatedSource((64, 64), AcquisitionPlan.timelapse(3, channels=(NUC,)), seed=9)
+        )
+        for (x, _), (y, _) in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x, y)
 
-    def test_same_seed_same_sample(self) -> None:
-        a = SimulatedSource((64, 64), n_frames=1, seed=7).ground_truth(0)
-        b = SimulatedSource((64, 64), n_frames=1, seed=7).ground_truth(0)
-        c = SimulatedSource((64, 64), n_frames=1, seed=8).ground_truth(0)
-        np.testing.assert_array_equal(a, b)
-        assert not np.array_equal(a, c)
+    def test_a_camera_that_dies_ends_the_run_with_the_reason(self) -> None:
+        src = SimulatedSource(
+            (64, 64), AcquisitionPlan.timelapse(20, channels=(NUC,)), die_after=5
+        )
+        got: list[int] = []
+        src.start(lambda d, m: got.append(m["t"]))
+        assert src.wait(30)
+        assert got == [0, 1, 2, 3, 4]
+        assert isinstance(src.error, SourceError)
+        assert "simulated camera failure after 5 frames" in str(src.error)
 
-    def test_fps_paces_frames(self) -> None:
-        src = SimulatedSource((32, 32), n_frames=11, fps=100)
+    def test_stalls_slow_the_camera_but_lose_nothing(self) -> None:
+        src = SimulatedSource(
+            (64, 64), AcquisitionPlan.timelapse(10, channels=(NUC,)), stall_every=3, stall_s=0.05
+        )
         t0 = time.monotonic()
-        collect(src)
-        assert time.monotonic() - t0 >= 0.09
+        got = collect(src)
+        assert len(got) == 10
+        assert time.monotonic() - t0 >= 0.15
+
+
+NUC = ChannelSpec("nuclei", 10)
+
+
+class TestMMCoreDemo(SourceConformance):
+    """pymmcore-plus on the DemoCamera of the mm-test-adapters wheel."""
+
+    n_expected = 2 * 2 * 3
+
+    def make(self, tmp_path: Path, frames: int = 12) -> FrameSource:
+        plan = AcquisitionPlan(
+            time_points=max(1, frames // 6),
+            z_offsets_um=(-1.0, 0.0, 1.0),
+            channels=(ChannelSpec("DAPI", 5), ChannelSpec("FITC", 10)),
+        )
+        return make_source("mmcore:demo", plan=plan)
+
+    def test_channels_and_z_come_from_the_plan(self, tmp_path: Path) -> None:
+        src = self.make(tmp_path)
+        assert src.info.channel_names == ("DAPI", "FITC")
+        got = collect(src)
+        assert [(m["c"], m["z"]) for _, m in got][:6] == [
+            (c, z) for c in range(2) for z in range(3)
+        ]
+        assert [m["exposure_ms"] for _, m in got][:6] == [5, 5, 5, 10, 10, 10]
+
+
+class TestPycromanagerDemo(SourceConformance):
+    """The real pycromanager engine, headless Python backend, DemoCamera (no Java)."""
+
+    n_expected = 2 * 2 * 3
+
+    def make(self, tmp_path: Path, frames: int = 12) -> FrameSource:
+        plan = AcquisitionPlan(
+            time_points=max(1, frames // 6),
+            z_offsets_um=(-1.0, 0.0, 1.0),
+            channels=(ChannelSpec("DAPI", 5), ChannelSpec("FITC", 10)),
+        )
+        return make_source("pycromanager:demo", plan=plan)
+
+    def test_axes_map_to_indices(self, tmp_path: Path) -> None:
+        got = collect(self.make(tmp_path))
+        assert [(m["t"], m["c"], m["z"]) for _, m in got] == [
+            (t, c, z) for t in range(2) for c in range(2) for z in range(3)
+        ]
+        assert [m["exposure_ms"] for _, m in got][:6] == [5, 5, 5, 10, 10, 10]
+
+
+class TestPycromanagerSim(SourceConformance):
+    """pycromanager's engine driving the simulated microscope (a thin adapter)."""
+
+    n_expected = 8
+
+    def make(self, tmp_path: Path, frames: int = 8) -> FrameSource:
+        plan = AcquisitionPlan(
+            time_points=max(1, frames // 4),
+            z_offsets_um=(0.0, 1.0),
+            channels=(ChannelSpec("brightfield", 5), ChannelSpec("nuclei", 20)),
+        )
+        return make_source("pycromanager:sim", plan=plan, shape=(64, 96))
+
+    def test_light_path_switches_per_channel(self, tmp_path: Path) -> None:
+        got = collect(self.make(tmp_path))
+        bf = [d.mean() for d, m in got if m["c"] == 0]
+        nuc = [d.mean() for d, m in got if m["c"] == 1]
+        assert min(bf) > 2 * max(nuc)  # transmitted light is far brighter than the stain
 
 
 class TestArraySource(SourceConformance):
     n_expected = 7
 
-    def make(self, tmp_path: Path) -> FrameSource:
-        return ArraySource(np.arange(3 * 16 * 16, dtype=np.uint16).reshape(3, 16, 16), 7)
+    def make(self, tmp_path: Path, frames: int = 7) -> FrameSource:
+        return ArraySource(np.arange(3 * 16 * 16, dtype=np.uint16).reshape(3, 16, 16), frames)
 
 
 class TestReplayZarr(SourceConformance):
     n_expected = 3 * 2 * 2
 
-    def make(self, tmp_path: Path) -> FrameSource:
+    def make(self, tmp_path: Path, frames: int = 12) -> FrameSource:
         path = tmp_path / "rec.ome.zarr"
         if not path.exists():
             info = StreamInfo(
@@ -170,7 +264,7 @@ class TestReplayZarr(SourceConformance):
 class TestReplayTiff(SourceConformance):
     n_expected = 5 * 3
 
-    def make(self, tmp_path: Path) -> FrameSource:
+    def make(self, tmp_path: Path, frames: int = 15) -> FrameSource:
         path = tmp_path / "stack.ome.tif"
         if not path.exists():
             data = np.arange(5 * 3 * 16 * 20, dtype=np.uint16).reshape(5, 3, 16, 20)
@@ -190,7 +284,7 @@ class TestReplayTiff(SourceConformance):
 class TestRemoteSource(SourceConformance):
     n_expected = 6
 
-    def make(self, tmp_path: Path) -> FrameSource:
+    def make(self, tmp_path: Path, frames: int = 6) -> FrameSource:
         pub = FramePublisher(
             "tcp://127.0.0.1:*", stream=StreamInfo(frame_shape=(10, 12), n_t=6).to_json()
         )
@@ -245,16 +339,38 @@ class TestRemoteSource(SourceConformance):
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("webcam", "unknown source 'webcam'; use one of: sim, replay:PATH, tcp://HOST:PORT"),
+        ("webcam", "unknown source 'webcam'; use one of: sim, mmcore:demo"),
         ("sim:fast", "'sim' takes no argument"),
         ("replay:", "replay needs a path"),
         ("replay:/nonexistent/x.ome.zarr", "does not exist"),
-        ("pycromanager:demo", "not part of this version yet"),
+        ("mmcore", "mmcore needs a target"),
+        ("mmcore:/nonexistent/scope.cfg", "config file /nonexistent/scope.cfg does not exist"),
     ],
 )
 def test_bad_source_specs_say_what_is_valid(spec: str, message: str) -> None:
     with pytest.raises(SourceError, match=message.replace("(", r"\(")):
         make_source(spec)
+
+
+def test_micro_manager_errors_are_clear(tmp_path: Path, free_port: int) -> None:
+    cfg = tmp_path / "scope.cfg"
+    cfg.write_text("# a config\n")
+    with pytest.raises(SourceError, match="--mm-dir is needed"):
+        make_source(f"mmcore:{cfg}")
+    with pytest.raises(SourceError, match="holds no Micro-Manager device adapters"):
+        make_source(f"mmcore:{cfg}", mm_dir=str(tmp_path))
+    with pytest.raises(SourceError, match=f"not reachable on port {free_port}"):
+        PycromanagerSource(None, AcquisitionPlan(), port=free_port)
+    bad = AcquisitionPlan(channels=(ChannelSpec("GFP-long-pass"),))
+    with pytest.raises(
+        SourceError, match=r"presets \['GFP-long-pass'\] are not in group 'Channel'"
+    ):
+        make_source("mmcore:demo", plan=bad)
+    with pytest.raises(SourceError, match="are not in group"):
+        make_source("pycromanager:demo", plan=bad)
+    # the failed start released the headless core: the next one starts
+    src = make_source("pycromanager:demo", plan=AcquisitionPlan.timelapse(2))
+    assert len(collect(src)) == 2
 
 
 def test_replay_rejects_an_unknown_file(tmp_path: Path) -> None:

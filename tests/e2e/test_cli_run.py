@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pytest
 import tifffile
 import yaml
 import zarr
@@ -122,13 +123,23 @@ def test_config_file_flags_override_and_effective_config_saved(
     assert load_config(saved).model_dump(mode="json") == cfg
 
 
-def test_golden_config_round_trip(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["run", "zstack"])
+def test_golden_config_round_trip(name: str) -> None:
     """User YAML (with shorthand) → canonical YAML, byte for byte; canonical → same config."""
-    cfg = load_config(DATA / "run.yaml")
-    assert cfg.shape == (64, 96)
-    golden = (DATA / "run.golden.yaml").read_text()
+    cfg = load_config(DATA / f"{name}.yaml")
+    golden = (DATA / f"{name}.golden.yaml").read_text()
     assert dump_config(cfg) == golden
-    assert load_config(DATA / "run.golden.yaml") == cfg
+    assert load_config(DATA / f"{name}.golden.yaml") == cfg
+
+
+def test_shorthand_is_understood() -> None:
+    cfg = load_config(DATA / "zstack.yaml")
+    assert cfg.shape == (256, 256)
+    assert [(c.name, c.exposure_ms) for c in cfg.plan.channels] == [
+        ("brightfield", 5),
+        ("nuclei", 20),
+    ]
+    assert load_config(DATA / "run.yaml").shape == (64, 96)
 
 
 def test_config_typo_is_an_error(cli: Callable[..., CliResult], tmp_path: Path) -> None:

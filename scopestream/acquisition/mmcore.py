@@ -1,0 +1,284 @@
+"""pymmcore-plus as a frame source: a plan run by the MDA engine, frames from ``frameReady``.
+
+Works with any ``CMMCorePlus``: the DemoCamera from the ``mm-test-adapters``
+wheel (``mmcore:demo``), a real system configuration (``mmcore:CONFIG.cfg``),
+or the simulated microscope (``sim``, a ``UniMMCore`` with Python devices).
+
+The ``frameReady`` callback only copies the frame into the ring buffer. Frames
+the engine failed to acquire (pymmcore-plus logs "Failed to snap image" and
+carries on) are counted, and the run fails with the camera's reason instead
+of ending quietly short.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from scopestream.acquisition.base import SourceError
+from scopestream.streaming.frame import make_meta
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import numpy as np
+
+    from scopestream.acquisition.base import FrameCallback, SpaceWaiter
+    from scopestream.acquisition.plan import AcquisitionPlan
+    from scopestream.streaming.layout import StreamInfo
+
+MM_EXTRA_HINT = "install the Micro-Manager extra: pip install 'scopestream[mm]'"
+
+
+def require_pymmcore_plus() -> Any:
+    """Import pymmcore-plus or explain how to get it."""
+    try:
+        import pymmcore_plus
+    except ImportError as e:
+        raise SourceError(f"pymmcore-plus is not installed; {MM_EXTRA_HINT}") from e
+    return pymmcore_plus
+
+
+def demo_config() -> tuple[str, str]:
+    """(device adapter directory, MMConfig_demo.cfg) from the ``mm-test-adapters`` wheel."""
+    try:
+        import mm_test_adapters
+    except ImportError as e:
+        raise SourceError(f"the DemoCamera adapters are not installed; {MM_EXTRA_HINT}") from e
+    mm_dir = mm_test_adapters.device_adapter_path()
+    return mm_dir, os.path.join(mm_dir, "MMConfig_demo.cfg")
+
+
+def check_config(config: str, mm_dir: str | None) -> tuple[str, str]:
+    """Validate a system configuration and adapter directory, with a clear error."""
+    cfg = Path(config)
+    if not cfg.is_file():
+        raise SourceError(f"Micro-Manager config file {cfg} does not exist")
+    if mm_dir is None:
+        raise SourceError(
+            f"--mm-dir is needed with {cfg.name}: "
+            "the Micro-Manager folder with the device adapters"
+        )
+    d = Path(mm_dir)
+    if not d.is_dir() or not any(
+        p.name.startswith("libmmgr_dal_") or p.name.startswith("mmgr_dal_") for p in d.iterdir()
+    ):
+        raise SourceError(
+            f"{d} holds no Micro-Manager device adapters (mmgr_dal_*); check --mm-dir"
+        )
+    return str(d), str(cfg)
+
+
+def load_core(mm_dir: str, config: str) -> Any:
+    """A ``CMMCorePlus`` with ``config`` loaded from adapters in ``mm_dir``."""
+    pmp = require_pymmcore_plus()
+    core = pmp.CMMCorePlus()
+    core.setDeviceAdapterSearchPaths([mm_dir])
+    try:
+        core.loadSystemConfiguration(config)
+    except Exception as e:
+        raise SourceError(f"loading {config} failed: {e}") from e
+    return core
+
+
+def _pixel_dtype(core: Any) -> str:
+    nbytes = int(core.getBytesPerPixel())
+    if nbytes == 1:
+        return "uint8"
+    if nbytes == 2:
+        return "uint16"
+    if nbytes == 4:
+        return "uint32"
+    raise SourceError(f"camera pixel type of {nbytes} bytes is not supported")
+
+
+def check_plan(core: Any, plan: AcquisitionPlan) -> None:
+    """Fail before starting if the camera/config cannot run the plan."""
+    if plan.channels:
+        group = plan.channel_group
+        if not core.isGroupDefined(group):
+            raise SourceError(
+                f"the plan uses config group {group!r}, which this configuration does not define"
+            )
+        presets = set(core.getAvailableConfigs(group))
+        missing = [c.preset for c in plan.channels if c.preset not in presets]
+        if missing:
+            raise SourceError(
+                f"channel presets {missing} are not in group {group!r}; "
+                f"available: {sorted(presets)}"
+            )
+    if plan.z_offsets_um != (0.0,) and not core.getFocusDevice():
+        raise SourceError("the plan has a z-stack but the configuration has no focus device")
+
+
+class _SnapFailures(logging.Handler):
+    """Catches pymmcore-plus's 'Failed to snap image' warnings: the camera stopped delivering."""
+
+    def __init__(self, on_failure: Callable[[str], None]) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+        self._on_failure = on_failure
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        low = msg.lower()
+        if "failed to snap" in low or "unexpected number of images" in low:
+            self.messages.append(msg)
+            if len(self.messages) == 1:
+                self._on_failure(msg)
+
+
+class MMCoreSource:
+    """Runs an `AcquisitionPlan` on a pymmcore-plus core.
+
+    Parameters
+    ----------
+    core
+        A ``CMMCorePlus`` (or ``UniMMCore``), configured.
+    plan
+        What to acquire.
+    label
+        How the source is named in the run's attributes.
+    on_event
+        Called with each MDA event before it is acquired (the simulator uses it
+        to set its clock).
+    teardown
+        Called at the end to release the core (unload devices).
+    """
+
+    kind = "mmcore"
+    #: every frame is a fresh array nobody writes to afterwards: the ring adopts it
+    hands_over_frames = True
+
+    def __init__(
+        self,
+        core: Any,
+        plan: AcquisitionPlan,
+        *,
+        label: str = "mmcore",
+        extra: dict[str, Any] | None = None,
+        on_event: Callable[[Any], None] | None = None,
+        teardown: Callable[[Any], None] | None = None,
+    ) -> None:
+        check_plan(core, plan)
+        self.core = core
+        self.plan = plan
+        self.label = label
+        self._extra = dict(extra or {})
+        self._on_event = on_event
+        self._teardown = teardown
+        shape = (int(core.getImageHeight()), int(core.getImageWidth()))
+        px = float(core.getPixelSizeUm() or 1.0)
+        self.info: StreamInfo = plan.stream_info(shape, _pixel_dtype(core), px)
+        self._sequence = plan.to_mda_sequence()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._cancelled = False
+        self.received = 0
+        self._failures = _SnapFailures(self._camera_failed)
+
+    def describe(self) -> dict[str, Any]:
+        """What ran: the engine, camera and plan."""
+        return {
+            "kind": self.label,
+            "engine": "pymmcore-plus",
+            "camera": self.core.getCameraDevice(),
+            "plan": self.plan.to_json(),
+            "stream": self.info.to_json(),
+            **self._extra,
+        }
+
+    def counters(self) -> dict[str, int]:
+        """Frames received and frames the engine failed to acquire."""
+        return {"received": self.received, "failed_snaps": len(self._failures.messages)}
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the acquisition ended early, if it did."""
+        return self._error
+
+    def start(self, sink: FrameCallback, wait_for_space: SpaceWaiter | None = None) -> None:
+        """Start the MDA (pymmcore-plus runs it on its own thread)."""
+        names = self.plan.channel_names
+        n_c = len(names)
+
+        def on_frame(img: np.ndarray, event: Any, meta: Any) -> None:
+            idx = event.index
+            c = int(idx.get("c", 0))
+            exposure = (
+                event.exposure if event.exposure is not None else meta.get("exposure_ms", 0.0)
+            )
+            m = make_meta(
+                t=int(idx.get("t", 0)),
+                c=c if c < n_c else 0,
+                z=int(idx.get("z", 0)),
+                p=int(idx.get("p", 0)),
+                exposure_ms=float(exposure or 0.0),
+                stage_z_um=None if event.z_pos is None else float(event.z_pos),
+                source=self.label,
+            )
+            sink(img, m)
+            self.received += 1
+
+        ev = self.core.mda.events
+        ev.frameReady.connect(on_frame)
+        if self._on_event is not None:
+            ev.eventStarted.connect(self._on_event)
+        logging.getLogger("pymmcore-plus").addHandler(self._failures)
+        self._on_frame = on_frame
+
+        def run() -> None:
+            try:
+                self.core.mda.run(self._sequence)
+                reason = self.failure_reason() or (
+                    self._failures.messages[0] if self._failures.messages else None
+                )
+                if reason:
+                    self._error = SourceError(
+                        f"the camera stopped delivering frames after {self.received} of "
+                        f"{self.plan.n_frames}: {reason}"
+                    )
+                elif not self._cancelled and self.received < self.plan.n_frames:
+                    self._error = SourceError(
+                        f"the acquisition ended after {self.received} of "
+                        f"{self.plan.n_frames} frames"
+                    )
+            except BaseException as e:
+                self._error = e
+            finally:
+                self._cleanup()
+                self._done.set()
+
+        self._thread = threading.Thread(target=run, name=f"source-{self.label}", daemon=True)
+        self._thread.start()
+
+    def _cleanup(self) -> None:
+        ev = self.core.mda.events
+        ev.frameReady.disconnect(self._on_frame)
+        if self._on_event is not None:
+            ev.eventStarted.disconnect(self._on_event)
+        logging.getLogger("pymmcore-plus").removeHandler(self._failures)
+        if self._teardown is not None:
+            self._teardown(self.core)
+
+    def failure_reason(self) -> str | None:
+        """What the hardware said when it stopped (subclasses that know more override this)."""
+        return None
+
+    def _camera_failed(self, message: str) -> None:
+        self.core.mda.cancel()  # a dead camera ends the run; it is not retried silently
+
+    def stop(self) -> None:
+        """Cancel the MDA after the current frame."""
+        self._cancelled = True
+        self.core.mda.cancel()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the MDA to finish."""
+        if self._thread is None:
+            return True
+        return self._done.wait(timeout)

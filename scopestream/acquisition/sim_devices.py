@@ -1,0 +1,268 @@
+"""The simulated microscope as a real Micro-Manager core (pymmcore-plus ``UniMMCore``).
+
+Python devices: a camera, a Z stage, a shutter and a light-path selector (a
+state device whose labels are the microscope's channels, behind the ``Channel``
+config group). They share one `ScopeState`; the camera renders what the
+`SimulatedMicroscope` would show with the current light path, focus and
+exposure. Anything that drives a Micro-Manager core (pymmcore-plus's MDA, or
+pycromanager through `snake_case_core`) drives this one the same way.
+
+Time: the sample's clock is the acquisition plan's time index (``t ×
+time_step_s``), queued from each event before it is acquired (a hardware
+sequence of many time points queues all of them; the camera takes one per
+frame), so every frame, and its ground truth, is reproducible from the seed and
+the frame's indices. Without events (a manual snap) the clock is the wall clock
+since start.
+
+Fault injection for tests: ``stall_every``/``stall_s`` (the camera hangs now and
+then), ``die_after`` (the camera fails after N frames).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pymmcore_plus.experimental.unicore import (
+    ShutterDevice,
+    SimpleCameraDevice,
+    StageDevice,
+    StateDevice,
+    UniMMCore,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Mapping, Sequence
+
+    from scopestream.acquisition.sample import SimulatedMicroscope
+
+CHANNEL_GROUP = "Channel"
+
+
+class CameraDied(RuntimeError):
+    """Fault injection: the simulated camera stopped working."""
+
+
+@dataclass
+class ScopeState:
+    """What the simulated hardware is doing right now (shared by its devices)."""
+
+    microscope: SimulatedMicroscope
+    z_um: float = 0.0
+    light_path: int = 0
+    shutter_open: bool = False
+    #: the camera's exposure drives the light source (TTL), as on most modern scopes
+    camera_triggers_light: bool = True
+    time_step_s: float = 0.1
+    t_index: int | None = None
+    pending_t: deque[int] = field(default_factory=deque)
+    frames: int = 0
+    stall_every: int = 0
+    stall_s: float = 0.0
+    die_after: int | None = None
+    #: why the camera stopped, if it did (fault injection)
+    failure: str | None = None
+    t0: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def channel_names(self) -> list[str]:
+        """Light paths, in state order."""
+        return list(self.microscope.channels)
+
+    def schedule(self, event: Any) -> None:
+        """Queue the time indices an MDA event (or hardware sequence) is about to acquire."""
+        subs = getattr(event, "events", None) or (event,)
+        with self.lock:
+            self.pending_t.extend(int(e.index.get("t", 0)) for e in subs)
+
+    def schedule_t(self, t: int) -> None:
+        """Queue one time index (pycromanager's pre-hardware hook, one event at a time)."""
+        with self.lock:
+            self.pending_t.append(int(t))
+
+    def sim_time_s(self) -> float:
+        """The sample's clock for the frame being acquired (call with ``lock`` held)."""
+        if self.pending_t:
+            self.t_index = self.pending_t.popleft()
+        if self.t_index is not None:
+            return self.t_index * self.time_step_s
+        return time.monotonic() - self.t0
+
+
+class SimCamera(SimpleCameraDevice):
+    """Camera of the simulated microscope (renders the sample with photon noise)."""
+
+    def __init__(self, state: ScopeState) -> None:
+        super().__init__()
+        self._state = state
+        self._exposure_ms = 10.0
+
+    def sensor_shape(self) -> tuple[int, int]:
+        """Frame size of the sensor."""
+        return self._state.microscope.shape
+
+    def dtype(self) -> Any:
+        """Pixel type."""
+        return np.uint16
+
+    def get_exposure(self) -> float:
+        """Exposure in ms."""
+        return self._exposure_ms
+
+    def set_exposure(self, exposure: float) -> None:
+        """Set the exposure in ms."""
+        if exposure <= 0:
+            raise ValueError(f"exposure must be positive, got {exposure} ms")
+        self._exposure_ms = float(exposure)
+
+    def start_sequence(
+        self, n: int | None, get_buffer: Callable[[Sequence[int], Any], np.ndarray]
+    ) -> Iterator[Mapping[str, Any]]:
+        """Stream frames; a camera failure ends the sequence and is recorded, as a driver would."""
+        try:
+            yield from super().start_sequence(n, get_buffer)
+        except CameraDied as e:
+            self._state.failure = str(e)
+
+    def snap(self, buffer: np.ndarray) -> Mapping[str, Any]:
+        """Render one frame into ``buffer``."""
+        st = self._state
+        with st.lock:
+            st.frames += 1
+            n = st.frames
+            if st.die_after is not None and n > st.die_after:
+                st.failure = f"simulated camera failure after {st.die_after} frames"
+                raise CameraDied(st.failure)
+            if st.stall_every and n % st.stall_every == 0:
+                time.sleep(st.stall_s)
+            channel = st.channel_names[st.light_path]
+            lit = st.camera_triggers_light or st.shutter_open
+            t_s = st.sim_time_s()
+            z = st.z_um
+        scope = st.microscope
+        exposure = self._exposure_ms if lit else 1e-6  # dark: offset and read noise only
+        scope.snap(t_s, channel, z, exposure, out=buffer)
+        return {"sim_time_s": t_s, "sim_channel": channel, "sim_z_um": z}
+
+
+class SimZStage(StageDevice):
+    """Focus drive."""
+
+    def __init__(self, state: ScopeState) -> None:
+        super().__init__()
+        self._state = state
+
+    def set_position_um(self, val: float) -> None:
+        """Move to ``val`` µm."""
+        self._state.z_um = float(val)
+
+    def get_position_um(self) -> float:
+        """Current position (µm)."""
+        return self._state.z_um
+
+    def home(self) -> None:
+        """Go to 0."""
+        self._state.z_um = 0.0
+
+    def stop(self) -> None:
+        """Nothing moves for long here."""
+
+    def set_origin(self) -> None:
+        """Make the current position 0."""
+        self._state.z_um = 0.0
+
+
+class SimShutter(ShutterDevice):
+    """Illumination shutter (used when the camera does not trigger the light)."""
+
+    def __init__(self, state: ScopeState) -> None:
+        super().__init__()
+        self._state = state
+
+    def get_open(self) -> bool:
+        """Whether it is open."""
+        return self._state.shutter_open
+
+    def set_open(self, open: bool) -> None:
+        """Open or close."""
+        self._state.shutter_open = bool(open)
+
+
+class SimLightPath(StateDevice):
+    """Selects the channel (brightfield lamp, fluorescence cubes)."""
+
+    def __init__(self, state: ScopeState) -> None:
+        super().__init__(dict(enumerate(state.channel_names)))
+        self._state = state
+
+    def get_state(self) -> int:
+        """Current light path index."""
+        return self._state.light_path
+
+    def set_state(self, position: int) -> None:
+        """Switch light path."""
+        self._state.light_path = int(position)
+
+
+def build_sim_core(state: ScopeState) -> UniMMCore:
+    """A ``UniMMCore`` with the simulated devices loaded and a ``Channel`` group."""
+    core = UniMMCore()
+    try:
+        core.loadPyDevice("Camera", SimCamera(state))
+        core.loadPyDevice("Z", SimZStage(state))
+        core.loadPyDevice("Shutter", SimShutter(state))
+        core.loadPyDevice("LightPath", SimLightPath(state))
+        core.initializeAllDevices()
+        core.setCameraDevice("Camera")
+        core.setFocusDevice("Z")
+        core.setShutterDevice("Shutter")
+        for name in state.channel_names:
+            core.defineConfig(CHANNEL_GROUP, name, "LightPath", "Label", name)
+        core.setChannelGroup(CHANNEL_GROUP)
+        # one objective: a pixel-size config keyed on an always-present core property
+        core.definePixelSizeConfig("sim", "Core", "Initialize", "1")
+        core.setPixelSizeUm("sim", state.microscope.optics.pixel_size_um)
+        core.setPixelSizeConfig("sim")
+    except Exception:
+        teardown_core(core)
+        raise
+    return core
+
+
+def teardown_core(core: Any) -> None:
+    """Stop and unload everything (a core left alive at exit can crash the interpreter)."""
+    try:
+        if core.isSequenceRunning():
+            core.stopSequenceAcquisition()
+    except Exception:
+        pass
+    with contextlib.suppress(Exception):
+        core.unloadAllDevices()
+
+
+def _camel_to_snake(name: str) -> str:
+    s1 = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z0-9])([A-Z])", r"\1_\2", s1).lower()
+
+
+class SnakeCaseCore:
+    """pycromanager's Python backend speaks snake_case to its core: translate to ``core``.
+
+    Methods are looked up on ``core``'s own (camelCase) API, so Python devices of a
+    ``UniMMCore`` are honoured.
+    """
+
+    def __init__(self, core: Any) -> None:
+        self._core = core
+        self._names = {_camel_to_snake(n): n for n in dir(type(core)) if not n.startswith("_")}
+
+    def __getattr__(self, name: str) -> Any:
+        target = self._names.get(name, name)
+        return getattr(self._core, target)

@@ -1,0 +1,106 @@
+"""The simulated microscope's physics: noise, optics, brightfield, motion, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from scopestream.acquisition.sample import CameraModel, SampleModel, SimulatedMicroscope
+
+
+@pytest.fixture(scope="module")
+def scope() -> SimulatedMicroscope:
+    return SimulatedMicroscope((192, 192), seed=4)
+
+
+def test_shot_and_read_noise_have_the_camera_model_moments(scope: SimulatedMicroscope) -> None:
+    truth = scope.ground_truth(0.0, "nuclei", 0.0, 30.0).astype(np.float64)
+    frames = np.stack([scope.snap(0.0, "nuclei", 0.0, 30.0) for _ in range(60)]).astype(np.float64)
+    resid = frames - truth
+    assert abs(resid.mean()) < 0.05
+    cam = scope.camera
+    photons = (truth - cam.offset_adu) / cam.gain_adu_per_e
+    expected_var = (photons + cam.read_noise_e**2) * cam.gain_adu_per_e**2 + 1 / 12  # + rounding
+    ratio = resid.var(axis=0).mean() / expected_var.mean()
+    assert 0.93 < ratio < 1.07
+
+
+def test_photon_budget_scales_with_exposure(scope: SimulatedMicroscope) -> None:
+    off = scope.camera.offset_adu
+    a = scope.ground_truth(0.0, "nuclei", 0.0, 10.0) - off
+    b = scope.ground_truth(0.0, "nuclei", 0.0, 40.0) - off
+    assert np.median(b / np.maximum(a, 1e-3)) == pytest.approx(4.0, rel=0.01)
+
+
+def test_camera_clips_at_its_bit_depth() -> None:
+    bright = SimulatedMicroscope((64, 64), seed=1, camera=CameraModel(bit_depth=8))
+    frame = bright.snap(0.0, "brightfield", 0.0, 500.0)
+    assert frame.max() == 255
+
+
+def test_fluorescence_blurs_with_defocus(scope: SimulatedMicroscope) -> None:
+    def sharpness(img: np.ndarray) -> float:
+        return float(np.abs(np.diff(img, axis=1)).mean() / img.mean())
+
+    s = [sharpness(scope.ground_truth(0.0, "nuclei", z, 20.0)) for z in (0.0, 2.0, 5.0)]
+    assert s[0] > s[1] > s[2]
+    total = [scope.ground_truth(0.0, "nuclei", z, 20.0).sum() for z in (0.0, 5.0)]
+    assert total[1] == pytest.approx(total[0], rel=0.02)  # blur conserves light
+
+
+def test_brightfield_is_a_weak_phase_object(scope: SimulatedMicroscope) -> None:
+    def contrast(z: float) -> float:
+        img = scope.ground_truth(0.0, "brightfield", z, 5.0)
+        return float(img.std() / img.mean())
+
+    # nearly invisible in focus, contrast grows with defocus on both sides ...
+    assert contrast(0.0) < 0.5 * contrast(3.0)
+    assert contrast(0.0) < 0.5 * contrast(-3.0)
+    # ... and flips sign through focus (transport of intensity)
+    above = scope.ground_truth(0.0, "brightfield", 3.0, 5.0)
+    below = scope.ground_truth(0.0, "brightfield", -3.0, 5.0)
+    focus = scope.ground_truth(0.0, "brightfield", 0.0, 5.0)
+    r = np.corrcoef((above - focus).ravel(), (below - focus).ravel())[0, 1]
+    assert r < -0.5
+
+
+def test_stains_show_different_structures(scope: SimulatedMicroscope) -> None:
+    nuc = scope.ground_truth(0.0, "nuclei", 0.0, 20.0)
+    mem = scope.ground_truth(0.0, "membrane", 0.0, 20.0)
+    r = np.corrcoef(nuc.ravel(), mem.ravel())[0, 1]
+    assert r < 0.3
+    sig = nuc - nuc.min()
+    assert 0.05 < (sig > 0.5 * sig.max()).mean() < 0.5  # nuclei cover a real fraction
+
+
+def test_cells_move_and_divide_over_time(scope: SimulatedMicroscope) -> None:
+    a = scope.ground_truth(0.0, "nuclei", 0.0, 20.0)
+    near = scope.ground_truth(10.0, "nuclei", 0.0, 20.0)
+    far = scope.ground_truth(200.0, "nuclei", 0.0, 20.0)
+    r_near = np.corrcoef(a.ravel(), near.ravel())[0, 1]
+    r_far = np.corrcoef(a.ravel(), far.ravel())[0, 1]
+    assert r_near > 0.8 > r_far
+    dividing = SimulatedMicroscope((192, 192), seed=4, sample=SampleModel(mitotic_fraction=0.5))
+    times = np.linspace(0, dividing.sample.cycle_s, 60)
+    counts = [len(dividing.cell_state(t)["x"]) for t in times]
+    assert max(counts) > min(counts)  # mitotic cells split into two daughters
+
+
+def test_same_seed_same_frames_other_seed_other_sample() -> None:
+    a = SimulatedMicroscope((64, 64), seed=7)
+    b = SimulatedMicroscope((64, 64), seed=7)
+    c = SimulatedMicroscope((64, 64), seed=8)
+    np.testing.assert_array_equal(a.snap(1.0, "nuclei"), b.snap(1.0, "nuclei"))
+    assert not np.array_equal(a.ground_truth(1.0, "nuclei"), c.ground_truth(1.0, "nuclei"))
+
+
+def test_real_nuclei_volume_can_texture_the_sample() -> None:
+    rng = np.random.default_rng(0)
+    vol = rng.integers(0, 1000, (5, 64, 64)).astype(np.uint16)
+    s = SimulatedMicroscope((96, 96), seed=0, nuclei_volume=vol)
+    assert s.ground_truth(0.0, "nuclei").std() > 0
+
+
+def test_unknown_channel_is_named(scope: SimulatedMicroscope) -> None:
+    with pytest.raises(ValueError, match="no channel 'gfp'"):
+        scope.snap(0.0, "gfp")
