@@ -68,9 +68,15 @@ def _root(
 def _build_source(cfg: RunConfig) -> FrameSource:
     from scopestream.acquisition.base import SourceError
     from scopestream.acquisition.factory import make_source
-    from scopestream.config import ConfigError, build_plan
+    from scopestream.config import ConfigError, build_plan, resolve_hook
 
     try:
+        hooks = {k: resolve_hook(v) for k, v in cfg.mm_hooks.items()}
+        nuclei = None
+        if cfg.sim_nuclei:
+            import tifffile
+
+            nuclei = tifffile.imread(cfg.sim_nuclei)
         return make_source(
             cfg.source,
             shape=cfg.shape,
@@ -80,6 +86,8 @@ def _build_source(cfg: RunConfig) -> FrameSource:
             plan=build_plan(cfg),
             mm_dir=cfg.mm_dir,
             mm_save_dir=cfg.mm_save_dir,
+            hooks=hooks,
+            sim_nuclei=nuclei,
         )
     except (SourceError, ConfigError, ValueError, OSError) as e:
         raise _die(str(e)) from None

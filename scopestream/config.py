@@ -23,6 +23,8 @@ from pydantic import (
 CONFIG_VERSION = 1
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from scopestream.acquisition.plan import AcquisitionPlan
 
 
@@ -133,6 +135,13 @@ class RunConfig(BaseModel):
     mda: str | None = Field(None, description="a useq-schema MDASequence YAML (instead of plan)")
     mm_dir: str | None = Field(None, description="Micro-Manager folder with device adapters")
     mm_save_dir: str | None = Field(None, description="let Micro-Manager save its own copy there")
+    mm_hooks: dict[Literal["pre_hardware", "post_hardware"], str] = Field(
+        default_factory=dict,
+        description="pycromanager hooks as 'package.module:function' (get and return the event)",
+    )
+    sim_nuclei: str | None = Field(
+        None, description="a real nuclei volume (TIFF, z/y/x) to texture the simulated sample"
+    )
 
     @field_validator("shape", mode="before")
     @classmethod
@@ -183,6 +192,22 @@ def build_plan(cfg: RunConfig) -> AcquisitionPlan:
         ).limited_to(cfg.frames)
     except PlanError as e:
         raise ConfigError(f"invalid plan: {e}") from None
+
+
+def resolve_hook(spec: str) -> Callable[..., Any]:
+    """Import ``package.module:function``."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ConfigError(f"hook {spec!r} must look like 'package.module:function'")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"cannot import hook {spec!r}: {e}") from None
+    if not callable(fn):
+        raise ConfigError(f"hook {spec!r} is not callable")
+    return fn  # type: ignore[no-any-return]
 
 
 def load_config(path: str | Path) -> RunConfig:

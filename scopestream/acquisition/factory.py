@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from scopestream.acquisition.base import SourceError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import numpy as np
+
     from scopestream.acquisition.base import FrameSource
     from scopestream.acquisition.plan import AcquisitionPlan
 
@@ -26,6 +30,8 @@ def make_source(
     plan: AcquisitionPlan | None = None,
     mm_dir: str | None = None,
     mm_save_dir: str | None = None,
+    hooks: dict[str, Callable[..., Any]] | None = None,
+    sim_nuclei: np.ndarray | None = None,
 ) -> FrameSource:
     """The source a spec names; raises `SourceError` with the valid forms otherwise.
 
@@ -57,7 +63,7 @@ def make_source(
             if arg:
                 raise SourceError(f"'sim' takes no argument, got {spec!r}")
             assert plan is not None
-            return SimulatedSource(shape, plan, seed=seed)
+            return SimulatedSource(shape, plan, seed=seed, nuclei_volume=sim_nuclei)
         case "mmcore":
             from scopestream.acquisition.mmcore import (
                 MMCoreSource,
@@ -88,9 +94,16 @@ def make_source(
             if arg == "sim":
                 from scopestream.acquisition.sim import SimulatedSource
 
-                sim = SimulatedSource(shape, plan, seed=seed)
+                sim = SimulatedSource(shape, plan, seed=seed, nuclei_volume=sim_nuclei)
+            hooks = hooks or {}
             return PycromanagerSource(
-                arg or None, plan, mm_dir=mm_dir, sim=sim, save_dir=mm_save_dir
+                arg or None,
+                plan,
+                mm_dir=mm_dir,
+                sim=sim,
+                save_dir=mm_save_dir,
+                pre_hardware_hook=hooks.get("pre_hardware"),
+                post_hardware_hook=hooks.get("post_hardware"),
             )
         case "replay":
             from scopestream.acquisition.replay import ReplaySource

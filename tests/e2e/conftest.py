@@ -28,8 +28,10 @@ class CliResult:
 
 @pytest.fixture
 def cli() -> Callable[..., CliResult]:
-    def run(*args: str, timeout: float = 240, **kw: Any) -> CliResult:
-        env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    def run(
+        *args: str, timeout: float = 240, env: dict[str, str] | None = None, **kw: Any
+    ) -> CliResult:
+        env = {**(env or os.environ), "COLUMNS": "200", "NO_COLOR": "1"}
         proc = subprocess.run(
             [sys.executable, "-m", "scopestream", *args],
             capture_output=True,

