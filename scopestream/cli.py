@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -71,7 +72,7 @@ def _build_source(cfg: RunConfig) -> FrameSource:
     from scopestream.config import ConfigError, build_plan, resolve_hook
 
     try:
-        hooks = {k: resolve_hook(v) for k, v in cfg.mm_hooks.items()}
+        hooks = {str(k): resolve_hook(v) for k, v in cfg.mm_hooks.items()}
         nuclei = None
         if cfg.sim_nuclei:
             import tifffile
@@ -172,19 +173,43 @@ def _finish(summary: dict[str, Any], as_json: bool) -> None:
         raise typer.Exit(EXIT_FAILED)
 
 
+def _build_models(cfg: RunConfig, source: FrameSource) -> list[Any]:
+    """Load, check and prepare every model before anything is written."""
+    from scopestream.inference.backends import BackendError, make_backend
+    from scopestream.inference.engine import ModelChannelError, check_channels
+    from scopestream.inference.package import PackageError, Registry
+    from scopestream.inference.predictor import Predictor, tile_from_string
+
+    registry = Registry(cfg.registry)
+    out = []
+    for spec in cfg.models:
+        try:
+            pkg = registry.resolve(spec)
+            tile = tile_from_string(cfg.tile, pkg.manifest.n_spatial)
+            predictor = Predictor(pkg, make_backend(pkg, cfg.backend), tile=tile)
+            check_channels(predictor, source.info.channel_names)
+        except (PackageError, BackendError, ModelChannelError, ValueError) as e:
+            raise _die(f"model {spec!r}: {e}") from None
+        by_name = "@" not in spec and not Path(spec).exists()
+        out.append((spec, registry, predictor, by_name))
+    return out
+
+
 def execute_run(cfg: RunConfig, *, as_json: bool, label: str = "acquiring") -> None:
     """Run one configured stream to its end (shared by ``run`` and ``demo``)."""
+    from scopestream.streaming.ringbuffer import OverflowPolicy
     from scopestream.streaming.runner import SinkSpec, StreamRunner
     from scopestream.streaming.zarr_sink import SinkError, ZarrSink
 
-    if cfg.models:
-        raise _die(
-            f"models {list(cfg.models)} cannot run: live inference is not part of this version "
-            "yet; use --model none"
-        )
     if cfg.viewer:
         raise _die("the live viewer is not part of this version yet; use --no-viewer")
     source = _build_source(cfg)
+    try:
+        models = _build_models(cfg, source)
+    except typer.Exit:
+        source.stop()
+        source.wait(10)
+        raise
     out = cfg.out or _default_out()
     try:
         sink = ZarrSink(
@@ -196,16 +221,89 @@ def execute_run(cfg: RunConfig, *, as_json: bool, label: str = "acquiring") -> N
         )
     except (FileExistsError, SinkError) as e:
         source.stop()
+        source.wait(10)
         raise _die(str(e)) from None
-    runner = StreamRunner(
-        source,
-        [SinkSpec("zarr", sink, records=True)],
-        buffer_mb=cfg.buffer_mb,
-        max_frames=cfg.frames,
-        out=out,
-    )
-    summary = _drive(runner, show_progress=err.is_terminal, label=label)
+    specs = [SinkSpec("zarr", sink, records=True)]
+    engines = {}
+    watchers = []
+    policy = OverflowPolicy.LATEST if cfg.model_policy == "latest" else OverflowPolicy.SPILL
+    for spec, registry, predictor, by_name in models:
+        engine, watcher = _attach_model(cfg, sink, source, spec, registry, predictor, by_name)
+        specs.append(SinkSpec(f"model:{engine.writer.name}", engine, policy))
+        engines[f"model:{engine.writer.name}"] = engine
+        if watcher is not None:
+            watchers.append(watcher)
+    runner = StreamRunner(source, specs, buffer_mb=cfg.buffer_mb, max_frames=cfg.frames, out=out)
+    for w in watchers:
+        w.start()
+    try:
+        summary = _drive(runner, show_progress=err.is_terminal, label=label)
+    finally:
+        for w in watchers:
+            w.stop()
+    summary["models"] = {
+        name: {
+            "predicted": e.predicted,
+            "versions": [
+                {
+                    k: v.get(k)
+                    for k in ("model", "version", "sha256", "backend", "device", "from_seq")
+                }
+                for v in e.versions
+            ],
+            "notes": e.predictor.notes,
+        }
+        for name, e in engines.items()
+    }
     _finish(summary, as_json)
+
+
+def _attach_model(
+    cfg: RunConfig,
+    sink: Any,
+    source: FrameSource,
+    spec: str,
+    registry: Any,
+    predictor: Any,
+    by_name: bool,
+) -> tuple[Any, Any]:
+    """An output image and an engine for one model (and a registry watcher if by name)."""
+    from scopestream.inference.backends import make_backend
+    from scopestream.inference.engine import InferenceEngine, RegistryWatcher, output_names
+    from scopestream.inference.predictor import Predictor
+
+    info = source.info
+    name = predictor.manifest.name
+    while name in sink.outputs:
+        name += "_"
+    writer = sink.add_output(
+        name,
+        channel_names=output_names(predictor, info.channel_names),
+        dtype="float32",
+        provenance=predictor.describe(),
+    )
+    engine = InferenceEngine(predictor, writer, source_channels=info.channel_names, n_z=info.n_z)
+    watcher = None
+    if by_name and cfg.watch_registry:
+
+        def make(pkg: Any) -> Predictor:
+            p = Predictor(pkg, make_backend(pkg, cfg.backend), tile=predictor.tile)
+            shape = tuple(info.frame_shape)
+            if pkg.manifest.n_spatial == 2:
+                p.predict(
+                    np.zeros(shape, np.float32)
+                    if pkg.manifest.window == 1
+                    else np.zeros((pkg.manifest.window, *shape), np.float32)
+                )
+            return p  # compiled and warm before it takes over
+
+        def announced(identity: dict[str, Any]) -> None:
+            err.print(
+                f"[cyan]model swap:[/] {identity['model']} v{identity['version']} takes over"
+            )
+
+        watcher = RegistryWatcher(registry, spec, engine, make, on_swap=announced)
+    return engine, watcher
 
 
 def _config_from(config: Path | None, overrides: dict[str, Any]) -> RunConfig:
@@ -266,6 +364,17 @@ def run(
     mm_save_dir: Annotated[
         str | None, typer.Option(help="Let Micro-Manager also save its own copy (NDTiff) there.")
     ] = None,
+    backend: Annotated[
+        str | None, typer.Option(help="auto | tensorrt | torch | torch-cpu | onnxruntime")
+    ] = None,
+    registry: Annotated[str | None, typer.Option(help="Model registry directory.")] = None,
+    model_policy: Annotated[
+        str | None,
+        typer.Option(help="latest (live, newest frame) | all (every frame, catches up from disk)"),
+    ] = None,
+    tile: Annotated[
+        str | None, typer.Option(help="Inference tile size HxW (default whole frame).")
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the summary as one JSON line last.")
     ] = False,
@@ -289,6 +398,10 @@ def run(
             "mda": mda,
             "mm_dir": mm_dir,
             "mm_save_dir": mm_save_dir,
+            "backend": backend,
+            "registry": registry,
+            "model_policy": model_policy,
+            "tile": tile,
             "source": source,
             "frames": frames,
             "shape": shape,

@@ -135,6 +135,19 @@ class RunConfig(BaseModel):
     mda: str | None = Field(None, description="a useq-schema MDASequence YAML (instead of plan)")
     mm_dir: str | None = Field(None, description="Micro-Manager folder with device adapters")
     mm_save_dir: str | None = Field(None, description="let Micro-Manager save its own copy there")
+    backend: Literal["auto", "tensorrt", "torch", "torch-cpu", "onnxruntime"] = "auto"
+    registry: str | None = Field(
+        None, description="model registry (default ~/.scopestream/models)"
+    )
+    model_policy: Literal["latest", "all"] = Field(
+        "latest", description="latest: live, newest frame; all: every frame (catches up from disk)"
+    )
+    tile: str | None = Field(
+        None, description="tile size HxW for inference (default: whole frame)"
+    )
+    watch_registry: bool = Field(
+        True, description="hot-swap newer versions of models named by name"
+    )
     mm_hooks: dict[Literal["pre_hardware", "post_hardware"], str] = Field(
         default_factory=dict,
         description="pycromanager hooks as 'package.module:function' (get and return the event)",

@@ -278,7 +278,10 @@ class MMCoreSource:
         self.core.mda.cancel()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait for the MDA to finish."""
+        """Wait for the MDA to finish (a source never started releases its core here)."""
         if self._thread is None:
+            if self._teardown is not None:
+                self._teardown(self.core)
+                self._teardown = None
             return True
         return self._done.wait(timeout)

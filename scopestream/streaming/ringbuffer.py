@@ -7,8 +7,13 @@ of two overflow policies:
 ``latest``
     Live display: every read jumps to the newest frame. Frames passed over are
     counted in ``skipped``. Allowed to lose frames, never to show a torn one.
+``spill``
+    Every frame, in order, without holding the producer back (inference on
+    every frame): slots are not protected for it; a frame it was lapped on is
+    reported by `FrameLapped` with its indices, so the consumer can read it
+    back from the recording instead.
 ``all``
-    Lossless (recording, inference on every frame). A slot a lossless consumer
+    Lossless (the recording itself). A slot a lossless consumer
     has not released is never overwritten: if the producer would lap it, the new
     frame is refused (``put`` returns -1 and counts it), the consumer finishes the
     frames it has and then raises `BufferOverrun` naming the first refused frame,
@@ -51,6 +56,7 @@ class OverflowPolicy(str, Enum):
 
     LATEST = "latest"
     ALL = "all"
+    SPILL = "spill"
 
 
 class BufferOverrun(RuntimeError):
@@ -64,6 +70,14 @@ class BufferOverrun(RuntimeError):
             f"buffered without overwriting a frame it had not handled (lossless policy 'all'); "
             f"it is too slow for the frame rate or the buffer is too small"
         )
+
+
+class FrameLapped(LookupError):
+    """A ``spill`` consumer's next frame was overwritten; its indices say where to find it."""
+
+    def __init__(self, seq: int, t: int, c: int, z: int, p: int) -> None:
+        self.seq, self.t, self.c, self.z, self.p = seq, t, c, z, p
+        super().__init__(f"frame {seq} (t={t}, c={c}, z={z}) left the ring buffer")
 
 
 class FrameShapeError(ValueError):
@@ -104,6 +118,8 @@ class RingBuffer:
         self._cond = threading.Condition()
         self._put_lock = threading.Lock()
         self._consumers: list[Consumer] = []
+        # (t, c, z, p) of every frame, so a frame that left the ring can be found on disk
+        self._index = np.zeros((1024, 4), np.int32)
         #: frames refused because a lossless consumer would have been lapped
         self.refused = 0
         self.first_refused: BufferOverrun | None = None
@@ -197,6 +213,9 @@ class RingBuffer:
                 self._refs[slot] = data
             else:
                 np.copyto(self._data[slot], data, casting="no")
+            if seq >= len(self._index):
+                self._index = np.concatenate([self._index, np.zeros_like(self._index)])
+            self._index[seq] = (meta["t"], meta["c"], meta["z"], meta["p"])
             meta["seq"] = seq
             self._meta[slot] = meta
             self._stamp[slot] = seq
@@ -281,8 +300,8 @@ class Consumer:
         """
         ring = self.ring
         latest = self.policy is OverflowPolicy.LATEST
-        if latest and self.held:
-            raise RuntimeError("a 'latest' consumer borrows one frame at a time")
+        if self.policy is not OverflowPolicy.ALL and self.held:
+            raise RuntimeError(f"a {self.policy.value!r} consumer borrows one frame at a time")
         while True:
             with ring._cond:
                 if not ring._cond.wait_for(
@@ -300,6 +319,9 @@ class Consumer:
             seq = self._next
             slot = seq % ring.n_slots
             if ring._stamp[slot] != seq:
+                if self.policy is OverflowPolicy.SPILL:
+                    self._next = self._cursor = seq + 1
+                    raise self._lapped(seq)
                 if not latest:
                     raise BufferOverrun(self.name, seq, ring.n_slots)
                 self.torn += 1  # overwritten between our look at head and now; take the newest
@@ -327,10 +349,16 @@ class Consumer:
         if not intact:
             if self.policy is OverflowPolicy.ALL:
                 raise BufferOverrun(self.name, seq, ring.n_slots)
+            if self.policy is OverflowPolicy.SPILL:
+                raise self._lapped(seq)
             self.torn += 1
             return False
         self.read += 1
         return True
+
+    def _lapped(self, seq: int) -> FrameLapped:
+        t, c, z, p = (int(v) for v in self.ring._index[seq])
+        return FrameLapped(seq, t, c, z, p)
 
     def _check_overrun(self) -> None:
         if self._overrun is not None:

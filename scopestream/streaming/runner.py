@@ -28,10 +28,12 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 from psygnal import Signal
 
+from scopestream.streaming.frame import make_meta
 from scopestream.streaming.metrics import DurationStats, StageMetrics
 from scopestream.streaming.ringbuffer import (
     BufferOverrun,
     Consumer,
+    FrameLapped,
     FrameShapeError,
     OverflowPolicy,
     RingBuffer,
@@ -156,6 +158,8 @@ class StreamRunner:
         self._t_end: float | None = None
         self._summary: dict[str, Any] | None = None
         self._n_acquired = 0
+        #: frames each 'all' (spill) consumer had to read back from the recording
+        self.spilled: dict[str, int] = {}
         self._switch_interval = sys.getswitchinterval()
 
     # -- state ------------------------------------------------------------
@@ -280,6 +284,8 @@ class StreamRunner:
         try:
             if spec.policy is OverflowPolicy.LATEST:
                 self._consume_latest(spec, consumer)
+            elif spec.policy is OverflowPolicy.SPILL:
+                self._consume_spill(spec, consumer)
             elif isinstance(spec.sink, DeferredFrameSink):
                 self._consume_deferred(spec, spec.sink, consumer)
             else:
@@ -340,6 +346,41 @@ class StreamRunner:
             sink.submit(frame.data, meta)
             held.append((frame, meta))
             settle(block=len(held) >= sink.max_outstanding)
+
+    def _recorder(self) -> Any:
+        rec = next((s.sink for s in self.sinks if s.records), None)
+        if rec is None or not hasattr(rec, "read_frame"):
+            raise RuntimeError(
+                "an 'all' (spill) consumer needs a recording to read missed frames from"
+            )
+        return rec
+
+    def _consume_spill(self, spec: SinkSpec, consumer: Consumer) -> None:
+        """Every frame in order; frames that left the ring are read back from the recording."""
+        recorder = self._recorder()
+        scratch: np.ndarray | None = None
+        spilled = 0
+        while True:
+            try:
+                frame = consumer.get(timeout=0.1)
+                if frame is None:
+                    if self._drained(consumer):
+                        return
+                    continue
+                if scratch is None:
+                    scratch = np.empty_like(frame.data)
+                np.copyto(scratch, frame.data)
+                meta = cast("FrameMeta", dict(frame.meta))
+                consumer.release(frame)  # raises FrameLapped if it was overwritten meanwhile
+                data = scratch
+            except FrameLapped as lap:
+                data = recorder.read_frame(lap.t, lap.c, lap.z)
+                meta = make_meta(t=lap.t, c=lap.c, z=lap.z, p=lap.p, source="recording")
+                meta["seq"] = lap.seq
+                spilled += 1
+                self.spilled[spec.name] = spilled
+            spec.sink.write(data, meta)
+            self._done(spec, meta)
 
     def _consume_latest(self, spec: SinkSpec, consumer: Consumer) -> None:
         """Display-style sink: newest frame only, copied out and validated before use."""
@@ -422,6 +463,7 @@ class StreamRunner:
             "frames_written": written,
             "frames_lost": max(0, acquired - written) if rec is not None else 0,
             "frames_skipped": {n: int(c["skipped"]) for n, c in st.consumers.items()},
+            "frames_from_recording": dict(self.spilled),
             "malformed": int(counters.get("malformed", 0)),
             "fps": round(fps, 2),
             "acquire_fps": round(self.acquired.fps(), 2),

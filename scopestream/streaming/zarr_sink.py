@@ -199,6 +199,11 @@ class ImageWriter:
             self.group / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": attrs}
         )
 
+    def read_frame(self, t: int, c: int, z: int) -> np.ndarray:
+        """A frame that is already written (for consumers that fell behind the ring buffer)."""
+        out: np.ndarray = np.asarray(self._arr[t, c, z].read().result())
+        return out
+
     def update_attrs(self, status: str = "acquiring", **extra: Any) -> None:
         """Rewrite this group's attributes with current counts."""
         self._extra_attrs.update(extra)
@@ -399,6 +404,10 @@ class ZarrSink:
         self.raw.flush()
         for w in self.outputs.values():
             w.flush()
+
+    def read_frame(self, t: int, c: int, z: int) -> np.ndarray:
+        """A raw frame already written."""
+        return self.raw.read_frame(t, c, z)
 
     @property
     def max_outstanding(self) -> int:

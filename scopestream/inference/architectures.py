@@ -1,0 +1,226 @@
+"""The networks: a small fast denoiser U-Net and a label-free (virtual staining) U-Net.
+
+Both are plain convolutional U-Nets with zero-padded 3×3 convolutions, 2×2
+pooling, nearest-neighbour upsampling followed by a convolution, skip
+connections by concatenation, and no normalization layers or global
+operations. That makes them equivariant to shifts by multiples of
+``2**depth``, which is what lets flush-border tiling reproduce the whole-frame
+result exactly (see `scopestream.inference.tiling`).
+
+``DenoiseUNet``
+    2D, depth 3, 16–32 base channels (≤ 0.5 M parameters); the input may carry a
+    temporal window (k frames as channels). ``n2v2=True`` gives the N2V2 variant
+    used for self-supervised training: no top-level skip connection and
+    blur-pooling instead of max-pooling (no checkerboard artefacts).
+``StainUNet``
+    Several stains out at once from a brightfield input: 2D (optionally a
+    window of z-planes as channels, "2.5D") or 3D, where anisotropic stacks
+    are pooled in y/x only until z is as finely sampled as y/x.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def _conv(dims: int, cin: int, cout: int, k: int = 3) -> nn.Module:
+    cls = nn.Conv2d if dims == 2 else nn.Conv3d
+    return cls(cin, cout, k, padding=k // 2)
+
+
+class _Block(nn.Module):
+    """Two 3×3 convolutions with ReLU."""
+
+    def __init__(self, dims: int, cin: int, cout: int) -> None:
+        super().__init__()
+        self.c1 = _conv(dims, cin, cout)
+        self.c2 = _conv(dims, cout, cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.c2(F.relu(self.c1(x))))
+
+
+class BlurPool2d(nn.Module):
+    """Anti-aliased downsampling (a fixed [1 2 1]² blur, then stride 2)."""
+
+    kernel: torch.Tensor
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        k = torch.tensor([1.0, 2.0, 1.0])
+        k2 = (k[:, None] * k[None, :]) / 16.0
+        self.register_buffer("kernel", k2.expand(channels, 1, 3, 3).contiguous())
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.kernel, stride=2, padding=1, groups=self.channels)
+
+
+class UNet(nn.Module):
+    """A generic U-Net (2D or 3D) as described in the module docstring.
+
+    Parameters
+    ----------
+    dims
+        2 or 3 spatial dimensions.
+    in_channels, out_channels
+        Channels in and out.
+    base
+        Channels at the top level (doubled per level).
+    depth
+        Number of poolings.
+    pool_z
+        3D only: for each level, whether z is pooled too (anisotropic stacks: False).
+    top_skip
+        Keep the top-level skip connection (N2V2 drops it).
+    blurpool
+        Blur-pool instead of max-pool (2D only).
+    max_channels
+        Cap on the channels of the deeper levels (keeps the denoiser small).
+    """
+
+    def __init__(
+        self,
+        *,
+        dims: int = 2,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        base: int = 16,
+        depth: int = 3,
+        pool_z: tuple[bool, ...] | None = None,
+        top_skip: bool = True,
+        blurpool: bool = False,
+        max_channels: int | None = None,
+    ) -> None:
+        super().__init__()
+        if dims not in (2, 3):
+            raise ValueError("dims must be 2 or 3")
+        if blurpool and dims != 2:
+            raise ValueError("blur-pooling is implemented for 2D")
+        self.dims = dims
+        self.in_channels = in_channels
+        self.depth = depth
+        self.top_skip = top_skip
+        self.pool_z = tuple(pool_z) if pool_z is not None else (True,) * depth
+        if len(self.pool_z) != depth:
+            raise ValueError("pool_z needs one entry per level")
+        cap = max_channels or base * 2**depth
+        ch = [min(base * 2**i, cap) for i in range(depth + 1)]
+        self.enc = nn.ModuleList()
+        self.pools = nn.ModuleList()
+        cin = in_channels
+        for i in range(depth):
+            self.enc.append(_Block(dims, cin, ch[i]))
+            cin = ch[i]
+            self.pools.append(BlurPool2d(ch[i]) if blurpool else nn.Identity())
+        self.bottom = _Block(dims, ch[depth - 1], ch[depth])
+        self.up_convs = nn.ModuleList()
+        self.dec = nn.ModuleList()
+        for i in reversed(range(depth)):
+            self.up_convs.append(_conv(dims, ch[i + 1], ch[i]))
+            skip = ch[i] if (i > 0 or top_skip) else 0
+            self.dec.append(_Block(dims, ch[i] + skip, ch[i]))
+        self.head = _conv(dims, ch[0], out_channels, k=1)
+        self._blurpool = blurpool
+
+    def _scale(self, level: int) -> tuple[int, ...]:
+        if self.dims == 2:
+            return (2, 2)
+        return (2 if self.pool_z[level] else 1, 2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, (block, pool) in enumerate(zip(self.enc, self.pools, strict=True)):
+            x = block(x)
+            skips.append(x)
+            if self._blurpool:
+                x = pool(F.relu(x))
+            elif self.dims == 2:
+                x = F.max_pool2d(x, 2)
+            else:
+                x = F.max_pool3d(x, self._scale(i))
+        x = self.bottom(x)
+        for j, (up, block) in enumerate(zip(self.up_convs, self.dec, strict=True)):
+            i = self.depth - 1 - j
+            x = F.interpolate(x, scale_factor=self._scale(i), mode="nearest")
+            x = F.relu(up(x))
+            if i > 0 or self.top_skip:
+                x = torch.cat([x, skips[i]], dim=1)
+            x = block(x)
+        out: torch.Tensor = self.head(x)
+        return out
+
+    @property
+    def size_multiple(self) -> tuple[int, ...]:
+        """Input sizes must be multiples of these (per spatial axis)."""
+        xy = 2**self.depth
+        if self.dims == 2:
+            return (xy, xy)
+        return (2 ** sum(self.pool_z), xy, xy)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Trainable parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+@torch.no_grad()
+def receptive_radius(module: UNet, probe: int = 64) -> tuple[int, ...]:
+    """Measured receptive-field radius (pixels) per spatial axis.
+
+    A copy of the network with all weights made positive and biases zeroed (so no
+    path cancels and nothing lights up on its own) is fed a single bright pixel;
+    the extent of the non-zero response is the receptive field, whatever the
+    architecture. The probe grows until the response fits well inside it.
+    """
+    import copy
+
+    m = copy.deepcopy(module).float().eval()
+    for name, p in m.named_parameters():
+        if name.endswith("bias"):
+            p.zero_()  # a bias would light up every pixel
+        else:
+            p.abs_()
+            p.add_(1e-3)
+    mult = module.size_multiple
+    cin = module.in_channels
+    sizes = [max(probe, 4 * k) // k * k for k in mult]
+    while True:
+        x = torch.zeros(1, cin, *sizes)
+        centre = tuple(s // 2 for s in sizes)
+        point: tuple[Any, ...] = (0, slice(None), *centre)
+        x[point] = 1.0
+        y = m(x)[0].abs().sum(0)
+        nz = torch.nonzero(y > 0)
+        radius = []
+        for ax, c in enumerate(centre):
+            lo, hi = int(nz[:, ax].min()), int(nz[:, ax].max())
+            radius.append(max(c - lo, hi - c))
+        grow = [r >= s // 2 - k for r, s, k in zip(radius, sizes, mult, strict=True)]
+        if not any(grow):
+            return tuple(radius)
+        sizes = [s * 2 if g else s for s, g in zip(sizes, grow, strict=True)]
+
+
+ArchKind = Literal["denoise_unet", "stain_unet"]
+
+
+def build(kind: ArchKind, params: dict[str, Any]) -> UNet:
+    """An architecture from its manifest description."""
+    match kind:
+        case "denoise_unet":
+            p = {"dims": 2, "base": 16, "depth": 3, "max_channels": 64, **params}
+            if p.pop("n2v2", False):
+                p.update(top_skip=False, blurpool=True)
+            if p["dims"] != 2:
+                raise ValueError("the denoiser is 2D (a temporal window goes in as channels)")
+            return UNet(**p)
+        case "stain_unet":
+            p = {"dims": 2, "base": 32, "depth": 3, **params}
+            return UNet(**p)
+        case _:
+            raise ValueError(f"unknown architecture {kind!r}")

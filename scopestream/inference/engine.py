@@ -1,0 +1,274 @@
+"""`InferenceEngine`: live prediction as a frame sink, and hot model swaps.
+
+The runner gives the engine its own thread and a ring-buffer consumer with
+one of two policies: ``latest`` (live: always the newest frame, skipped frames
+counted) or ``all`` (every frame; if the model falls behind the ring buffer,
+the frames it missed are read back from the recording, so raw data is never
+held hostage and the run reports how far behind the model is).
+
+Per the model's spatial mode the engine predicts each frame (``2d``), each
+causal window of the last k time points (``2.5d-t``, via the
+`StackAssembler`), or each complete z-stack (``2.5d-z``: a window of k planes
+around every plane; ``3d``: the whole stack). Each output is written to its
+own image of the run (e.g. ``RUN.ome.zarr/stain`` with channels ``nuclei``,
+``membrane``) with the model's identity; the newest prediction is kept for the
+viewer.
+
+Hot swap: `swap` hands over a new `Predictor` (loaded and compiled elsewhere,
+e.g. by `RegistryWatcher` in the background); it takes over at the next frame
+boundary, and the image's attributes record from which frame each version ran.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from scopestream.streaming.assembler import StackAssembler
+from scopestream.streaming.metrics import StageMetrics
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+    from scopestream.inference.package import Registry
+    from scopestream.inference.predictor import Predictor
+    from scopestream.streaming.frame import FrameMeta
+
+
+class ModelChannelError(ValueError):
+    """A model whose input channel the source does not have."""
+
+
+def output_names(predictor: Predictor, source_channels: tuple[str, ...]) -> tuple[str, ...]:
+    """Channel names of a model's output image for a source with ``source_channels``."""
+    m = predictor.manifest
+    if m.inputs == ("*",):
+        return tuple(m.output_channel_names(c)[0] for c in source_channels)
+    return m.outputs
+
+
+def check_channels(predictor: Predictor, source_channels: tuple[str, ...]) -> list[int]:
+    """Indices of the source channels the model takes; a clear error if none."""
+    m = predictor.manifest
+    idx = [i for i, c in enumerate(source_channels) if m.accepts(c)]
+    if not idx:
+        raise ModelChannelError(
+            f"model {m.name!r} takes channel {list(m.inputs)}; the source has "
+            f"{list(source_channels)} (name the channel in the plan, e.g. --channels "
+            f"{m.inputs[0]}:20)"
+        )
+    return idx
+
+
+class InferenceEngine:
+    """Predicts what it is given and writes the outputs (a `FrameSink`).
+
+    Parameters
+    ----------
+    predictor
+        The model, ready to run.
+    writer
+        Where outputs go: something with ``write(data, meta)`` keyed by
+        ``meta``'s (t, c, z), and ``close(status, **attrs)`` / ``update_attrs``.
+    source_channels
+        Channel names of the stream.
+    n_z
+        Planes per z-stack of the stream.
+    on_prediction
+        Called with (outputs, meta) for every prediction (the viewer's hook).
+    """
+
+    def __init__(
+        self,
+        predictor: Predictor,
+        writer: Any,
+        *,
+        source_channels: tuple[str, ...],
+        n_z: int = 1,
+        on_prediction: Callable[[np.ndarray, FrameMeta], None] | None = None,
+    ) -> None:
+        self.predictor = predictor
+        self.writer = writer
+        self.source_channels = source_channels
+        self.targets = set(check_channels(predictor, source_channels))
+        self.wildcard = predictor.manifest.inputs == ("*",)
+        self.n_z = n_z
+        self.on_prediction = on_prediction
+        self.metrics = StageMetrics(f"predict:{predictor.manifest.name}")
+        self.predicted = 0
+        self.ignored = 0
+        self.incomplete_stacks = 0
+        self.latest: tuple[np.ndarray, FrameMeta] | None = None
+        self.versions: list[dict[str, Any]] = [
+            {**predictor.describe(), "from_seq": 0, "from_t": 0}
+        ]
+        self._pending: Predictor | None = None
+        self._swap_lock = threading.Lock()
+        self._assembler = self._make_assembler()
+        self.predict_ms: list[float] = []
+
+    @property
+    def frames_written(self) -> int:
+        """Frames (or planes) predicted."""
+        return self.predicted
+
+    def _make_assembler(self) -> StackAssembler | None:
+        m = self.predictor.manifest
+        y, x = (0, 0)
+        if m.spatial == "2.5d-t":
+            return StackAssembler((y, x), "float32", mode="t", size=m.window)
+        if m.spatial in ("2.5d-z", "3d"):
+            return StackAssembler((y, x), "float32", mode="z", size=self.n_z)
+        return None
+
+    # -- hot swap ----------------------------------------------------------------
+    def swap(self, predictor: Predictor) -> None:
+        """Hand over a new model; it takes over at the next frame boundary."""
+        check_channels(predictor, self.source_channels)
+        if predictor.manifest.outputs != self.predictor.manifest.outputs:
+            raise ModelChannelError("a swapped-in model must have the same outputs")
+        with self._swap_lock:
+            self._pending = predictor
+
+    def _apply_swap(self, meta: FrameMeta) -> None:
+        with self._swap_lock:
+            new, self._pending = self._pending, None
+        if new is None:
+            return
+        self.predictor = new
+        self.versions.append({**new.describe(), "from_seq": meta["seq"], "from_t": meta["t"]})
+        self.writer.update_attrs(versions=self.versions)
+
+    # -- FrameSink -----------------------------------------------------------------
+    def write(self, data: np.ndarray, meta: FrameMeta) -> None:
+        """Predict one frame (or feed it to the window/stack being assembled)."""
+        self._apply_swap(meta)
+        if meta["c"] not in self.targets:
+            self.ignored += 1
+            return
+        m = self.predictor.manifest
+        if self._assembler is None:
+            self._emit(self._predict(data), meta, meta["z"])
+            return
+        if self._assembler.frame_shape != data.shape:
+            self._assembler = StackAssembler(
+                data.shape, "float32", mode=self._assembler.mode, size=self._assembler.size
+            )
+        for stack in self._assembler.add(data, meta):
+            if m.spatial == "2.5d-t":
+                self._emit(self._predict(stack.data), stack.newest, stack.newest["z"])
+            else:
+                self._predict_stack(stack.data, stack.metas)
+
+    def _predict(self, x: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        y = self.predictor.predict(x)
+        self.predict_ms.append((time.perf_counter() - t0) * 1e3)
+        if len(self.predict_ms) > 4096:
+            del self.predict_ms[:2048]
+        return y
+
+    def _predict_stack(self, stack: np.ndarray, metas: tuple[FrameMeta | None, ...]) -> None:
+        m = self.predictor.manifest
+        present = [i for i, mm in enumerate(metas) if mm is not None]
+        if len(present) < len(metas):
+            self.incomplete_stacks += 1
+        if m.spatial == "3d":
+            y = self._predict(stack)  # (C_out, Z, Y, X)
+            for z in present:
+                meta = metas[z]
+                assert meta is not None
+                self._emit(y[:, z], meta, z)
+            return
+        k = m.window
+        n = stack.shape[0]
+        for z in present:
+            idx = np.clip(np.arange(z - k // 2, z - k // 2 + k), 0, n - 1)
+            meta = metas[z]
+            assert meta is not None
+            self._emit(self._predict(stack[idx]), meta, z)
+
+    def _emit(self, y: np.ndarray, meta: FrameMeta, z: int) -> None:
+        for j in range(y.shape[0]):
+            c_out = meta["c"] if self.wildcard else j
+            out_meta = dict(meta)
+            out_meta.update(c=c_out, z=z)
+            self.writer.write(y[j], out_meta)
+        self.predicted += 1
+        self.metrics.record(meta["timestamp_ns"])
+        self.latest = (y, meta)
+        if self.on_prediction is not None:
+            self.on_prediction(y, meta)
+
+    def close(
+        self,
+        status: str = "complete",
+        error: str | None = None,
+        summary: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Predict stacks left incomplete at the end (missing planes stay unwritten); close."""
+        if self._assembler is not None and status == "complete":
+            for stack in self._assembler.flush():
+                if self.predictor.manifest.spatial == "2.5d-t":
+                    continue  # windows are emitted as frames arrive; nothing is pending
+                self._predict_stack(stack.data, stack.metas)
+        self.writer.close(
+            status,
+            versions=self.versions,
+            predicted=self.predicted,
+            ignored_frames=self.ignored,
+            incomplete_stacks=self.incomplete_stacks,
+        )
+
+
+class RegistryWatcher:
+    """Polls the registry; loads, compiles and swaps in newer versions in the background."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        name: str,
+        engine: InferenceEngine,
+        make_predictor: Callable[[Any], Predictor],
+        *,
+        interval_s: float = 2.0,
+        on_swap: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.name = name
+        self.engine = engine
+        self.make_predictor = make_predictor
+        self.interval_s = interval_s
+        self.on_swap = on_swap
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"watch-{name}", daemon=True)
+
+    def start(self) -> None:
+        """Start polling."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop polling."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        current = self.engine.predictor.package.version
+        while not self._stop.wait(self.interval_s):
+            latest = self.registry.latest_version(self.name)
+            if latest is None or latest <= current:
+                continue
+            try:
+                pkg = self.registry.resolve(f"{self.name}@{latest}")
+                predictor = self.make_predictor(pkg)  # loads and compiles, off the hot path
+                self.engine.swap(predictor)
+                current = latest
+                if self.on_swap is not None:
+                    self.on_swap(pkg.identity)
+            except Exception as e:  # a bad new version must not stop the running one
+                self.errors.append(f"{self.name}@{latest}: {e}")
+                current = latest
