@@ -502,6 +502,51 @@ def publish(
 
 
 @app.command()
+def predict(
+    model: Annotated[str, typer.Option(help="Model name, name@version or package path.")],
+    input: Annotated[str, typer.Option("--input", help="TIFF / OME-TIFF / OME-Zarr / NDTiff.")],
+    output: Annotated[str, typer.Option(help="Output: .ome.zarr (default) or .tif")],
+    tile: Annotated[str | None, typer.Option(help="Tile size HxW (default: whole frame).")] = None,
+    backend: Annotated[
+        str, typer.Option(help="auto | tensorrt | torch | torch-cpu | onnxruntime")
+    ] = "auto",
+    registry: Annotated[str | None, typer.Option(help="Model registry directory.")] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing output.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary last.")] = False,
+) -> None:
+    """Predict a saved image or run offline, plane by plane (never all in memory)."""
+    from scopestream.acquisition.base import SourceError
+    from scopestream.acquisition.replay import ReplaySource
+    from scopestream.inference.offline import predict_file
+
+    try:
+        src = ReplaySource(input, fps=0)
+    except SourceError as e:
+        raise _die(str(e)) from None
+    try:
+        res = predict_file(
+            src,
+            model,
+            output,
+            tile=tile,
+            backend=backend,
+            registry=registry,
+            overwrite=overwrite,
+            progress=err if err.is_terminal else None,
+        )
+    except (ValueError, RuntimeError, FileExistsError, OSError) as e:
+        raise _die(str(e)) from None
+    err.print(
+        f"[green]wrote[/] {res['output']}: {res['frames']} predictions "
+        f"in {res['seconds']} s ({res['backend']})"
+    )
+    if as_json:
+        typer.echo(json.dumps(res))
+
+
+@app.command()
 def inspect(
     path: Annotated[Path, typer.Argument(help="A run's OME-Zarr store.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,

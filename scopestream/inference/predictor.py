@@ -78,6 +78,16 @@ class Predictor:
         self._prepared: set[tuple[int, ...]] = set()
         if tile is not None and len(tile) != m.n_spatial:
             raise ValueError(f"tile needs {m.n_spatial} sizes for a {m.spatial} model")
+        if tile is not None:
+            kept = float(
+                np.prod([max(t - 2 * h, 0) / t for t, h in zip(tile, self.halo, strict=True)])
+            )
+            if kept < 0.25:
+                best = [2 * h * 4 for h in self.halo]
+                self.notes.append(
+                    f"tiles of {tuple(tile)} keep {kept:.0%} of each tile after the {self.halo} px "
+                    f"halo; tiles of about {tuple(best)} waste far less"
+                )
 
     @property
     def min_size(self) -> tuple[int, ...]:
