@@ -85,8 +85,8 @@ class Predictor:
             if kept < 0.25:
                 best = [2 * h * 4 for h in self.halo]
                 self.notes.append(
-                    f"tiles of {tuple(tile)} keep {kept:.0%} of each tile after the {self.halo} px "
-                    f"halo; tiles of about {tuple(best)} waste far less"
+                    f"tiles of {tuple(tile)} keep {kept:.0%} of each tile after the "
+                    f"{self.halo} px halo; tiles of about {tuple(best)} waste far less"
                 )
 
     @property
