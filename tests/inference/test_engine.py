@@ -1,0 +1,197 @@
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pytest
+import zarr
+
+from scopestream.inference.backends import OnnxBackend
+from scopestream.inference.engine import (
+    InferenceEngine,
+    ModelChannelError,
+    RegistryWatcher,
+    output_names,
+)
+from scopestream.inference.package import Registry
+from scopestream.inference.predictor import Predictor
+from scopestream.streaming.frame import make_meta
+from scopestream.streaming.layout import StreamInfo
+from scopestream.streaming.zarr_sink import ZarrSink, complete_frames
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+    from scopestream.inference.package import ModelPackage
+
+SHAPE = (64, 72)
+
+
+def frames(info: StreamInfo, seed: int = 0):  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(seed)
+    seq = 0
+    for t in range(info.n_t or 1):
+        for c in range(info.n_c):
+            for z in range(info.n_z):
+                m = make_meta(t=t, c=c, z=z)
+                m["seq"] = seq
+                seq += 1
+                yield rng.normal(300, 20, SHAPE).astype(np.uint16), m
+
+
+def run_engine(
+    tmp_path: Path, pkg: ModelPackage, info: StreamInfo
+) -> tuple[InferenceEngine, Path]:
+    sink = ZarrSink(tmp_path / "r.ome.zarr", info)
+    pred = Predictor(pkg, OnnxBackend(pkg, threads=2))
+    writer = sink.add_output(
+        pkg.name, channel_names=output_names(pred, info.channel_names), provenance=pred.describe()
+    )
+    eng = InferenceEngine(pred, writer, source_channels=info.channel_names, n_z=info.n_z)
+    for data, meta in frames(info):
+        sink.write(data, meta)
+        eng.write(data, meta)
+    eng.close()
+    sink.close()
+    return eng, tmp_path / "r.ome.zarr"
+
+
+def test_2d_denoiser_on_every_channel(
+    tmp_path: Path, make_package: Callable[..., ModelPackage]
+) -> None:
+    info = StreamInfo(frame_shape=SHAPE, n_t=3, channel_names=("brightfield", "nuclei"))
+    eng, store = run_engine(tmp_path, make_package(), info)
+    assert eng.predicted == 6
+    assert complete_frames(store / "denoise").all()
+    g = zarr.open_group(str(store / "denoise"), mode="r")
+    assert [c["label"] for c in g.attrs["ome"]["omero"]["channels"]] == ["brightfield", "nuclei"]
+    prov = g.attrs["scopestream"]["prediction"]
+    assert prov["model"] == "denoise"
+    assert len(prov["sha256"]) == 64
+    assert g.attrs["scopestream"]["versions"][0]["from_seq"] == 0
+
+
+def test_stain_model_only_takes_its_channel(
+    tmp_path: Path, make_package: Callable[..., ModelPackage]
+) -> None:
+    pkg = make_package(
+        name="stain",
+        kind="stain_unet",
+        params={"out_channels": 2, "base": 8},
+        inputs=("brightfield",),
+        outputs=("nuclei", "membrane"),
+    )
+    info = StreamInfo(frame_shape=SHAPE, n_t=2, channel_names=("brightfield", "gfp"))
+    eng, store = run_engine(tmp_path, pkg, info)
+    assert eng.predicted == 2
+    assert eng.ignored == 2
+    flags = complete_frames(store / "stain")
+    assert flags.shape == (2, 2, 1)
+    assert flags.all()  # both stains at both time points
+    with pytest.raises(
+        ModelChannelError, match=r"takes channel \['brightfield'\]; the source has \['gfp'\]"
+    ):
+        InferenceEngine(Predictor(pkg, OnnxBackend(pkg)), None, source_channels=("gfp",))
+
+
+def test_temporal_window_is_causal(
+    tmp_path: Path, make_package: Callable[..., ModelPackage]
+) -> None:
+    pkg = make_package(name="dn_t", params={"in_channels": 3}, spatial="2.5d-t", window=3)
+    info = StreamInfo(frame_shape=SHAPE, n_t=5, channel_names=("nuclei",))
+    eng, store = run_engine(tmp_path, pkg, info)
+    assert eng.predicted == 5  # one prediction per frame, as it arrives
+    assert complete_frames(store / "dn_t").all()
+
+
+@pytest.mark.parametrize("spatial", ["2.5d-z", "3d"])
+def test_z_models_predict_every_plane_of_each_stack(
+    tmp_path: Path, make_package: Callable[..., ModelPackage], spatial: str
+) -> None:
+    if spatial == "3d":
+        params = {"dims": 3, "out_channels": 1, "base": 4, "pool_z": (False, False, False)}
+        pkg = make_package(
+            name="s3",
+            kind="stain_unet",
+            params=params,
+            inputs=("brightfield",),
+            outputs=("nuclei",),
+            spatial="3d",
+        )
+    else:
+        pkg = make_package(
+            name="s25",
+            kind="stain_unet",
+            params={"in_channels": 3, "out_channels": 1, "base": 4},
+            inputs=("brightfield",),
+            outputs=("nuclei",),
+            spatial="2.5d-z",
+            window=3,
+        )
+    info = StreamInfo(frame_shape=SHAPE, n_t=2, channel_names=("brightfield",), n_z=4)
+    eng, store = run_engine(tmp_path, pkg, info)
+    assert eng.predicted == 8
+    assert complete_frames(store / pkg.name).all()
+
+
+def test_hot_swap_takes_over_at_a_frame_boundary(
+    tmp_path: Path, make_package: Callable[..., ModelPackage]
+) -> None:
+    info = StreamInfo(frame_shape=SHAPE, n_t=6, channel_names=("nuclei",))
+    v1, v2 = make_package(seed=1), make_package(seed=2)
+    sink = ZarrSink(tmp_path / "r.ome.zarr", info)
+    p1 = Predictor(v1, OnnxBackend(v1, threads=2))
+    writer = sink.add_output("denoise", channel_names=("nuclei",))
+    eng = InferenceEngine(p1, writer, source_channels=info.channel_names)
+    for i, (data, meta) in enumerate(frames(info)):
+        if i == 4:
+            eng.swap(Predictor(v2, OnnxBackend(v2, threads=2)))
+        eng.write(data, meta)
+    eng.close()
+    sink.close()
+    versions = zarr.open_group(str(tmp_path / "r.ome.zarr" / "denoise"), mode="r").attrs[
+        "scopestream"
+    ]["versions"]
+    assert [(v["sha256"], v["from_seq"]) for v in versions] == [(v1.sha256, 0), (v2.sha256, 4)]
+
+
+def test_registry_watcher_swaps_in_a_new_version(
+    tmp_path: Path, make_package: Callable[..., ModelPackage]
+) -> None:
+    reg = Registry(tmp_path / "reg", bundled=False)
+    first = reg.publish(make_package(seed=1))
+    info = StreamInfo(frame_shape=SHAPE, n_t=200, channel_names=("nuclei",))
+    sink = ZarrSink(tmp_path / "r.ome.zarr", info)
+    writer = sink.add_output("denoise", channel_names=("nuclei",))
+    eng = InferenceEngine(
+        Predictor(first, OnnxBackend(first, threads=1)), writer, source_channels=("nuclei",)
+    )
+    swapped: list[int] = []
+    watcher = RegistryWatcher(
+        reg,
+        "denoise",
+        eng,
+        lambda pkg: Predictor(pkg, OnnxBackend(pkg, threads=1)),
+        interval_s=0.05,
+        on_swap=lambda ident: swapped.append(ident["version"]),
+    )
+    watcher.start()
+    try:
+        it = frames(info)
+        for _ in range(3):
+            eng.write(*next(it))
+        reg.publish(make_package(seed=2))  # the trainer drops a new version in
+        deadline = time.monotonic() + 30
+        while not swapped and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for _ in range(3):
+            eng.write(*next(it))
+    finally:
+        watcher.stop()
+    assert swapped == [2]
+    assert [v["version"] for v in eng.versions] == [1, 2]
+    assert eng.versions[1]["from_seq"] == 3
+    eng.close()
+    sink.close()
