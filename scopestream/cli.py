@@ -631,6 +631,41 @@ def bench_acquisition_cmd(
     typer.echo(json.dumps(res))
 
 
+@bench_app.command("inference")
+def bench_inference_cmd(
+    sizes: Annotated[str, typer.Option(help="Frame sizes, comma-separated.")] = "512,2048",
+    backend: Annotated[
+        list[str] | None,
+        typer.Option("--backend", help="Backends to measure (default: all here)."),
+    ] = None,
+    workdir: Annotated[
+        str | None, typer.Option(help="Where to write (default: temp dir).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+) -> None:
+    """Mpx/s per backend, model and size (model-only and end-to-end), vs eager torch fp32."""
+    from scopestream.bench import bench_inference
+
+    try:
+        size_list = tuple(int(s) for s in sizes.split(",") if s.strip())
+    except ValueError:
+        raise _die(f"--sizes must be integers, got {sizes!r}") from None
+    res = bench_inference(
+        sizes=size_list, backends=tuple(backend) if backend else None, workdir=workdir
+    )
+    if not as_json:
+        for r in res["results"]:
+            err.print(
+                f"{r['model']:8} {r['size']:5} {r['backend']:12} "
+                f"model {r['model_mpx_s']:8} Mpx/s  end-to-end {r['e2e_mpx_s']:8} Mpx/s  "
+                f"Δ {r['max_rel_diff_vs_torch_fp32']}"
+            )
+        err.print(
+            f"speedup of the best CPU backend over eager torch: {res['speedup_vs_eager_cpu']}"
+        )
+    typer.echo(json.dumps(res))
+
+
 def main() -> None:
     """Entry point of the ``scopestream`` command."""
     app()
