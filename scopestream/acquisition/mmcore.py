@@ -164,7 +164,8 @@ class MMCoreSource:
         teardown: Callable[[Any], None] | None = None,
     ) -> None:
         check_plan(core, plan)
-        self.core = core
+        self.core: Any = core
+        self._camera = str(core.getCameraDevice())
         self.plan = plan
         self.label = label
         self._extra = dict(extra or {})
@@ -186,7 +187,7 @@ class MMCoreSource:
         return {
             "kind": self.label,
             "engine": "pymmcore-plus",
-            "camera": self.core.getCameraDevice(),
+            "camera": self._camera,
             "plan": self.plan.to_json(),
             "stream": self.info.to_json(),
             **self._extra,
@@ -262,26 +263,33 @@ class MMCoreSource:
         if self._on_event is not None:
             ev.eventStarted.disconnect(self._on_event)
         logging.getLogger("pymmcore-plus").removeHandler(self._failures)
+        self._release_core()
+
+    def _release_core(self) -> None:
+        """Unload the devices and drop the core: a core left alive, unloaded, at
+        interpreter exit can abort the process ("exception not rethrown")."""
         if self._teardown is not None:
             self._teardown(self.core)
+            self._teardown = None
+            self.core = None
 
     def failure_reason(self) -> str | None:
         """What the hardware said when it stopped (subclasses that know more override this)."""
         return None
 
     def _camera_failed(self, message: str) -> None:
-        self.core.mda.cancel()  # a dead camera ends the run; it is not retried silently
+        if self.core is not None:
+            self.core.mda.cancel()  # a dead camera ends the run; it is not retried silently
 
     def stop(self) -> None:
         """Cancel the MDA after the current frame."""
         self._cancelled = True
-        self.core.mda.cancel()
+        if self.core is not None:
+            self.core.mda.cancel()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the MDA to finish (a source never started releases its core here)."""
         if self._thread is None:
-            if self._teardown is not None:
-                self._teardown(self.core)
-                self._teardown = None
+            self._release_core()
             return True
         return self._done.wait(timeout)

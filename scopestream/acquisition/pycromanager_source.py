@@ -24,6 +24,7 @@ length of its run and shuts it down after.
 
 from __future__ import annotations
 
+import gc
 import socket
 import threading
 import types
@@ -208,20 +209,22 @@ class PycromanagerSource:
     def _shutdown(self) -> None:
         if not self._owns_headless:
             return
+        import mmpycorex.launcher as launcher
+
         try:
             if self.target == "sim":
-                import mmpycorex.launcher as launcher
-
                 if self._engine is not None:
                     self._engine.shutdown()
-                launcher._PYMMCORES.clear()
                 if self._sim is not None:
-                    from scopestream.acquisition.sim_devices import teardown_core
-
-                    teardown_core(self._sim.core)
+                    self._sim.wait()  # never started by itself: unloads and drops its core
             else:
                 self._pm.stop_headless()
         finally:
+            # no unloaded core may outlive this (it can abort the interpreter at exit)
+            launcher._PYMMCORES.clear()
+            self.core = None
+            self._engine = None
+            gc.collect()  # the snake_case adapter's bound methods form a cycle with it
             _forget_engine()
             self._owns_headless = False
             _HEADLESS_LOCK.release()

@@ -1,0 +1,237 @@
+"""Live and offline inference through the command line."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+from ome_zarr_models.v05 import Image
+
+from scopestream.inference.package import Registry
+from scopestream.streaming.zarr_sink import complete_frames, inspect_run
+from tests.inference.conftest import package
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+    from tests.e2e.conftest import CliResult
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Path:
+    reg = Registry(tmp_path / "registry", bundled=False)
+    reg.publish(package(tmp_path, name="denoise", seed=1))
+    reg.publish(
+        package(
+            tmp_path,
+            name="stain",
+            kind="stain_unet",
+            params={"out_channels": 2, "base": 8},
+            inputs=("brightfield",),
+            outputs=("nuclei", "membrane"),
+            seed=2,
+        )
+    )
+    return tmp_path / "registry"
+
+
+def attrs(store: Path) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads((store / "zarr.json").read_text())["attributes"]
+    return out
+
+
+def test_raw_denoised_and_stained_side_by_side(
+    cli: Callable[..., CliResult], tmp_path: Path, registry: Path
+) -> None:
+    out = tmp_path / "live.ome.zarr"
+    r = cli(
+        "run",
+        "--source",
+        "sim",
+        "--channels",
+        "brightfield:5,nuclei:20",
+        "--frames",
+        "16",
+        "--shape",
+        "128x128",
+        "--model",
+        "denoise",
+        "--model",
+        "stain",
+        "--registry",
+        str(registry),
+        "--model-policy",
+        "all",
+        "--out",
+        str(out),
+        "--json",
+    )
+    assert r.code == 0, r.stderr
+    s = r.json
+    assert s["frames_written"] == 16
+    assert s["models"]["model:denoise"]["predicted"] == 16
+    assert s["models"]["model:stain"]["predicted"] == 8  # the brightfield frames
+    assert s["models"]["model:denoise"]["versions"][0]["backend"] == "onnxruntime"
+    for name, chans in (("denoise", ["brightfield", "nuclei"]), ("stain", ["nuclei", "membrane"])):
+        Image.from_zarr(zarr.open_group(str(out / name), mode="r"))
+        g = attrs(out / name)
+        assert [c["label"] for c in g["ome"]["omero"]["channels"]] == chans
+        prov = g["scopestream"]["prediction"]
+        assert prov["model"] == name
+        assert prov["version"] == 1
+        assert len(prov["sha256"]) == 64
+        assert complete_frames(out / name).all()
+    assert set(attrs(out)["scopestream"]["outputs"]) == {"denoise", "stain"}
+    assert [i.name for i in inspect_run(out).images] == ["raw", "denoise", "stain"]
+
+
+def test_live_policy_skips_and_counts(
+    cli: Callable[..., CliResult], tmp_path: Path, registry: Path
+) -> None:
+    r = cli(
+        "run",
+        "--source",
+        "sim",
+        "--frames",
+        "60",
+        "--shape",
+        "256x256",
+        "--model",
+        "denoise",
+        "--registry",
+        str(registry),
+        "--out",
+        str(tmp_path / "l.ome.zarr"),
+        "--json",
+    )
+    assert r.code == 0, r.stderr
+    s = r.json
+    assert s["frames_written"] == 60
+    predicted = s["models"]["model:denoise"]["predicted"]
+    assert 0 < predicted <= 60
+    assert predicted + s["frames_skipped"]["model:denoise"] == 60
+
+
+def test_model_errors_are_clear(
+    cli: Callable[..., CliResult], tmp_path: Path, registry: Path
+) -> None:
+    out = tmp_path / "x.ome.zarr"
+    r = cli(
+        "run", "--model", "stain", "--registry", str(registry), "--frames", "3", "--out", str(out)
+    )
+    assert r.code == 2
+    assert "takes channel ['brightfield']; the source has ['nuclei']" in r.stderr
+    r = cli("run", "--model", "segment", "--registry", str(registry), "--out", str(out))
+    assert r.code == 2
+    assert "no model named 'segment'" in r.stderr
+    r = cli(
+        "run",
+        "--model",
+        "denoise",
+        "--registry",
+        str(registry),
+        "--backend",
+        "tensorrt",
+        "--out",
+        str(out),
+    )
+    assert r.code == 2
+    assert "tensorrt" in r.stderr.lower()
+    weights = registry / "denoise" / "v1" / "weights.pt"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    r = cli("run", "--model", "denoise", "--registry", str(registry), "--out", str(out))
+    assert r.code == 2
+    assert "does not match its sha256" in r.stderr
+    assert not out.exists()  # nothing written on bad input
+
+
+def test_offline_predict_zarr_and_tiff_tiled_equals_whole(
+    cli: Callable[..., CliResult], tmp_path: Path, registry: Path
+) -> None:
+    stack = np.random.default_rng(0).normal(400, 40, (3, 2, 150, 170)).clip(0).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "in.tif", stack, metadata={"axes": "TCYX"}, ome=True)
+    whole, tiled = tmp_path / "whole.ome.zarr", tmp_path / "tiled.ome.zarr"
+    r = cli(
+        "predict",
+        "--model",
+        "denoise",
+        "--registry",
+        str(registry),
+        "--input",
+        str(tmp_path / "in.tif"),
+        "--output",
+        str(whole),
+        "--json",
+    )
+    assert r.code == 0, r.stderr
+    assert r.json["frames"] == 6
+    r = cli(
+        "predict",
+        "--model",
+        "denoise",
+        "--registry",
+        str(registry),
+        "--input",
+        str(tmp_path / "in.tif"),
+        "--output",
+        str(tiled),
+        "--tile",
+        "136x136",
+        "--json",
+    )
+    assert r.code == 0, r.stderr
+    a = zarr.open_group(str(whole), mode="r")["0"][...]
+    b = zarr.open_group(str(tiled), mode="r")["0"][...]
+    assert a.shape == (3, 2, 1, 150, 170)
+    assert np.abs(a - b).max() / np.ptp(a) <= 1e-5
+    Image.from_zarr(zarr.open_group(str(whole), mode="r"))
+    tif = tmp_path / "out.tif"
+    r = cli(
+        "predict",
+        "--model",
+        "denoise@1",
+        "--registry",
+        str(registry),
+        "--input",
+        str(tmp_path / "in.tif"),
+        "--output",
+        str(tif),
+    )
+    assert r.code == 0, r.stderr
+    back = tifffile.imread(tif)
+    np.testing.assert_allclose(back.reshape(a.shape), a, rtol=1e-6)
+    r = cli(
+        "predict",
+        "--model",
+        "denoise",
+        "--registry",
+        str(registry),
+        "--input",
+        str(tmp_path / "in.tif"),
+        "--output",
+        str(tif),
+    )
+    assert r.code == 2
+    assert "already exists" in r.stderr
+
+
+def test_bench_inference_json(cli: Callable[..., CliResult], tmp_path: Path) -> None:
+    r = cli(
+        "bench", "inference", "--sizes", "64", "--workdir", str(tmp_path), "--json", timeout=600
+    )
+    assert r.code == 0, r.stderr
+    b = r.json
+    got = {(x["model"], x["backend"]) for x in b["results"]}
+    assert got == {(m, be) for m in ("denoise", "stain") for be in ("torch", "onnxruntime")}
+    for x in b["results"]:
+        assert x["model_mpx_s"] > 0
+        assert x["e2e_mpx_s"] > 0
+        assert x["max_rel_diff_vs_torch_fp32"] <= 1e-4
+    assert b["speedup_vs_eager_cpu"] is not None
