@@ -92,9 +92,9 @@ def test_bad_input_exits_2_with_a_reason(cli: Callable[..., CliResult], tmp_path
     r = cli("run", "--shape", "12 by 12", "--out", str(tmp_path / "b.ome.zarr"))
     assert r.code == 2
     assert "shape must look like 512x512" in r.stderr
-    r = cli("run", "--model", "denoise", "--out", str(tmp_path / "c.ome.zarr"))
+    r = cli("run", "--model", "segment-everything", "--out", str(tmp_path / "c.ome.zarr"))
     assert r.code == 2
-    assert "--model none" in r.stderr
+    assert "no model named 'segment-everything'" in r.stderr
     blocker = tmp_path / "file"
     blocker.write_text("")
     r = cli("run", "--frames", "3", "--out", str(blocker / "x.ome.zarr"))
