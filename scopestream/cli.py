@@ -282,7 +282,13 @@ def _attach_model(
         dtype="float32",
         provenance=predictor.describe(),
     )
-    engine = InferenceEngine(predictor, writer, source_channels=info.channel_names, n_z=info.n_z)
+    engine = InferenceEngine(
+        predictor,
+        writer,
+        source_channels=info.channel_names,
+        n_z=info.n_z,
+        calibrate=cfg.calibrate,
+    )
     watcher = None
     if by_name and cfg.watch_registry:
 
@@ -375,6 +381,9 @@ def run(
     tile: Annotated[
         str | None, typer.Option(help="Inference tile size HxW (default whole frame).")
     ] = None,
+    calibrate: Annotated[
+        int | None, typer.Option(help="Freeze input normalization from the first N frames.")
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the summary as one JSON line last.")
     ] = False,
@@ -402,6 +411,7 @@ def run(
             "registry": registry,
             "model_policy": model_policy,
             "tile": tile,
+            "calibrate": calibrate,
             "source": source,
             "frames": frames,
             "shape": shape,

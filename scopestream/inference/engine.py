@@ -79,6 +79,10 @@ class InferenceEngine:
         Planes per z-stack of the stream.
     on_prediction
         Called with (outputs, meta) for every prediction (the viewer's hook).
+    calibrate
+        Freeze the input normalization from the first ``calibrate`` frames of the
+        run (held back, then predicted with the frozen constants) instead of the
+        model's training constants. Never recomputed after.
     """
 
     def __init__(
@@ -89,8 +93,11 @@ class InferenceEngine:
         source_channels: tuple[str, ...],
         n_z: int = 1,
         on_prediction: Callable[[np.ndarray, FrameMeta], None] | None = None,
+        calibrate: int = 0,
     ) -> None:
         self.predictor = predictor
+        self.calibrate = max(0, calibrate)
+        self._burst: list[tuple[np.ndarray, FrameMeta]] = []
         self.writer = writer
         self.source_channels = source_channels
         self.targets = set(check_channels(predictor, source_channels))
@@ -149,6 +156,25 @@ class InferenceEngine:
         if meta["c"] not in self.targets:
             self.ignored += 1
             return
+        if self.calibrate and len(self._burst) < self.calibrate:
+            self._burst.append((np.array(data, copy=True), dict(meta)))  # type: ignore[arg-type]
+            if len(self._burst) < self.calibrate:
+                return
+            self._freeze_calibration()
+            return
+        self._predict_frame(data, meta)
+
+    def _freeze_calibration(self) -> None:
+        burst, self._burst = self._burst, []
+        self.calibrate = 0
+        self.predictor = self.predictor.calibrated(np.stack([b[0] for b in burst]))
+        norm = self.predictor.input_norm.model_dump(mode="json")
+        self.versions[-1]["input_norm"] = norm
+        self.writer.update_attrs(calibration={"frames": len(burst), "input_norm": norm})
+        for data, meta in burst:
+            self._predict_frame(data, meta)
+
+    def _predict_frame(self, data: np.ndarray, meta: FrameMeta) -> None:
         m = self.predictor.manifest
         if self._assembler is None:
             self._emit(self._predict(data), meta, meta["z"])
@@ -210,6 +236,8 @@ class InferenceEngine:
         summary: Mapping[str, Any] | None = None,
     ) -> None:
         """Predict stacks left incomplete at the end (missing planes stay unwritten); close."""
+        if self._burst and status == "complete":  # a run shorter than the burst
+            self._freeze_calibration()
         if self._assembler is not None and status == "complete":
             for stack in self._assembler.flush():
                 if self.predictor.manifest.spatial == "2.5d-t":

@@ -195,3 +195,33 @@ def test_registry_watcher_swaps_in_a_new_version(
     assert eng.versions[1]["from_seq"] == 3
     eng.close()
     sink.close()
+
+
+def test_calibration_burst_freezes_normalization_once(
+    tmp_path: Path, make_package: Callable[..., ModelPackage]
+) -> None:
+    info = StreamInfo(frame_shape=SHAPE, n_t=8, channel_names=("nuclei",))
+    pkg = make_package()
+    sink = ZarrSink(tmp_path / "r.ome.zarr", info)
+    writer = sink.add_output("denoise", channel_names=("nuclei",))
+    eng = InferenceEngine(
+        Predictor(pkg, OnnxBackend(pkg, threads=1)),
+        writer,
+        source_channels=("nuclei",),
+        calibrate=3,
+    )
+    stream = list(frames(info))
+    for data, meta in stream[:2]:
+        eng.write(data, meta)
+    assert eng.predicted == 0  # held back until the burst is complete
+    for data, meta in stream[2:]:
+        eng.write(data, meta)
+    assert eng.predicted == 8  # nothing lost: the burst frames are predicted too
+    burst = np.stack([d for d, _ in stream[:3]])
+    norm = eng.predictor.input_norm
+    assert norm.source == "calibration"
+    assert norm.offset[0] == pytest.approx(np.percentile(burst, 1))
+    eng.close()
+    sink.close()
+    g = zarr.open_group(str(tmp_path / "r.ome.zarr" / "denoise"), mode="r")
+    assert g.attrs["scopestream"]["calibration"]["frames"] == 3
