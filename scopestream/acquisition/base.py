@@ -66,6 +66,10 @@ class ThreadedSource:
     kind = "threaded"
     info: StreamInfo
     hands_over_frames = False
+    #: at fps 0, wait for ring-buffer space (replay, simulation); a live stream never waits
+    paced_by_pipeline = True
+    #: stamp the acquisition time when the frame is emitted (sources that know better: False)
+    stamp_frames = True
 
     def __init__(self, fps: float = 0.0) -> None:
         if fps < 0:
@@ -113,17 +117,22 @@ class ThreadedSource:
                     delay = t0 + i / self.fps - time.perf_counter()
                     if delay > 0 and self._stop.wait(delay):
                         break
-                elif wait_for_space is not None:
+                elif wait_for_space is not None and self.paced_by_pipeline:
                     while not wait_for_space(0.1):
                         if self._stop.is_set():
                             return
-                meta["timestamp_ns"] = time.monotonic_ns()
+                if self.stamp_frames:
+                    meta["timestamp_ns"] = time.monotonic_ns()
                 sink(data, meta)
                 self.emitted += 1
         except BaseException as e:  # reported through .error, the runner decides
             self._error = e
         finally:
+            self.finished()
             self._done.set()
+
+    def finished(self) -> None:
+        """Called on the source's thread when it ends (release resources here)."""
 
     def stop(self) -> None:
         """Ask the thread to stop after the current frame."""

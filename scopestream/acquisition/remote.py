@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from scopestream.acquisition.base import SourceError
+from scopestream.acquisition.base import SourceError, ThreadedSource
 from scopestream.streaming.layout import StreamInfo
 from scopestream.streaming.protocol import DecodedFrame, EndOfStream, FrameReceiver
 
 if TYPE_CHECKING:
-    from scopestream.acquisition.base import FrameCallback, SpaceWaiter
+    from collections.abc import Iterator
+
+    import numpy as np
+
+    from scopestream.streaming.frame import FrameMeta
 
 
-class RemoteSource:
+class RemoteSource(ThreadedSource):
     """Receive frames over the scopestream ZMQ protocol.
 
     The stream's layout is read from the first valid frame (the publisher puts it
@@ -23,11 +26,14 @@ class RemoteSource:
     dtype differ from the stream's, are counted in ``malformed`` and dropped
     before the ring buffer. The stream ends at the publisher's end marker, at
     ``stop()``, or after ``idle_timeout_s`` without a message (if given).
+    Frames are stamped when they arrive (the sender's clock means nothing here).
     """
 
     kind = "remote"
     #: every frame is a fresh array nobody writes to afterwards: the ring adopts it
     hands_over_frames = True
+    paced_by_pipeline = False  # the network is not ours to pause
+    stamp_frames = False
 
     def __init__(
         self,
@@ -36,18 +42,14 @@ class RemoteSource:
         connect_timeout_s: float = 30.0,
         idle_timeout_s: float | None = None,
     ) -> None:
+        super().__init__(fps=0.0)
         self.address = address
         self.idle_timeout_s = idle_timeout_s
         self._rx = FrameReceiver(address)
-        self._stop = threading.Event()
-        self._done = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
         self.end_seen = False
-        deadline_ms = int(connect_timeout_s * 1000)
         first = None
         while first is None:
-            msg = self._rx.recv(timeout_ms=deadline_ms)
+            msg = self._rx.recv(timeout_ms=int(connect_timeout_s * 1000))
             if msg is None:
                 self._rx.close()
                 raise SourceError(
@@ -82,57 +84,33 @@ class RemoteSource:
         """The last few reasons messages were rejected."""
         return list(self._rx.stats.errors)
 
-    @property
-    def error(self) -> BaseException | None:
-        """The exception that ended the source, if any."""
-        return self._error
-
-    def start(self, sink: FrameCallback, wait_for_space: SpaceWaiter | None = None) -> None:
-        """Start the receive thread (the network is never paced by us: no ``wait_for_space``)."""
-        self._thread = threading.Thread(
-            target=self._run, args=(sink,), name="source-remote", daemon=True
-        )
-        self._thread.start()
-
-    def _run(self, sink: FrameCallback) -> None:
+    def frames(self) -> Iterator[tuple[np.ndarray, FrameMeta]]:
+        """Valid frames of this stream's shape, until the end marker, stop or idle timeout."""
         shape, dtype = self.info.frame_shape, self.info.dtype
-        idle_ms = 200
-        idle_total = 0.0
-        try:
-            if self._first is not None:
-                self._first.meta["timestamp_ns"] = time.monotonic_ns()
-                sink(self._first.data, self._first.meta)
-                self._first = None
-            while not self._stop.is_set():
-                msg = self._rx.recv(timeout_ms=idle_ms)
-                if msg is None:
-                    idle_total += idle_ms / 1000
-                    if self.idle_timeout_s is not None and idle_total >= self.idle_timeout_s:
-                        break
-                    continue
-                idle_total = 0.0
-                if isinstance(msg, EndOfStream):
-                    self.end_seen = True
-                    break
-                if msg.data.shape != shape or msg.data.dtype.name != dtype:
-                    self._rx.reject(
-                        f"frame of shape {msg.data.shape} {msg.data.dtype} "
-                        f"in a stream of {shape} {dtype}"
-                    )
-                    continue
-                sink(msg.data, msg.meta)
-        except BaseException as e:
-            self._error = e
-        finally:
-            self._rx.close()
-            self._done.set()
+        if self._first is not None:
+            self._first.meta["timestamp_ns"] = time.monotonic_ns()
+            yield self._first.data, self._first.meta
+            self._first = None
+        idle_ms, idle_total = 200, 0.0
+        while not self._stop.is_set():
+            msg = self._rx.recv(timeout_ms=idle_ms)
+            if msg is None:
+                idle_total += idle_ms / 1000
+                if self.idle_timeout_s is not None and idle_total >= self.idle_timeout_s:
+                    return
+                continue
+            idle_total = 0.0
+            if isinstance(msg, EndOfStream):
+                self.end_seen = True
+                return
+            if msg.data.shape != shape or msg.data.dtype.name != dtype:
+                self._rx.reject(
+                    f"frame of shape {msg.data.shape} {msg.data.dtype} "
+                    f"in a stream of {shape} {dtype}"
+                )
+                continue
+            yield msg.data, msg.meta
 
-    def stop(self) -> None:
-        """Stop receiving."""
-        self._stop.set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Wait for the receive thread to end."""
-        if self._thread is None:
-            return True
-        return self._done.wait(timeout)
+    def finished(self) -> None:
+        """Close the socket."""
+        self._rx.close()

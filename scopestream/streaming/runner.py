@@ -367,11 +367,8 @@ class StreamRunner:
                     if self._drained(consumer):
                         return
                     continue
-                if scratch is None:
-                    scratch = np.empty_like(frame.data)
-                np.copyto(scratch, frame.data)
-                meta = cast("FrameMeta", dict(frame.meta))
-                consumer.release(frame)  # raises FrameLapped if it was overwritten meanwhile
+                # release raises FrameLapped if the slot was overwritten while copying
+                scratch, meta, _ = self._copy_out(consumer, frame, scratch)
                 data = scratch
             except FrameLapped as lap:
                 data = recorder.read_frame(lap.t, lap.c, lap.z)
@@ -381,6 +378,17 @@ class StreamRunner:
                 self.spilled[spec.name] = spilled
             spec.sink.write(data, meta)
             self._done(spec, meta)
+
+    @staticmethod
+    def _copy_out(
+        consumer: Consumer, frame: Frame, scratch: np.ndarray | None
+    ) -> tuple[np.ndarray, FrameMeta, bool]:
+        """Copy a borrowed frame into ``scratch``, release it, and say if it was intact."""
+        if scratch is None:
+            scratch = np.empty_like(frame.data)
+        np.copyto(scratch, frame.data)
+        meta = cast("FrameMeta", dict(frame.meta))
+        return scratch, meta, consumer.release(frame)
 
     def _consume_latest(self, spec: SinkSpec, consumer: Consumer) -> None:
         """Display-style sink: newest frame only, copied out and validated before use."""
@@ -392,11 +400,8 @@ class StreamRunner:
                 if self._drained(consumer):
                     return
                 continue
-            if scratch is None:
-                scratch = np.empty_like(frame.data)
-            np.copyto(scratch, frame.data)
-            meta = cast("FrameMeta", dict(frame.meta))
-            if consumer.release(frame):  # False: torn while copying, never shown
+            scratch, meta, intact = self._copy_out(consumer, frame, scratch)
+            if intact:  # torn while copying: never shown
                 spec.sink.write(scratch, meta)
                 self._done(spec, meta)
             skipped = consumer.skipped + consumer.torn
