@@ -89,6 +89,7 @@ def _build_source(cfg: RunConfig) -> FrameSource:
             mm_save_dir=cfg.mm_save_dir,
             hooks=hooks,
             sim_nuclei=nuclei,
+            sim_time_step_s=cfg.sim_time_step_s,
         )
     except (SourceError, ConfigError, ValueError, OSError) as e:
         raise _die(str(e)) from None
@@ -233,6 +234,17 @@ def execute_run(cfg: RunConfig, *, as_json: bool, label: str = "acquiring") -> N
         engines[f"model:{engine.writer.name}"] = engine
         if watcher is not None:
             watchers.append(watcher)
+    if cfg.sim_truth:
+        from scopestream.acquisition.sim import SimulatedSource, TruthSink
+
+        if not isinstance(source, SimulatedSource):
+            raise _die("--sim-truth needs --source sim (only the simulator knows the truth)")
+        truth = sink.add_output(
+            "truth",
+            channel_names=source.info.channel_names,
+            provenance={"kind": "ground truth", "source": "simulator", "seed": source.seed},
+        )
+        specs.append(SinkSpec("truth", TruthSink(source, truth), OverflowPolicy.SPILL))
     runner = StreamRunner(source, specs, buffer_mb=cfg.buffer_mb, max_frames=cfg.frames, out=out)
     for w in watchers:
         w.start()
@@ -384,6 +396,13 @@ def run(
     calibrate: Annotated[
         int | None, typer.Option(help="Freeze input normalization from the first N frames.")
     ] = None,
+    sim_time_step: Annotated[
+        float | None, typer.Option(help="Simulated seconds between time points (sim only).")
+    ] = None,
+    sim_truth: Annotated[
+        bool | None,
+        typer.Option("--sim-truth", help="Also record the simulator's noise-free truth."),
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the summary as one JSON line last.")
     ] = False,
@@ -412,6 +431,8 @@ def run(
             "model_policy": model_policy,
             "tile": tile,
             "calibrate": calibrate,
+            "sim_truth": sim_truth,
+            "sim_time_step_s": sim_time_step,
             "source": source,
             "frames": frames,
             "shape": shape,

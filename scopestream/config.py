@@ -155,6 +155,10 @@ class RunConfig(BaseModel):
         default_factory=dict,
         description="pycromanager hooks as 'package.module:function' (get and return the event)",
     )
+    sim_truth: bool = Field(False, description="record the simulator's noise-free truth too")
+    sim_time_step_s: float | None = Field(
+        None, gt=0, description="simulated time between time points (default: the plan's interval)"
+    )
     sim_nuclei: str | None = Field(
         None, description="a real nuclei volume (TIFF, z/y/x) to texture the simulated sample"
     )

@@ -32,6 +32,7 @@ def make_source(
     mm_save_dir: str | None = None,
     hooks: dict[str, Callable[..., Any]] | None = None,
     sim_nuclei: np.ndarray | None = None,
+    sim_time_step_s: float | None = None,
 ) -> FrameSource:
     """The source a spec names; raises `SourceError` with the valid forms otherwise.
 
@@ -63,7 +64,14 @@ def make_source(
             if arg:
                 raise SourceError(f"'sim' takes no argument, got {spec!r}")
             assert plan is not None
-            return SimulatedSource(shape, plan, seed=seed, nuclei_volume=sim_nuclei)
+            return SimulatedSource(
+                shape,
+                plan,
+                seed=seed,
+                nuclei_volume=sim_nuclei,
+                time_step_s=sim_time_step_s or 0.1,
+                clock_from_plan=sim_time_step_s is None,
+            )
         case "mmcore":
             from scopestream.acquisition.mmcore import (
                 MMCoreSource,

@@ -45,7 +45,9 @@ class SimulatedSource(MMCoreSource):
     seed
         Seed of the sample and the noise: the same seed and plan give the same frames.
     time_step_s
-        Simulated time between time points when the plan has no interval.
+        Simulated time between time points when the plan has no interval (or
+        always, with ``clock_from_plan=False``: then the sample may live faster
+        than the acquisition, e.g. an hour of cell motion recorded in seconds).
     stall_every, stall_s, die_after
         Fault injection (see `ScopeState`).
     """
@@ -64,6 +66,7 @@ class SimulatedSource(MMCoreSource):
         die_after: int | None = None,
         nuclei_volume: np.ndarray | None = None,
         microscope: SimulatedMicroscope | None = None,
+        clock_from_plan: bool = True,
     ) -> None:
         require_pymmcore_plus()
         from scopestream.acquisition.sim_devices import ScopeState, build_sim_core, teardown_core
@@ -74,7 +77,7 @@ class SimulatedSource(MMCoreSource):
         )
         self.scope = ScopeState(
             self.microscope,
-            time_step_s=plan.interval_s or time_step_s,
+            time_step_s=(plan.interval_s if clock_from_plan else 0.0) or time_step_s,
             stall_every=stall_every,
             stall_s=stall_s,
             die_after=die_after,
@@ -110,3 +113,28 @@ class SimulatedSource(MMCoreSource):
         return self.microscope.ground_truth(
             meta["t"] * self.scope.time_step_s, channel, z, meta["exposure_ms"]
         )
+
+
+class TruthSink:
+    """A frame sink that writes the simulator's noise-free truth of every frame it is given.
+
+    It gets frames on its own thread like any sink (policy ``all``: every frame,
+    never holding the raw recording back) and writes ``truth`` (float32, ADU)
+    through ``writer`` at the same (t, c, z): what evaluation compares to.
+    """
+
+    def __init__(self, source: SimulatedSource, writer: Any) -> None:
+        self.source = source
+        self.writer = writer
+        self.frames_written = 0
+
+    def write(self, data: np.ndarray, meta: FrameMeta) -> None:
+        """Write the truth of the frame described by ``meta``."""
+        self.writer.write(self.source.ground_truth(meta), meta)
+        self.frames_written += 1
+
+    def close(
+        self, status: str = "complete", error: str | None = None, summary: Any = None
+    ) -> None:
+        """Close the truth image."""
+        self.writer.close(status)

@@ -188,6 +188,21 @@ def save_package(
     return load_package(d)
 
 
+def add_files(
+    directory: str | os.PathLike[str], manifest: Manifest, names: list[str]
+) -> ModelPackage:
+    """Add files (report, figure, logs) to a package directory, hashed in its manifest."""
+    d = Path(directory)
+    hashes = dict(manifest.files_sha256)
+    for name in names:
+        p = d / name
+        if p.exists():
+            hashes[name] = _sha256(p.read_bytes())
+    final = manifest.model_copy(update={"files_sha256": hashes})
+    (d / MANIFEST).write_text(yaml.safe_dump(final.model_dump(mode="json"), sort_keys=False))
+    return load_package(d)
+
+
 def zip_package(package: ModelPackage, out: str | os.PathLike[str]) -> Path:
     """The package as one zip file."""
     path = Path(out)

@@ -1,0 +1,284 @@
+"""Training data: what the pipeline saved (OME-Zarr runs) or TIFF pairs, as patches.
+
+Sources
+    An OME-Zarr run: an input channel and target channels of the raw image
+    (``--input-channel brightfield --target-channel nuclei``), a target taken
+    from another image of the run (``truth:nuclei``, ``denoise:nuclei``), or no
+    target at all (self-supervised). TIFF / OME-TIFF files or folders of them,
+    inputs and targets matched by name.
+Splits
+    Never by neighbouring frames of one field (they are nearly the same image,
+    so a split that separates them leaks). With several files or positions the
+    split is by file; within one field of view it is by spatial block: the frame
+    is cut into a grid of blocks, whole blocks (over all time points) go to
+    train, validation or test, and patches never cross a block edge.
+Patches
+    Random, weighted towards foreground (the brighter of two candidates, half
+    the time), flipped and rotated by multiples of 90°, from arrays kept in
+    memory when they fit and read chunk-wise from zarr otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: keep training arrays in memory below this size
+IN_MEMORY_BYTES = 4 * 2**30
+
+
+class DataError(ValueError):
+    """Training data that cannot be used as asked."""
+
+
+@dataclass
+class FieldData:
+    """One field of view: ``input`` and ``targets`` are (N, Y, X) arrays (or lazy zarr arrays)."""
+
+    name: str
+    input: Any
+    targets: list[Any] = field(default_factory=list)
+    target_names: list[str] = field(default_factory=list)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Frame size."""
+        return int(self.input.shape[-2]), int(self.input.shape[-1])
+
+    @property
+    def n(self) -> int:
+        """Frames in this field."""
+        return int(self.input.shape[0])
+
+
+def _frames_of(arr: Any, channel: int) -> Any:
+    """(t, c, z, y, x) zarr array → (t·z, y, x) of one channel (lazily where possible)."""
+    t, _, z, y, x = arr.shape
+    nbytes = t * z * y * x * arr.dtype.itemsize
+    if nbytes <= IN_MEMORY_BYTES:
+        return np.asarray(arr[:, channel]).reshape(t * z, y, x)
+    return _LazyPlanes(arr, channel)
+
+
+class _LazyPlanes:
+    """(t·z, y, x) view of one channel of a zarr array; reads only what is sliced."""
+
+    def __init__(self, arr: Any, channel: int) -> None:
+        self.arr, self.c = arr, channel
+        t, _, z, y, x = arr.shape
+        self.shape = (t * z, y, x)
+        self.dtype = arr.dtype
+        self._z = z
+
+    def __getitem__(self, key: tuple[int, slice, slice]) -> np.ndarray:
+        i, ys, xs = key
+        return np.asarray(self.arr[i // self._z, self.c, i % self._z, ys, xs])
+
+
+def _channel_index(names: list[str], wanted: str, where: str) -> int:
+    if wanted not in names:
+        raise DataError(f"{where} has no channel {wanted!r}; it has {names}")
+    return names.index(wanted)
+
+
+def _complete_mask(run: Path, image: str | None) -> np.ndarray | None:
+    from scopestream.streaming.zarr_sink import complete_frames
+
+    group = run if image is None else run / image
+    try:
+        flags = complete_frames(group)
+    except (OSError, KeyError, ValueError):
+        return None
+    return flags
+
+
+def load_run(
+    run: str | Path, input_channel: str | None = None, target_channels: list[str] | None = None
+) -> FieldData:
+    """A field from a scopestream OME-Zarr run: input channel, targets as ``[image:]channel``."""
+    import zarr
+
+    path = Path(run)
+    root: Any = zarr.open_group(str(path), mode="r")
+    names = [c["label"] for c in root.attrs.asdict()["ome"]["omero"]["channels"]]
+    raw: Any = root["0"]
+    if input_channel is None:
+        if len(names) != 1:
+            raise DataError(f"{path} has channels {names}: choose one with --input-channel")
+        input_channel = names[0]
+    ci = _channel_index(names, input_channel, str(path))
+    inp = _frames_of(raw, ci)
+    complete = _complete_mask(path, None)
+    keep = None if complete is None else complete[:, ci].reshape(-1)
+    targets, tnames = [], []
+    for spec in target_channels or []:
+        image, _, chan = spec.rpartition(":")
+        group: Any = root[image] if image else root
+        tnames_all = [c["label"] for c in group.attrs.asdict()["ome"]["omero"]["channels"]]
+        where = f"{path}/{image}" if image else str(path)
+        ct = _channel_index(tnames_all, chan, where)
+        targets.append(_frames_of(group["0"], ct))
+        tnames.append(chan)
+        tc = _complete_mask(path, image or None)
+        if tc is not None:
+            tk = tc[:, ct].reshape(-1)
+            keep = tk if keep is None else keep & tk
+    if keep is not None and not keep.all():
+        idx = np.flatnonzero(keep)  # frames never acquired are not training data
+        inp = np.asarray([inp[i] for i in idx]) if not isinstance(inp, np.ndarray) else inp[idx]
+        targets = [np.asarray(t)[idx] for t in targets]
+    return FieldData(path.name, inp, targets, tnames)
+
+
+def _tiff_stack(path: Path) -> np.ndarray:
+    import tifffile
+
+    a = tifffile.imread(path)
+    return a.reshape(-1, a.shape[-2], a.shape[-1]) if a.ndim >= 2 else a
+
+
+def _files(p: Path) -> list[Path]:
+    if p.is_dir():
+        return sorted(f for f in p.iterdir() if f.suffix.lower() in (".tif", ".tiff"))
+    return [p]
+
+
+def load_tiff_pairs(inputs: str | Path, targets: str | Path | None = None) -> list[FieldData]:
+    """Fields from TIFF files or folders; inputs and targets matched by file name."""
+    ins = _files(Path(inputs))
+    if not ins:
+        raise DataError(f"no TIFF files in {inputs}")
+    if targets is None:
+        return [FieldData(f.stem, _tiff_stack(f)) for f in ins]
+    tgts = {f.name: f for f in _files(Path(targets))}
+    missing = [f.name for f in ins if f.name not in tgts]
+    if missing:
+        raise DataError(f"no target for {missing} in {targets} (pairs are matched by file name)")
+    fields = []
+    for f in ins:
+        a, b = _tiff_stack(f), _tiff_stack(tgts[f.name])
+        if a.shape != b.shape:
+            raise DataError(
+                f"{f.name}: input {a.shape} and target {b.shape} differ; crop them to the same "
+                "shape (or pair other files)"
+            )
+        fields.append(FieldData(f.stem, a, [b], [tgts[f.name].parent.name]))
+    return fields
+
+
+@dataclass(frozen=True)
+class Region:
+    """A block of one field (all its frames): the unit of the train/val/test split."""
+
+    field: int
+    y: slice
+    x: slice
+
+
+def split_regions(
+    fields: list[FieldData],
+    patch: int,
+    seed: int = 0,
+    fractions: tuple[float, float] = (0.15, 0.15),
+) -> dict[str, list[Region]]:
+    """Train/val/test by file when there are enough, else by spatial blocks of each field."""
+    rng = np.random.default_rng(seed)
+    if len(fields) >= 3:
+        order = rng.permutation(len(fields))
+        n_val = max(1, round(fractions[0] * len(fields)))
+        n_test = max(1, round(fractions[1] * len(fields)))
+        whole = [
+            Region(i, slice(0, f.shape[0]), slice(0, f.shape[1])) for i, f in enumerate(fields)
+        ]
+        return {
+            "val": [whole[i] for i in order[:n_val]],
+            "test": [whole[i] for i in order[n_val : n_val + n_test]],
+            "train": [whole[i] for i in order[n_val + n_test :]],
+        }
+    blocks: list[Region] = []
+    for i, f in enumerate(fields):
+        h, w = f.shape
+        size = max(patch, min(h, w) // 4)
+        ny, nx = h // size, w // size
+        if ny * nx < 3:
+            raise DataError(
+                f"{f.name} ({h}×{w}) is too small to split into train/validation/test blocks of "
+                f"{size}×{size}: give larger frames, several files, or a smaller --patch"
+            )
+        blocks += [
+            Region(i, slice(by * size, (by + 1) * size), slice(bx * size, (bx + 1) * size))
+            for by in range(ny)
+            for bx in range(nx)
+        ]
+    order = rng.permutation(len(blocks))
+    n_val = max(1, math.floor(fractions[0] * len(blocks)))
+    n_test = max(1, math.floor(fractions[1] * len(blocks)))
+    return {
+        "val": [blocks[i] for i in order[:n_val]],
+        "test": [blocks[i] for i in order[n_val : n_val + n_test]],
+        "train": [blocks[i] for i in order[n_val + n_test :]],
+    }
+
+
+def _augment(arrs: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+    k = int(rng.integers(4))
+    flip = bool(rng.integers(2))
+    out = []
+    for a in arrs:
+        b = np.rot90(a, k, axes=(-2, -1))
+        if flip:
+            b = b[..., ::-1]
+        out.append(np.ascontiguousarray(b))
+    return out
+
+
+class PatchSampler:
+    """Draws (input, targets) patches from regions; deterministic for a given index."""
+
+    def __init__(
+        self,
+        fields: list[FieldData],
+        regions: list[Region],
+        patch: int,
+        *,
+        seed: int = 0,
+        augment: bool = True,
+        foreground: bool = True,
+    ) -> None:
+        if not regions:
+            raise DataError("no data left for this split")
+        self.fields, self.regions, self.patch = fields, regions, patch
+        self.seed, self.augment, self.foreground = seed, augment, foreground
+        for r in regions:
+            if r.y.stop - r.y.start < patch or r.x.stop - r.x.start < patch:
+                raise DataError(
+                    f"patch {patch} does not fit in a region of {fields[r.field].name}"
+                )
+
+    def _candidate(self, rng: np.random.Generator) -> tuple[np.ndarray, list[np.ndarray]]:
+        r = self.regions[int(rng.integers(len(self.regions)))]
+        f = self.fields[r.field]
+        i = int(rng.integers(f.n))
+        y = int(rng.integers(r.y.start, r.y.stop - self.patch + 1))
+        x = int(rng.integers(r.x.start, r.x.stop - self.patch + 1))
+        sl = (i, slice(y, y + self.patch), slice(x, x + self.patch))
+        return np.asarray(f.input[sl], np.float32), [
+            np.asarray(t[sl], np.float32) for t in f.targets
+        ]
+
+    def sample(self, index: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One patch: input (P, P) and targets [(P, P), ...]."""
+        rng = np.random.default_rng((self.seed, index))
+        x, ys = self._candidate(rng)
+        if self.foreground and rng.random() < 0.5:
+            x2, ys2 = self._candidate(rng)
+            ref, ref2 = (ys[0], ys2[0]) if ys else (x, x2)
+            if ref2.mean() > ref.mean():
+                x, ys = x2, ys2
+        if self.augment:
+            x, *ys = _augment([x, *ys], rng)
+        return x, ys

@@ -1,0 +1,382 @@
+"""Train a model from saved data, evaluate it on held-out fields, package and register it."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from scopestream import __version__
+from scopestream.inference.manifest import Architecture, Manifest, Normalization
+from scopestream.training.data import (
+    DataError,
+    FieldData,
+    PatchSampler,
+    Region,
+    load_run,
+    load_tiff_pairs,
+    split_regions,
+)
+from scopestream.training.metrics import image_metrics, mean_metrics
+
+if TYPE_CHECKING:
+    from scopestream.inference.package import ModelPackage
+
+MODES = ("n2v", "care", "supervised")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training needs (saved into the model's manifest)."""
+
+    task: str
+    mode: str
+    out: str  # REGISTRY/NAME
+    data: list[str] = field(default_factory=list)  # OME-Zarr runs (one field each)
+    inputs: str | None = None  # TIFF file or folder
+    targets: str | None = None
+    input_channel: str | None = None
+    target_channels: list[str] = field(default_factory=list)
+    eval_target: str | None = None  # e.g. truth:nuclei (evaluation only)
+    patch: int = 64
+    batch: int = 16
+    max_steps: int = 1000
+    epochs: int | None = None
+    lr: float = 4e-4
+    loss: str = "l2"
+    ssim_weight: float = 0.0
+    base: int = 16
+    max_channels: int | None = None
+    seed: int = 0
+    devices: int = 1
+    num_nodes: int = 1
+    val_every: int = 100
+    patience: int = 8
+    work_dir: str | None = None
+    resume: bool = True
+
+    def key(self) -> str:
+        """Identity of this training (its checkpoints live under it, so it can resume)."""
+        d = asdict(self)
+        for k in ("work_dir", "resume", "devices", "num_nodes"):
+            d.pop(k)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _load(cfg: TrainConfig) -> list[FieldData]:
+    if cfg.mode not in MODES:
+        raise DataError(f"--mode must be one of {MODES}, got {cfg.mode!r}")
+    needs_target = cfg.mode != "n2v"
+    if cfg.data:
+        targets = list(cfg.target_channels)
+        if needs_target and not targets:
+            raise DataError(f"--mode {cfg.mode} needs --target-channel (pairs)")
+        fields = [load_run(p, cfg.input_channel, targets) for p in cfg.data]
+    elif cfg.inputs:
+        if needs_target and not cfg.targets:
+            raise DataError(f"--mode {cfg.mode} needs --targets (pairs)")
+        fields = load_tiff_pairs(cfg.inputs, cfg.targets if needs_target else None)
+    else:
+        raise DataError("give training data: --data RUN.ome.zarr or --inputs (and --targets)")
+    return fields
+
+
+def _eval_fields(cfg: TrainConfig, fields: list[FieldData]) -> list[FieldData]:
+    """Fields with the evaluation target (ground truth when given, else the training target)."""
+    if cfg.eval_target and cfg.data:
+        return [load_run(p, cfg.input_channel, [cfg.eval_target]) for p in cfg.data]
+    return fields
+
+
+def _norm_from(fields: list[FieldData], regions: list[Region], which: int | None) -> Normalization:
+    """Percentile constants from (a sample of) the training regions."""
+    vals = []
+    rng = np.random.default_rng(0)
+    for r in regions[:64]:
+        f = fields[r.field]
+        arr = f.input if which is None else f.targets[which]
+        for i in rng.choice(f.n, size=min(4, f.n), replace=False):
+            vals.append(np.asarray(arr[int(i), r.y, r.x], np.float32).ravel()[::7])
+    return Normalization.from_percentiles(np.concatenate(vals), source="training")
+
+
+def _architecture(cfg: TrainConfig, n_out: int) -> Architecture:
+    if cfg.task == "denoise":
+        params: dict[str, Any] = {"base": cfg.base}
+        if cfg.max_channels:
+            params["max_channels"] = cfg.max_channels
+        if cfg.mode == "n2v":
+            params["n2v2"] = True
+        return Architecture(kind="denoise_unet", params=params)
+    params = {"base": cfg.base, "out_channels": n_out}
+    if cfg.max_channels:
+        params["max_channels"] = cfg.max_channels
+    return Architecture(kind="stain_unet", params=params)
+
+
+def _figure(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> bytes:
+    """PNG: input | prediction | target | |error|, one row per held-out field."""
+    import imageio.v3 as iio
+
+    def u8(a: np.ndarray, lo: float, hi: float) -> np.ndarray:
+        return (np.clip((a - lo) / (hi - lo or 1.0), 0, 1) * 255).astype(np.uint8)
+
+    lines = []
+    for inp, pred, tgt in rows:
+        t_lo, t_hi = np.percentile(tgt, [1, 99.8])
+        i_lo, i_hi = np.percentile(inp, [1, 99.8])
+        p_fit = pred
+        if pred.std() > 0:
+            a, b = np.polyfit(pred.ravel(), tgt.ravel(), 1)
+            p_fit = pred * a + b
+        err = np.abs(p_fit - tgt)
+        gap = np.full((inp.shape[0], 4), 255, np.uint8)
+        lines.append(
+            np.concatenate(
+                [
+                    u8(inp, i_lo, i_hi),
+                    gap,
+                    u8(p_fit, t_lo, t_hi),
+                    gap,
+                    u8(tgt, t_lo, t_hi),
+                    gap,
+                    u8(err, 0, (t_hi - t_lo) / 2),
+                ],
+                axis=1,
+            )
+        )
+        lines.append(np.full((4, lines[-1].shape[1]), 255, np.uint8))
+    buf = io.BytesIO()
+    iio.imwrite(buf, np.concatenate(lines[:-1], axis=0), extension=".png")
+    return buf.getvalue()
+
+
+def evaluate(
+    package: ModelPackage,
+    fields: list[FieldData],
+    regions: list[Region],
+    *,
+    backend: str = "auto",
+    target_index: int = 0,
+    max_images: int = 24,
+) -> dict[str, Any]:
+    """Metrics of the model on ``regions`` vs the target, next to the untouched input's."""
+    from scopestream.inference.backends import make_backend
+    from scopestream.inference.predictor import Predictor
+
+    predictor = Predictor(package, make_backend(package, backend))
+    rows: list[dict[str, float]] = []
+    base_rows: list[dict[str, float]] = []
+    figs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    per_image = []
+    for r in regions:
+        f = fields[r.field]
+        step = max(1, f.n // max(1, max_images // max(1, len(regions))))
+        for i in range(0, f.n, step):
+            frame = np.asarray(f.input[i], np.float32)
+            out = predictor.predict(frame)[target_index if package.manifest.task == "stain" else 0]
+            pred, inp = out[r.y, r.x], frame[r.y, r.x]
+            tgt = np.asarray(f.targets[0][i, r.y, r.x], np.float32)
+            m, b = image_metrics(pred, tgt), image_metrics(inp, tgt)
+            rows.append(m)
+            base_rows.append(b)
+            per_image.append(
+                {
+                    "field": f.name,
+                    "frame": int(i),
+                    "y": [r.y.start, r.y.stop],
+                    "x": [r.x.start, r.x.stop],
+                    "model": m,
+                    "input": b,
+                }
+            )
+            if len(figs) < 4:
+                figs.append((inp, pred, tgt))
+    return {
+        "metrics": mean_metrics(rows),
+        "baseline_metrics": mean_metrics(base_rows),
+        "baseline": "the untouched input",
+        "images": per_image,
+        "figure_png": _figure(figs) if figs else b"",
+    }
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
+    """Train, evaluate on the held-out split, package, and publish to the registry."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import DataLoader
+
+    from scopestream.inference.architectures import receptive_radius
+    from scopestream.inference.package import Registry, save_package
+    from scopestream.inference.predictor import halo_for
+    from scopestream.training.module import PatchDataset, TrainModule
+
+    t0 = time.perf_counter()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    fields = _load(cfg)
+    splits = split_regions(fields, cfg.patch, cfg.seed)
+    in_norm = _norm_from(fields, splits["train"], None)
+    n_out = len(fields[0].targets) if cfg.mode != "n2v" else 1
+    tgt_norm = None
+    if cfg.mode != "n2v":
+        per = [_norm_from(fields, splits["train"], k) for k in range(n_out)]
+        tgt_norm = Normalization(
+            offset=tuple(p.offset[0] for p in per),
+            scale=tuple(p.scale[0] for p in per),
+            source="training",
+        )
+    arch = _architecture(cfg, n_out)
+    train_s = PatchSampler(fields, splits["train"], cfg.patch, seed=cfg.seed)
+    val_s = PatchSampler(fields, splits["val"], cfg.patch, seed=cfg.seed + 1, augment=False)
+    steps = cfg.max_steps if cfg.epochs is None else cfg.epochs * 200
+    ds_train = PatchDataset(train_s, cfg.mode, in_norm, tgt_norm, steps * cfg.batch)
+    ds_val = PatchDataset(val_s, cfg.mode, in_norm, tgt_norm, max(cfg.batch * 4, 64))
+    work = (
+        Path(cfg.work_dir or Path.home() / ".scopestream" / "train")
+        / f"{Path(cfg.out).name}-{cfg.key()}"
+    )
+    ckpt_dir = work / "checkpoints"
+    module = TrainModule(
+        arch.kind,
+        dict(arch.params),
+        cfg.mode,
+        lr=cfg.lr,
+        loss=cfg.loss,
+        ssim_weight=cfg.ssim_weight,
+        max_steps=steps,
+    )
+    gpu = torch.cuda.is_available()
+    best = ModelCheckpoint(
+        dirpath=ckpt_dir, monitor="val_loss", save_top_k=1, save_last=True, filename="best"
+    )
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="gpu" if gpu else "cpu",
+        devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
+        strategy="ddp" if cfg.devices * cfg.num_nodes > 1 else "auto",
+        precision="16-mixed" if gpu else "32-true",
+        callbacks=[best, EarlyStopping(monitor="val_loss", patience=cfg.patience)],
+        logger=CSVLogger(str(work), name="logs"),
+        val_check_interval=min(cfg.val_every, steps),
+        check_val_every_n_epoch=None,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        log_every_n_steps=max(1, min(50, steps // 4)),
+        num_sanity_val_steps=0,
+    )
+    last = ckpt_dir / "last.ckpt"
+    resumed = cfg.resume and last.exists()
+    loader = DataLoader(ds_train, batch_size=cfg.batch, shuffle=False, num_workers=0)
+    val_loader = DataLoader(ds_val, batch_size=cfg.batch, num_workers=0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers).*")
+        trainer.fit(module, loader, val_loader, ckpt_path=str(last) if resumed else None)
+    if trainer.global_rank != 0:
+        return {}
+    if best.best_model_path:
+        state = torch.load(best.best_model_path, map_location="cpu", weights_only=False)[
+            "state_dict"
+        ]
+        module.load_state_dict(state)
+    net = module.net.cpu().eval()
+    mult = net.size_multiple
+    manifest = Manifest(
+        name=Path(cfg.out).name,
+        task="denoise" if cfg.task == "denoise" else "stain",
+        architecture=arch,
+        inputs=("*",) if cfg.task == "denoise" else (cfg.input_channel or "brightfield",),
+        outputs=("*",) if cfg.task == "denoise" else tuple(fields[0].target_names),
+        size_multiple=mult,
+        halo=halo_for(receptive_radius(net), mult),
+        input_norm=in_norm,
+        output_norm=in_norm if cfg.mode == "n2v" else tgt_norm,  # type: ignore[arg-type]
+        training={
+            "mode": cfg.mode,
+            "data": cfg.data or [cfg.inputs, cfg.targets],
+            "config": asdict(cfg),
+            "steps": int(trainer.global_step),
+            "resumed": resumed,
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "code_version": __version__,
+            "split": {k: len(v) for k, v in splits.items()},
+        },
+    )
+    staging = work / "package"
+    if staging.exists():
+        import shutil
+
+        shutil.rmtree(staging)
+    pkg = save_package(staging, net, manifest)
+    ev = evaluate(pkg, _eval_fields(cfg, fields), splits["test"])
+    seconds = round(time.perf_counter() - t0, 1)
+    report = {k: ev[k] for k in ("metrics", "baseline_metrics", "baseline", "images")}
+    report.update(
+        steps=int(trainer.global_step),
+        seconds=seconds,
+        eval_target=cfg.eval_target or "the training target",
+    )
+    losses = _collect_losses(work)
+    (staging / "report.json").write_text(json.dumps(report, indent=1))
+    if ev["figure_png"]:
+        (staging / "report.png").write_bytes(ev["figure_png"])
+    (staging / "losses.csv").write_text(losses)
+    final = pkg.manifest.model_copy(
+        update={
+            "training": {
+                **manifest.training,
+                "metrics": ev["metrics"],
+                "baseline_metrics": ev["baseline_metrics"],
+            }
+        }
+    )
+    from scopestream.inference.package import add_files
+
+    pkg = add_files(staging, final, ["report.json", "report.png", "losses.csv"])
+    root, name = Path(cfg.out).parent, Path(cfg.out).name
+    published = Registry(root, bundled=False).publish(pkg, name)
+    return {
+        "model": published.name,
+        "version": published.version,
+        "package": str(published.path),
+        "sha256": published.sha256,
+        "metrics": ev["metrics"],
+        "baseline_metrics": ev["baseline_metrics"],
+        "steps": int(trainer.global_step),
+        "seconds": seconds,
+        "device": "cuda" if gpu else "cpu",
+        "resumed": resumed,
+    }
+
+
+def _collect_losses(work: Path) -> str:
+    """The CSV log(s) of the run, merged (step, train_loss, val_loss)."""
+    rows = ["step,train_loss,val_loss"]
+    for f in sorted((work / "logs").glob("version_*/metrics.csv")):
+        lines = f.read_text().splitlines()
+        if not lines:
+            continue
+        head = lines[0].split(",")
+        for line in lines[1:]:
+            vals = dict(zip(head, line.split(","), strict=False))
+            rows.append(
+                f"{vals.get('step', '')},{vals.get('train_loss', '')},{vals.get('val_loss', '')}"
+            )
+    return "\n".join(rows) + "\n"
+
+
+def cpu_threads() -> int:
+    """Cores to use for training on the CPU."""
+    return os.cpu_count() or 1
