@@ -578,6 +578,170 @@ def predict(
 
 
 @app.command()
+def train(
+    task: Annotated[str, typer.Option(help="denoise | stain")],
+    mode: Annotated[str, typer.Option(help="n2v | care | supervised")],
+    out: Annotated[str, typer.Option(help="REGISTRY/NAME: the new version goes there.")],
+    data: Annotated[
+        list[str] | None, typer.Option("--data", help="OME-Zarr run(s); one field each.")
+    ] = None,
+    inputs: Annotated[str | None, typer.Option(help="TIFF file or folder of inputs.")] = None,
+    targets: Annotated[
+        str | None, typer.Option(help="TIFF file or folder of targets (same names).")
+    ] = None,
+    input_channel: Annotated[str | None, typer.Option(help="Input channel of the run.")] = None,
+    target_channel: Annotated[
+        list[str] | None,
+        typer.Option("--target-channel", help="Target channel(s): [image:]channel."),
+    ] = None,
+    eval_target: Annotated[
+        str | None, typer.Option(help="Evaluate against this instead (e.g. truth:nuclei).")
+    ] = None,
+    max_steps: Annotated[int, typer.Option(help="Training steps.")] = 1000,
+    epochs: Annotated[
+        int | None, typer.Option(help="Epochs of 200 steps (instead of --max-steps).")
+    ] = None,
+    patch: Annotated[str, typer.Option(help="Patch size, e.g. 64x64 (square).")] = "64x64",
+    batch: Annotated[int, typer.Option(help="Patches per step.")] = 16,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 4e-4,
+    base: Annotated[int, typer.Option(help="Channels at the top of the U-Net.")] = 16,
+    loss: Annotated[str, typer.Option(help="l1 | l2 (care).")] = "l2",
+    ssim_weight: Annotated[
+        float, typer.Option(help="Weight of an SSIM loss term (care/supervised).")
+    ] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    devices: Annotated[int, typer.Option(help="Devices (processes) for DDP.")] = 1,
+    num_nodes: Annotated[int, typer.Option(help="Nodes for DDP.")] = 1,
+    work_dir: Annotated[
+        str | None, typer.Option(help="Checkpoints and logs (resume from here).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume/--no-resume", help="Resume from the last checkpoint.")
+    ] = True,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the result as one JSON line last.")
+    ] = False,
+) -> None:
+    """Train a model from saved runs or TIFF pairs, evaluate it, register the new version."""
+    from scopestream.config import parse_shape
+    from scopestream.training.data import DataError
+    from scopestream.training.module import NaNLoss
+    from scopestream.training.train import TrainConfig
+    from scopestream.training.train import train as run_training
+
+    try:
+        ph, pw = parse_shape(patch)
+    except ValueError as e:
+        raise _die(str(e)) from None
+    if ph != pw:
+        raise _die("patches are square: use e.g. --patch 64x64")
+    cfg = TrainConfig(
+        task=task,
+        mode=mode,
+        out=out,
+        data=list(data or []),
+        inputs=inputs,
+        targets=targets,
+        input_channel=input_channel,
+        target_channels=list(target_channel or []),
+        eval_target=eval_target,
+        patch=ph,
+        batch=batch,
+        max_steps=max_steps,
+        epochs=epochs,
+        lr=lr,
+        loss=loss,
+        ssim_weight=ssim_weight,
+        base=base,
+        seed=seed,
+        devices=devices,
+        num_nodes=num_nodes,
+        work_dir=work_dir,
+        resume=resume,
+    )
+    if task not in ("denoise", "stain"):
+        raise _die("--task must be denoise or stain")
+    try:
+        res = run_training(cfg, progress=err.is_terminal)
+    except (DataError, ValueError) as e:
+        raise _die(str(e)) from None
+    except NaNLoss as e:
+        raise _die(
+            f"{e}: lower --lr, or check the data for NaNs/saturation", EXIT_FAILED
+        ) from None
+    if not res:  # a non-zero DDP rank
+        return
+    m, b = res["metrics"], res["baseline_metrics"]
+    err.print(
+        f"[green]{res['model']} v{res['version']}[/] → {res['package']}\n"
+        f"held-out: PSNR {m['psnr']} dB (input {b['psnr']}), SSIM {m['ssim']} ({b['ssim']}), "
+        f"Pearson {m['pearson']} ({b['pearson']}); {res['steps']} steps in {res['seconds']} s"
+    )
+    if as_json:
+        typer.echo(json.dumps(res))
+
+
+@app.command()
+def evaluate(
+    model: Annotated[str, typer.Option(help="Model name, name@version or package path.")],
+    data: Annotated[list[str] | None, typer.Option("--data", help="OME-Zarr run(s).")] = None,
+    inputs: Annotated[str | None, typer.Option(help="TIFF file or folder of inputs.")] = None,
+    targets: Annotated[str | None, typer.Option(help="TIFF file or folder of targets.")] = None,
+    input_channel: Annotated[str | None, typer.Option(help="Input channel of the run.")] = None,
+    target_channel: Annotated[
+        str | None, typer.Option(help="Target: [image:]channel, e.g. truth:nuclei.")
+    ] = None,
+    registry: Annotated[str | None, typer.Option(help="Model registry directory.")] = None,
+    backend: Annotated[str, typer.Option(help="Backend.")] = "auto",
+    report: Annotated[
+        str | None, typer.Option(help="Write report.json and report.png into this folder.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON last.")] = False,
+) -> None:
+    """Metrics of a model against targets, next to the untouched input's (whole frames)."""
+    from scopestream.inference.package import PackageError, Registry
+    from scopestream.training.data import DataError, Region, load_run, load_tiff_pairs
+    from scopestream.training.train import evaluate as run_eval
+
+    try:
+        pkg = Registry(registry).resolve(model)
+        if data:
+            if not target_channel:
+                raise DataError("--target-channel is needed with --data")
+            fields = [load_run(p, input_channel, [target_channel]) for p in data]
+        elif inputs and targets:
+            fields = load_tiff_pairs(inputs, targets)
+        else:
+            raise DataError("give --data RUN --target-channel C, or --inputs A --targets B")
+    except (PackageError, DataError) as e:
+        raise _die(str(e)) from None
+    regions = [Region(i, slice(0, f.shape[0]), slice(0, f.shape[1])) for i, f in enumerate(fields)]
+    res = run_eval(pkg, fields, regions, backend=backend)
+    png = res.pop("figure_png")
+    if report:
+        d = Path(report)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "report.json").write_text(json.dumps(res, indent=1))
+        if png:
+            (d / "report.png").write_bytes(png)
+    m, b = res["metrics"], res["baseline_metrics"]
+    err.print(
+        f"{pkg.name} v{pkg.version}: PSNR {m['psnr']} dB (input {b['psnr']}), SSIM {m['ssim']} "
+        f"({b['ssim']}), Pearson {m['pearson']} ({b['pearson']}) over {len(res['images'])} images"
+    )
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "model": pkg.identity,
+                    **{k: res[k] for k in ("metrics", "baseline_metrics")},
+                    "images": len(res["images"]),
+                }
+            )
+        )
+
+
+@app.command()
 def inspect(
     path: Annotated[Path, typer.Argument(help="A run's OME-Zarr store.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
