@@ -57,7 +57,11 @@ def parse_shape(value: object) -> tuple[int, int]:
 
 
 class ChannelConfig(BaseModel):
-    """One channel of a plan: ``nuclei:20`` is shorthand for name nuclei, 20 ms."""
+    """One channel of a plan.
+
+    Shorthand: ``nuclei:20`` (name and preset nuclei, 20 ms), ``nuclei_hi=nuclei:50``
+    (a channel named nuclei_hi on the preset nuclei: the high half of a pair).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -70,7 +74,10 @@ class ChannelConfig(BaseModel):
     def _shorthand(cls, v: object) -> object:
         if isinstance(v, str):
             name, _, exp = v.partition(":")
+            name, _, preset = name.partition("=")
             out: dict[str, object] = {"name": name.strip()}
+            if preset.strip():
+                out["config"] = preset.strip()
             if exp.strip():
                 out["exposure_ms"] = float(exp.strip().removesuffix("ms"))
             return out

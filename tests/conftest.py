@@ -1,8 +1,16 @@
 from __future__ import annotations
 
+import json
+import os
 import socket
+import subprocess
+import sys
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 
 def _cuda_available() -> bool:
@@ -27,3 +35,36 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class CliResult:
+    def __init__(self, proc: subprocess.CompletedProcess[str]) -> None:
+        self.code = proc.returncode
+        self.stdout = proc.stdout
+        self.stderr = proc.stderr
+
+    @property
+    def json(self) -> dict[str, Any]:
+        lines = [ln for ln in self.stdout.strip().splitlines() if ln.strip()]
+        assert lines, f"no stdout; stderr:\n{self.stderr}"
+        out: dict[str, Any] = json.loads(lines[-1])
+        return out
+
+
+@pytest.fixture
+def cli() -> Callable[..., CliResult]:
+    def run(
+        *args: str, timeout: float = 240, env: dict[str, str] | None = None, **kw: Any
+    ) -> CliResult:
+        env = {**(env or os.environ), "COLUMNS": "200", "NO_COLOR": "1"}
+        proc = subprocess.run(
+            [sys.executable, "-m", "scopestream", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            **kw,
+        )
+        return CliResult(proc)
+
+    return run

@@ -108,7 +108,7 @@ class SimulatedSource(MMCoreSource):
 
     def ground_truth(self, meta: FrameMeta) -> np.ndarray:
         """Noise-free expected frame (ADU, float32) of a frame this source produced."""
-        channel = self.plan.channel_names[meta["c"]]
+        channel = self.plan.channels[meta["c"]].preset  # the light path, not the run's name
         z = meta["stage_z_um"] or 0.0
         return self.microscope.ground_truth(
             meta["t"] * self.scope.time_step_s, channel, z, meta["exposure_ms"]

@@ -8,7 +8,7 @@ operations. That makes them equivariant to shifts by multiples of
 result exactly (see `scopestream.inference.tiling`).
 
 ``DenoiseUNet``
-    2D, depth 3, 16–32 base channels (≤ 0.5 M parameters); the input may carry a
+    2D, depth 3, 16–32 channels (139 k parameters); the input may carry a
     temporal window (k frames as channels). ``n2v2=True`` gives the N2V2 variant
     used for self-supervised training: no top-level skip connection and
     blur-pooling instead of max-pooling (no checkerboard artefacts).
@@ -213,7 +213,7 @@ def build(kind: ArchKind, params: dict[str, Any]) -> UNet:
     """An architecture from its manifest description."""
     match kind:
         case "denoise_unet":
-            p = {"dims": 2, "base": 16, "depth": 3, "max_channels": 64, **params}
+            p = {"dims": 2, "base": 16, "depth": 3, "max_channels": 32, **params}
             if p.pop("n2v2", False):
                 p.update(top_skip=False, blurpool=True)
             if p["dims"] != 2:

@@ -92,8 +92,9 @@ class TrainModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
-        if not math.isfinite(float(loss)):
-            raise NaNLoss(f"the training loss became {float(loss)} at step {self.global_step}")
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise NaNLoss(f"the training loss became {value} at step {self.global_step}")
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
 

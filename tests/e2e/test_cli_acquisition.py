@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from scopestream.streaming.frame import FrameMeta
-    from tests.e2e.conftest import CliResult
+    from tests.conftest import CliResult
 
 
 def attrs(store: Path) -> dict[str, Any]:

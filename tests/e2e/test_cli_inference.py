@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
-    from tests.e2e.conftest import CliResult
+    from tests.conftest import CliResult
 
 
 @pytest.fixture

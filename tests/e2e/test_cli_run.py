@@ -22,7 +22,7 @@ from scopestream.streaming.zarr_sink import inspect_run
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from tests.e2e.conftest import CliResult
+    from tests.conftest import CliResult
 
 DATA = Path(__file__).parent / "data"
 

@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pytest
+import tifffile
+
+from scopestream.training.data import (
+    DataError,
+    FieldData,
+    PatchSampler,
+    load_tiff_pairs,
+    split_regions,
+)
+from scopestream.training.n2v import n2v_mask
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+def test_one_field_is_split_by_spatial_blocks_never_by_frames() -> None:
+    f = FieldData("f", np.zeros((10, 256, 256), np.float32))
+    s = split_regions([f], patch=64, seed=0)
+    assert {k: len(v) for k, v in s.items()} == {"val": 2, "test": 2, "train": 12}
+    cover = np.zeros((256, 256), int)
+    for regions in s.values():
+        for r in regions:
+            cover[r.y, r.x] += 1
+    assert (cover == 1).all()  # blocks partition the field: no pixel in two splits
+
+
+def test_several_files_are_split_by_file(tmp_path: Path) -> None:
+    fields = [FieldData(f"f{i}", np.zeros((2, 64, 64), np.float32)) for i in range(7)]
+    s = split_regions(fields, patch=32, seed=1)
+    names = {k: {r.field for r in v} for k, v in s.items()}
+    assert not names["train"] & names["val"]
+    assert not names["train"] & names["test"]
+    assert sum(len(v) for v in names.values()) == 7
+
+
+def test_too_little_data_for_a_split_is_explained() -> None:
+    with pytest.raises(DataError, match="too small to split"):
+        split_regions([FieldData("tiny", np.zeros((3, 64, 64), np.float32))], patch=64)
+
+
+def test_patches_stay_inside_their_region_and_are_deterministic() -> None:
+    rng = np.random.default_rng(0)
+    data = rng.random((4, 128, 128)).astype(np.float32)
+    f = FieldData("f", data, [data * 2], ["t"])
+    s = split_regions([f], patch=32, seed=0)
+    sampler = PatchSampler([f], s["test"], 32, seed=3, augment=False)
+    x1, (y1,) = sampler.sample(5)
+    x2, _ = sampler.sample(5)
+    np.testing.assert_array_equal(x1, x2)
+    np.testing.assert_allclose(y1, 2 * x1)
+    allowed = np.zeros((128, 128), bool)
+    for r in s["test"]:
+        allowed[r.y, r.x] = True
+    found = any(
+        np.array_equal(data[i][yy : yy + 32, xx : xx + 32], x1)
+        for i in range(4)
+        for yy in range(0, 97)
+        for xx in range(0, 97)
+        if allowed[yy : yy + 32, xx : xx + 32].all()
+    )
+    assert found
+
+
+def test_tiff_pairs_match_by_name_and_check_shapes(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "gt").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "a.tif", np.zeros((2, 32, 32), np.uint16))
+    tifffile.imwrite(tmp_path / "gt" / "a.tif", np.zeros((2, 32, 40), np.uint16))
+    with pytest.raises(
+        DataError, match=r"a.tif: input \(2, 32, 32\) and target \(2, 32, 40\) differ"
+    ):
+        load_tiff_pairs(tmp_path / "in", tmp_path / "gt")
+    tifffile.imwrite(tmp_path / "in" / "b.tif", np.zeros((2, 32, 32), np.uint16))
+    with pytest.raises(DataError, match=r"no target for \['b.tif'\]"):
+        load_tiff_pairs(tmp_path / "in", tmp_path / "gt")
+
+
+def test_n2v_blind_spots_replace_pixels_by_their_neighbourhood_median() -> None:
+    patch = np.arange(64 * 64, dtype=np.float32).reshape(64, 64)
+    masked, mask = n2v_mask(patch, np.random.default_rng(0), fraction=0.01)
+    ys, xs = np.nonzero(mask)
+    assert 20 <= len(ys) <= 60  # ~1 % of the pixels, stratified
+    assert (masked[mask == 0] == patch[mask == 0]).all()
+    for y, x in zip(ys, xs, strict=True):
+        if 2 <= y < 62 and 2 <= x < 62:
+            neigh = patch[y - 2 : y + 3, x - 2 : x + 3].ravel()
+            neigh = np.delete(neigh, 12)  # not the pixel itself
+            assert masked[y, x] == np.median(neigh)

@@ -1,0 +1,264 @@
+"""Training end to end on small simulated data (CPU, seconds)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pytest
+import tifffile
+
+from scopestream.inference.package import load_package
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+    from tests.conftest import CliResult
+
+
+@pytest.fixture(scope="module")
+def low_light_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    d = tmp_path_factory.mktemp("runs")
+    runs = []
+    for seed in range(4):
+        out = d / f"f{seed}.ome.zarr"
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "scopestream",
+                "run",
+                "--source",
+                "sim",
+                "--channels",
+                "nuclei:1,nuclei_hi=nuclei:20",
+                "--time-points",
+                "6",
+                "--sim-time-step",
+                "60",
+                "--shape",
+                "128x128",
+                "--seed",
+                str(seed),
+                "--sim-truth",
+                "--out",
+                str(out),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        runs.append(out)
+    return runs
+
+
+def _args(runs: list[Path]) -> list[str]:
+    return [a for r in runs for a in ("--data", str(r))]
+
+
+def test_n2v_learns_without_clean_targets(
+    cli: Callable[..., CliResult], tmp_path: Path, low_light_runs: list[Path]
+) -> None:
+    r = cli(
+        "train",
+        "--task",
+        "denoise",
+        "--mode",
+        "n2v",
+        "--out",
+        str(tmp_path / "reg" / "dn"),
+        *_args(low_light_runs),
+        "--input-channel",
+        "nuclei",
+        "--eval-target",
+        "truth:nuclei",
+        "--max-steps",
+        "300",
+        "--patch",
+        "64x64",
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--json",
+        timeout=600,
+    )
+    assert r.code == 0, r.stderr
+    res = r.json
+    assert (res["model"], res["version"], res["steps"]) == ("dn", 1, 300)
+    assert res["metrics"]["psnr"] > res["baseline_metrics"]["psnr"] + 3
+    pkg = load_package(res["package"])
+    assert {"report.json", "report.png", "losses.csv"} <= set(pkg.manifest.files_sha256)
+    report = json.loads(pkg.files["report.json"])
+    assert report["images"] and "baseline_metrics" in report
+    assert pkg.manifest.training["mode"] == "n2v"
+    assert pkg.manifest.architecture.params["n2v2"] is True
+    assert pkg.manifest.input_norm.source == "training"
+    # the new version is usable at once by evaluate (and by run --model)
+    e = cli(
+        "evaluate",
+        "--model",
+        res["package"],
+        "--data",
+        str(low_light_runs[2]),
+        "--input-channel",
+        "nuclei",
+        "--target-channel",
+        "truth:nuclei",
+        "--json",
+    )
+    assert e.code == 0, e.stderr
+    assert e.json["metrics"]["psnr"] > e.json["baseline_metrics"]["psnr"]
+
+
+def test_care_and_supervised_train_on_pairs(
+    cli: Callable[..., CliResult], tmp_path: Path, low_light_runs: list[Path]
+) -> None:
+    r = cli(
+        "train",
+        "--task",
+        "denoise",
+        "--mode",
+        "care",
+        "--out",
+        str(tmp_path / "reg" / "care"),
+        *_args(low_light_runs),
+        "--input-channel",
+        "nuclei",
+        "--target-channel",
+        "nuclei_hi",
+        "--eval-target",
+        "truth:nuclei",
+        "--max-steps",
+        "250",
+        "--loss",
+        "l1",
+        "--work-dir",
+        str(tmp_path / "w1"),
+        "--json",
+        timeout=600,
+    )
+    assert r.code == 0, r.stderr
+    assert r.json["metrics"]["psnr"] > r.json["baseline_metrics"]["psnr"]
+    r = cli(
+        "train",
+        "--task",
+        "stain",
+        "--mode",
+        "supervised",
+        "--out",
+        str(tmp_path / "reg" / "st"),
+        *_args(low_light_runs),
+        "--input-channel",
+        "nuclei",
+        "--target-channel",
+        "oops",
+        "--max-steps",
+        "5",
+        "--work-dir",
+        str(tmp_path / "w2"),
+    )
+    assert r.code == 2
+    assert "has no channel 'oops'" in r.stderr
+
+
+def test_interrupted_training_resumes_from_its_checkpoint(
+    tmp_path: Path, low_light_runs: list[Path]
+) -> None:
+    work = tmp_path / "work"
+    cmd = [
+        sys.executable,
+        "-m",
+        "scopestream",
+        "train",
+        "--task",
+        "denoise",
+        "--mode",
+        "n2v",
+        "--out",
+        str(tmp_path / "reg" / "dn"),
+        *_args(low_light_runs),
+        "--input-channel",
+        "nuclei",
+        "--max-steps",
+        "400",
+        "--work-dir",
+        str(work),
+        "--json",
+    ]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(work.glob("*/checkpoints/last.ckpt")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    assert list(work.glob("*/checkpoints/last.ckpt")), "no checkpoint was written"
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr
+    res: dict[str, Any] = json.loads(second.stdout.strip().splitlines()[-1])
+    assert res["resumed"] is True
+    assert res["steps"] == 400
+
+
+def test_nan_loss_stops_and_says_when(cli: Callable[..., CliResult], tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        tifffile.imwrite(
+            tmp_path / f"n{i}.tif",
+            rng.normal(500, 50, (4, 96, 96)).astype(np.float32),
+            photometric="minisblack",
+        )
+    r = cli(
+        "train",
+        "--task",
+        "denoise",
+        "--mode",
+        "n2v",
+        "--out",
+        str(tmp_path / "reg" / "x"),
+        "--inputs",
+        str(tmp_path),
+        "--lr",
+        "1e12",
+        "--max-steps",
+        "50",
+        "--work-dir",
+        str(tmp_path / "w"),
+    )
+    assert r.code == 1
+    assert "training loss became" in r.stderr
+    assert "at step" in r.stderr
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes(
+    cli: Callable[..., CliResult], tmp_path: Path, low_light_runs: list[Path]
+) -> None:
+    r = cli(
+        "train",
+        "--task",
+        "denoise",
+        "--mode",
+        "n2v",
+        "--out",
+        str(tmp_path / "reg" / "ddp"),
+        *_args(low_light_runs),
+        "--input-channel",
+        "nuclei",
+        "--max-steps",
+        "20",
+        "--devices",
+        "2",
+        "--work-dir",
+        str(tmp_path / "w"),
+        "--json",
+        timeout=600,
+    )
+    assert r.code == 0, r.stderr
+    assert r.json["steps"] == 20
+    assert "gloo" in r.stderr.lower() or "ddp" in r.stderr.lower() or r.json["version"] == 1
