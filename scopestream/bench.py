@@ -287,7 +287,8 @@ def _end_to_end(pkg: Any, backend: Any, frames: np.ndarray, n: int, out: Path) -
     from scopestream.streaming.runner import SinkSpec, StreamRunner
     from scopestream.streaming.zarr_sink import ZarrSink
 
-    src = ArraySource(frames, n)
+    channel = pkg.manifest.inputs[0] if pkg.manifest.inputs != ("*",) else "raw"
+    src = ArraySource(frames, n, channel=channel)
     sink = ZarrSink(out, src.info)
     predictor = Predictor(pkg, backend)
     predictor.predict(frames[0].astype(np.float32))  # compiled before the clock starts

@@ -273,7 +273,9 @@ class ArraySource(ThreadedSource):
     #: frames are views of a recording nobody modifies: the ring adopts them
     hands_over_frames = True
 
-    def __init__(self, frames: np.ndarray, n_frames: int, *, fps: float = 0.0) -> None:
+    def __init__(
+        self, frames: np.ndarray, n_frames: int, *, fps: float = 0.0, channel: str = "raw"
+    ) -> None:
         if frames.ndim != 3 or len(frames) == 0:
             raise ValueError("frames must be a non-empty (n, y, x) array")
         super().__init__(fps=fps)
@@ -283,7 +285,7 @@ class ArraySource(ThreadedSource):
             frame_shape=(int(frames.shape[1]), int(frames.shape[2])),
             dtype=frames.dtype.name,
             n_t=self.n_frames,
-            channel_names=("raw",),
+            channel_names=(channel,),
         )
 
     def frames(self) -> Iterator[tuple[np.ndarray, FrameMeta]]:
