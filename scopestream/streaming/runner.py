@@ -277,7 +277,9 @@ class StreamRunner:
                 self.fail(str(self.ring.first_refused))
             return
         if self.max_frames is not None and self._n_acquired >= self.max_frames:
-            self.source.stop()
+            planned = self.source.info.expected_frames
+            if planned is None or planned > self.max_frames:  # else it ends by itself
+                self.source.stop()
 
     def _consume(self, spec: SinkSpec) -> None:
         consumer = self._consumers[spec.name]
