@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 from psygnal import Signal
 
-from scopestream.streaming.frame import make_meta
+from scopestream.streaming.frame import Frame, make_meta
 from scopestream.streaming.metrics import DurationStats, StageMetrics
 from scopestream.streaming.ringbuffer import (
     BufferOverrun,
@@ -41,10 +41,10 @@ from scopestream.streaming.ringbuffer import (
 from scopestream.streaming.sinks import DeferredFrameSink
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterator, Sequence
 
     from scopestream.acquisition.base import FrameSource
-    from scopestream.streaming.frame import Frame, FrameMeta
+    from scopestream.streaming.frame import FrameMeta
     from scopestream.streaming.sinks import FrameSink
 
 
@@ -309,14 +309,24 @@ class StreamRunner:
         self.stage_metrics[spec.name].record(meta["timestamp_ns"])
         self.frameReady.emit(spec.name, meta)
 
+    def _frames(self, consumer: Consumer) -> Iterator[Frame | FrameLapped]:
+        """Borrowed frames until the stream is closed and drained (a lapped frame is yielded
+        as its `FrameLapped` for ``spill`` consumers, which read it from the recording)."""
+        while True:
+            try:
+                frame = consumer.get(timeout=0.1)
+            except FrameLapped as lap:
+                yield lap
+                continue
+            if frame is not None:
+                yield frame
+            elif self._drained(consumer):
+                return
+
     def _consume_all(self, spec: SinkSpec, consumer: Consumer) -> None:
         """Lossless, copying sink: write, then release the slot."""
-        while True:
-            frame = consumer.get(timeout=0.1)
-            if frame is None:
-                if self._drained(consumer):
-                    return
-                continue
+        for frame in self._frames(consumer):
+            assert isinstance(frame, Frame)  # a lossless consumer is never lapped
             meta = cast("FrameMeta", dict(frame.meta))
             try:
                 spec.sink.write(frame.data, meta)
@@ -362,17 +372,16 @@ class StreamRunner:
         recorder = self._recorder()
         scratch: np.ndarray | None = None
         spilled = 0
-        while True:
-            try:
-                frame = consumer.get(timeout=0.1)
-                if frame is None:
-                    if self._drained(consumer):
-                        return
-                    continue
-                # release raises FrameLapped if the slot was overwritten while copying
-                scratch, meta, _ = self._copy_out(consumer, frame, scratch)
-                data = scratch
-            except FrameLapped as lap:
+        for item in self._frames(consumer):
+            lap = item if isinstance(item, FrameLapped) else None
+            if lap is None:
+                assert isinstance(item, Frame)
+                try:
+                    scratch, meta, _ = self._copy_out(consumer, item, scratch)
+                    data = scratch
+                except FrameLapped as torn:  # overwritten while copying
+                    lap = torn
+            if lap is not None:
                 data = recorder.read_frame(lap.t, lap.c, lap.z)
                 meta = make_meta(t=lap.t, c=lap.c, z=lap.z, p=lap.p, source="recording")
                 meta["seq"] = lap.seq
@@ -396,12 +405,8 @@ class StreamRunner:
         """Display-style sink: newest frame only, copied out and validated before use."""
         scratch: np.ndarray | None = None
         reported = 0
-        while True:
-            frame = consumer.get(timeout=0.1)
-            if frame is None:
-                if self._drained(consumer):
-                    return
-                continue
+        for frame in self._frames(consumer):
+            assert isinstance(frame, Frame)  # a latest consumer skips, it is never lapped
             scratch, meta, intact = self._copy_out(consumer, frame, scratch)
             if intact:  # torn while copying: never shown
                 spec.sink.write(scratch, meta)
