@@ -209,8 +209,8 @@ def receptive_radius(module: UNet, probe: int = 64) -> tuple[int, ...]:
 ArchKind = Literal["denoise_unet", "stain_unet"]
 
 
-def build(kind: ArchKind, params: dict[str, Any]) -> UNet:
-    """An architecture from its manifest description."""
+def unet_kwargs(kind: ArchKind, params: dict[str, Any]) -> dict[str, Any]:
+    """The `UNet` constructor arguments of an architecture in a manifest."""
     match kind:
         case "denoise_unet":
             p = {"dims": 2, "base": 16, "depth": 3, "max_channels": 32, **params}
@@ -218,9 +218,13 @@ def build(kind: ArchKind, params: dict[str, Any]) -> UNet:
                 p.update(top_skip=False, blurpool=True)
             if p["dims"] != 2:
                 raise ValueError("the denoiser is 2D (a temporal window goes in as channels)")
-            return UNet(**p)
+            return p
         case "stain_unet":
-            p = {"dims": 2, "base": 32, "depth": 3, **params}
-            return UNet(**p)
+            return {"dims": 2, "base": 32, "depth": 3, **params}
         case _:
             raise ValueError(f"unknown architecture {kind!r}")
+
+
+def build(kind: ArchKind, params: dict[str, Any]) -> UNet:
+    """An architecture from its manifest description."""
+    return UNet(**unet_kwargs(kind, params))

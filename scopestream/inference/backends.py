@@ -274,6 +274,7 @@ class OnnxBackend:
             package.onnx_bytes(), opts, providers=["CPUExecutionProvider"]
         )
         self._threads = opts.intra_op_num_threads
+        self._input = self.session.get_inputs()[0].name  # "input" in ours; others name it
 
     def describe(self) -> dict[str, Any]:
         """Backend and threads."""
@@ -290,7 +291,7 @@ class OnnxBackend:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Predict ``x``."""
-        out = self.session.run(None, {"input": np.ascontiguousarray(x, np.float32)})[0]
+        out = self.session.run(None, {self._input: np.ascontiguousarray(x, np.float32)})[0]
         return np.asarray(out, np.float32)
 
 
@@ -400,11 +401,12 @@ def make_backend(package: ModelPackage, requested: str = "auto", **kw: Any) -> B
     Runtime on the CPU, else torch on the CPU.
     """
     if requested == "auto":
-        if cuda_available():
+        has = package.manifest.weights
+        if cuda_available() and "torch" in has:
             if importlib.util.find_spec("torch_tensorrt") is not None:
                 return TensorRTBackend(package)
             return TorchBackend(package, device="cuda")
-        if importlib.util.find_spec("onnxruntime") is not None:
+        if importlib.util.find_spec("onnxruntime") is not None and "onnx" in has:
             return OnnxBackend(package, **kw)
         return TorchBackend(package, device="cpu")
     match requested:

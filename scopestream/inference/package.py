@@ -91,15 +91,25 @@ class ModelPackage:
         from scopestream.inference.architectures import build
 
         arch = self.manifest.architecture
+        if "torch" not in self.manifest.weights:
+            raise PackageError(
+                f"{self.name} has ONNX weights only: run it with --backend onnxruntime"
+            )
+        blob = io.BytesIO(self.files[self.manifest.weights["torch"]])
+        if arch.kind == "external":  # an imported TorchScript network
+            with warnings.catch_warnings():  # deprecated upstream; zoo models still ship it
+                warnings.simplefilter("ignore", DeprecationWarning)
+                script: UNet = torch.jit.load(blob, map_location="cpu")  # type: ignore[no-untyped-call]
+            return script.eval()
         module = build(arch.kind, arch.params)
-        state = torch.load(
-            io.BytesIO(self.files[self.manifest.weights["torch"]]), weights_only=True
-        )
+        state = torch.load(blob, weights_only=True)
         module.load_state_dict(state)
         return module.eval()
 
     def onnx_bytes(self) -> bytes:
         """The ONNX export."""
+        if "onnx" not in self.manifest.weights:
+            raise PackageError(f"{self.name} has no ONNX weights: use --backend torch")
         return self.files[self.manifest.weights["onnx"]]
 
 

@@ -15,7 +15,11 @@ Splits
 Patches
     Random, weighted towards foreground (the brighter of two candidates, half
     the time), flipped and rotated by multiples of 90°, from arrays kept in
-    memory when they fit and read chunk-wise from zarr otherwise.
+    memory when they fit and read chunk-wise from zarr otherwise. ``2d``
+    patches are one plane; ``2.5d-z`` patches are a window of neighbouring
+    z-planes of one stack (as channels) with the centre plane's targets; ``3d``
+    patches are sub-volumes of one stack, targets alike. A window never crosses
+    from one stack (time point) into the next.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class FieldData:
     input: Any
     targets: list[Any] = field(default_factory=list)
     target_names: list[str] = field(default_factory=list)
+    z: int = 1  # planes per stack: frame i is plane i % z of stack i // z
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -127,18 +132,26 @@ def load_run(
         if tc is not None:
             tk = tc[:, ct].reshape(-1)
             keep = tk if keep is None else keep & tk
+    z = int(raw.shape[2])
+    if keep is not None and z > 1:
+        # a stack with a missing plane is dropped whole (windows stay within one stack)
+        keep = np.repeat(keep.reshape(-1, z).all(axis=1), z)
     if keep is not None and not keep.all():
         idx = np.flatnonzero(keep)  # frames never acquired are not training data
         inp = np.asarray([inp[i] for i in idx]) if not isinstance(inp, np.ndarray) else inp[idx]
         targets = [np.asarray(t)[idx] for t in targets]
-    return FieldData(path.name, inp, targets, tnames)
+    return FieldData(path.name, inp, targets, tnames, z=z)
 
 
-def _tiff_stack(path: Path) -> np.ndarray:
+def _tiff_stack(path: Path) -> tuple[np.ndarray, int]:
+    """(planes, y, x) and the planes per stack: (Z,Y,X) is one stack, (T,Z,Y,X) T stacks."""
     import tifffile
 
     a = tifffile.imread(path)
-    return a.reshape(-1, a.shape[-2], a.shape[-1]) if a.ndim >= 2 else a
+    if a.ndim < 2:
+        raise DataError(f"{path} is not an image")
+    z = 1 if a.ndim == 2 else int(a.shape[-3])
+    return a.reshape(-1, a.shape[-2], a.shape[-1]), z
 
 
 def _files(p: Path) -> list[Path]:
@@ -153,20 +166,24 @@ def load_tiff_pairs(inputs: str | Path, targets: str | Path | None = None) -> li
     if not ins:
         raise DataError(f"no TIFF files in {inputs}")
     if targets is None:
-        return [FieldData(f.stem, _tiff_stack(f)) for f in ins]
+        out = []
+        for f in ins:
+            a, z = _tiff_stack(f)
+            out.append(FieldData(f.stem, a, z=z))
+        return out
     tgts = {f.name: f for f in _files(Path(targets))}
     missing = [f.name for f in ins if f.name not in tgts]
     if missing:
         raise DataError(f"no target for {missing} in {targets} (pairs are matched by file name)")
     fields = []
     for f in ins:
-        a, b = _tiff_stack(f), _tiff_stack(tgts[f.name])
+        (a, z), (b, _) = _tiff_stack(f), _tiff_stack(tgts[f.name])
         if a.shape != b.shape:
             raise DataError(
                 f"{f.name}: input {a.shape} and target {b.shape} differ; crop them to the same "
                 "shape (or pair other files)"
             )
-        fields.append(FieldData(f.stem, a, [b], [tgts[f.name].parent.name]))
+        fields.append(FieldData(f.stem, a, [b], [tgts[f.name].parent.name], z=z))
     return fields
 
 
@@ -248,11 +265,22 @@ class PatchSampler:
         seed: int = 0,
         augment: bool = True,
         foreground: bool = True,
+        spatial: str = "2d",
+        window: int = 1,
     ) -> None:
         if not regions:
             raise DataError("no data left for this split")
         self.fields, self.regions, self.patch = fields, regions, patch
         self.seed, self.augment, self.foreground = seed, augment, foreground
+        self.spatial, self.window = spatial, window if spatial != "2d" else 1
+        if spatial not in ("2d", "2.5d-z", "3d"):
+            raise DataError(f"spatial mode must be 2d, 2.5d-z or 3d, got {spatial!r}")
+        for f in fields:
+            if self.window > f.z:
+                raise DataError(
+                    f"{f.name} has stacks of {f.z} z-plane(s): too few for {spatial} patches of "
+                    f"{self.window} planes (record a z-stack, or use a smaller --window)"
+                )
         for r in regions:
             if r.y.stop - r.y.start < patch or r.x.stop - r.x.start < patch:
                 raise DataError(
@@ -262,16 +290,27 @@ class PatchSampler:
     def _candidate(self, rng: np.random.Generator) -> tuple[np.ndarray, list[np.ndarray]]:
         r = self.regions[int(rng.integers(len(self.regions)))]
         f = self.fields[r.field]
-        i = int(rng.integers(f.n))
         y = int(rng.integers(r.y.start, r.y.stop - self.patch + 1))
         x = int(rng.integers(r.x.start, r.x.stop - self.patch + 1))
-        sl = (i, slice(y, y + self.patch), slice(x, x + self.patch))
-        return np.asarray(f.input[sl], np.float32), [
-            np.asarray(t[sl], np.float32) for t in f.targets
+        ys, xs = slice(y, y + self.patch), slice(x, x + self.patch)
+        if self.spatial == "2d":
+            i = int(rng.integers(f.n))
+            return np.asarray(f.input[i, ys, xs], np.float32), [
+                np.asarray(t[i, ys, xs], np.float32) for t in f.targets
+            ]
+        stack = int(rng.integers(f.n // f.z)) * f.z
+        first = stack + int(rng.integers(f.z - self.window + 1))
+        planes = range(first, first + self.window)
+        inp = np.stack([np.asarray(f.input[k, ys, xs], np.float32) for k in planes])
+        if self.spatial == "2.5d-z":  # the centre plane's targets
+            c = first + self.window // 2
+            return inp, [np.asarray(t[c, ys, xs], np.float32) for t in f.targets]
+        return inp, [
+            np.stack([np.asarray(t[k, ys, xs], np.float32) for k in planes]) for t in f.targets
         ]
 
     def sample(self, index: int) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One patch: input (P, P) and targets [(P, P), ...]."""
+        """One patch: input (P, P) (2d) or (W, P, P), targets (P, P) or (W, P, P) (3d)."""
         rng = np.random.default_rng((self.seed, index))
         x, ys = self._candidate(rng)
         if self.foreground and rng.random() < 0.5:

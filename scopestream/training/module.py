@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import Dataset
 
 from scopestream.inference.architectures import build
@@ -41,7 +42,10 @@ class PatchDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, ys = self.sampler.sample(i)
-        xn = self.input_norm.apply(x[None])
+        if self.sampler.spatial == "2.5d-z":  # the window's planes are the channels
+            xn = self.input_norm.apply(x[:, None], channel_axis=1)[:, 0]
+        else:
+            xn = self.input_norm.apply(x[None])
         if self.mode == "n2v":
             rng = np.random.default_rng((self.sampler.seed, i, 7))
             masked, mask = n2v_mask(xn[0], rng)
@@ -56,8 +60,43 @@ class PatchDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
         return torch.from_numpy(xn), torch.from_numpy(np.nan_to_num(y)), torch.from_numpy(weight)
 
 
+class PatchDiscriminator(nn.Module):
+    """Conditional PatchGAN (pix2pix): real/fake per overlapping patch of (input, stain).
+
+    Three strided 4×4 convolutions and a 1-channel head give one logit per
+    ~34 px patch: it judges texture and sharpness locally, the reconstruction
+    loss keeps the low frequencies right.
+    """
+
+    def __init__(self, dims: int, in_channels: int, base: int = 32) -> None:
+        super().__init__()
+        conv = nn.Conv2d if dims == 2 else nn.Conv3d
+        norm = nn.InstanceNorm2d if dims == 2 else nn.InstanceNorm3d
+        layers: list[nn.Module] = [conv(in_channels, base, 4, 2, 1), nn.LeakyReLU(0.2)]
+        ch = base
+        for _ in range(2):
+            layers += [conv(ch, ch * 2, 4, 2, 1), norm(ch * 2, affine=True), nn.LeakyReLU(0.2)]
+            ch *= 2
+        layers += [conv(ch, 1, 3, 1, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.net(x)
+        return out
+
+
+def _centre(x: torch.Tensor, dims: int) -> torch.Tensor:
+    """The input the discriminator is conditioned on: a 2.5D window's centre plane."""
+    if dims == 2 and x.shape[1] > 1:
+        c = x.shape[1] // 2
+        return x[:, c : c + 1]
+    return x
+
+
 class TrainModule(L.LightningModule):
-    """One network, one loss: n2v (blind-spot MSE), care (L1/L2 ± SSIM), supervised (masked L2)."""
+    """One network, one loss: n2v (blind-spot MSE), care (L1/L2 ± SSIM), supervised (masked L2),
+    pix2pix (masked L1 + a PatchGAN's adversarial term; validation loss = the L1 part).
+    """
 
     def __init__(
         self,
@@ -69,49 +108,102 @@ class TrainModule(L.LightningModule):
         loss: str = "l2",
         ssim_weight: float = 0.0,
         max_steps: int = 1000,
+        gan_weight: float = 0.05,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = build(arch_kind, arch_params)  # type: ignore[arg-type]
         self.mode, self.lr, self.loss_kind = mode, lr, loss
         self.ssim_weight, self.max_steps = ssim_weight, max_steps
+        self.gan_weight = gan_weight
+        self.disc: PatchDiscriminator | None = None
+        if mode == "pix2pix":
+            out_ch = int(self.net.head.out_channels)  # type: ignore[arg-type]
+            # conditioned on the input (a 2.5D window's centre plane): 1 channel + the stains
+            self.disc = PatchDiscriminator(self.net.dims, 1 + out_ch)
+            self.automatic_optimization = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.net(x)
         return out
 
-    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def _loss(
+        self,
+        batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        pred: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         x, y, w = batch
-        pred = self(x)
+        pred = self(x) if pred is None else pred
         diff = pred - y
-        per = diff.abs() if (self.mode == "care" and self.loss_kind == "l1") else diff * diff
+        l1 = (self.mode == "care" and self.loss_kind == "l1") or self.mode == "pix2pix"
+        per = diff.abs() if l1 else diff * diff
         loss: torch.Tensor = (per * w).sum() / w.sum().clamp(min=1.0)
         if self.ssim_weight > 0 and self.mode != "n2v":
             loss = loss + self.ssim_weight * (1 - _ssim_torch(pred, y))
         return loss
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
+    def _check(self, loss: torch.Tensor) -> None:
         value = float(loss.detach())
         if not math.isfinite(value):
             raise NaNLoss(f"the training loss became {value} at step {self.global_step}")
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.disc is not None:
+            return self._gan_step(batch)
+        loss = self._loss(batch)
+        self._check(loss)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
+
+    def _gan_step(self, batch: Any) -> torch.Tensor:
+        """pix2pix: one discriminator step, then one generator step (manual optimization)."""
+        assert self.disc is not None
+        opt_g, opt_d = self.optimizers()  # type: ignore[misc,attr-defined]
+        x, y, w = batch
+        cond = _centre(x, self.net.dims)
+        bce = nn.functional.binary_cross_entropy_with_logits
+        fake = self(x)
+        real_logit = self.disc(torch.cat([cond, y * w.clamp(max=1)], 1))
+        fake_logit = self.disc(torch.cat([cond, (fake * w).detach()], 1))
+        d_loss = 0.5 * (
+            bce(real_logit, torch.ones_like(real_logit))
+            + bce(fake_logit, torch.zeros_like(fake_logit))
+        )
+        opt_d.zero_grad()
+        self.manual_backward(d_loss)
+        opt_d.step()
+        g_adv_logit = self.disc(torch.cat([cond, fake * w], 1))
+        rec = self._loss(batch, fake)
+        g_loss = rec + self.gan_weight * bce(g_adv_logit, torch.ones_like(g_adv_logit))
+        self._check(g_loss)
+        opt_g.zero_grad()
+        self.manual_backward(g_loss)
+        opt_g.step()
+        sched = self.lr_schedulers()
+        if sched is not None:
+            sched.step()  # type: ignore[union-attr]
+        self.log("train_loss", rec, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("d_loss", d_loss, on_step=True, on_epoch=False)
+        self.log("g_adv", g_loss - rec, on_step=True, on_epoch=False)
+        return g_loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self.log("val_loss", self._loss(batch), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=1e-5)
+        opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=1e-5)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(
             opt, T_max=max(1, self.max_steps), eta_min=self.lr * 0.05
         )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        if self.disc is None:
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        opt_d = torch.optim.Adam(self.disc.parameters(), lr=self.lr, betas=(0.5, 0.999))
+        return [opt, opt_d], [{"scheduler": sched, "interval": "step"}]
 
 
 def _ssim_torch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Mean SSIM with a 7×7 uniform window (for the optional loss term)."""
-    pool = torch.nn.functional.avg_pool2d
+    pool = torch.nn.functional.avg_pool2d if a.ndim == 4 else torch.nn.functional.avg_pool3d
     c1, c2 = 0.01**2, 0.03**2
     ma, mb = pool(a, 7, 1, 3), pool(b, 7, 1, 3)
     va = pool(a * a, 7, 1, 3) - ma * ma

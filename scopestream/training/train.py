@@ -31,7 +31,8 @@ from scopestream.training.metrics import image_metrics, mean_metrics
 if TYPE_CHECKING:
     from scopestream.inference.package import ModelPackage
 
-MODES = ("n2v", "care", "supervised")
+MODES = ("n2v", "care", "supervised", "pix2pix")
+SPATIAL = ("2d", "2.5d-z", "3d")
 
 
 @dataclass
@@ -48,6 +49,10 @@ class TrainConfig:
     target_channels: list[str] = field(default_factory=list)
     eval_target: str | None = None  # e.g. truth:nuclei (evaluation only)
     patch: int = 64
+    spatial: str = "2d"  # 2d | 2.5d-z (a window of z-planes in) | 3d (sub-volumes)
+    window: int = 5  # z-planes per 2.5d window or 3d patch
+    init_from: str | None = None  # pix2pix: a supervised model to start the generator from
+    gan_weight: float = 0.05  # pix2pix: adversarial term next to the L1 reconstruction
     batch: int = 16
     max_steps: int = 1000
     epochs: int | None = None
@@ -75,6 +80,16 @@ class TrainConfig:
 def _load(cfg: TrainConfig) -> list[FieldData]:
     if cfg.mode not in MODES:
         raise DataError(f"--mode must be one of {MODES}, got {cfg.mode!r}")
+    if cfg.spatial not in SPATIAL:
+        raise DataError(f"--spatial must be one of {SPATIAL}, got {cfg.spatial!r}")
+    if cfg.spatial != "2d" and cfg.task != "stain":
+        raise DataError(
+            "2.5d-z and 3d training is for --task stain; the denoiser is 2D (it runs per plane)"
+        )
+    if cfg.mode == "pix2pix" and cfg.task != "stain":
+        raise DataError("--mode pix2pix is for --task stain (label-free prediction)")
+    if cfg.mode in ("n2v", "care") and cfg.task != "denoise":
+        raise DataError(f"--mode {cfg.mode} is for --task denoise")
     needs_target = cfg.mode != "n2v"
     if cfg.data:
         targets = list(cfg.target_channels)
@@ -120,6 +135,12 @@ def _architecture(cfg: TrainConfig, n_out: int) -> Architecture:
     params = {"base": cfg.base, "out_channels": n_out}
     if cfg.max_channels:
         params["max_channels"] = cfg.max_channels
+    if cfg.spatial == "2.5d-z":
+        params["in_channels"] = cfg.window
+    elif cfg.spatial == "3d":
+        # pool z only while the patch stays at least 4 planes deep (stacks are shallow)
+        n_z = max(0, min(3, int(np.log2(cfg.window)) - 2))
+        params.update(dims=3, pool_z=[i < n_z for i in range(3)])
     return Architecture(kind="stain_unet", params=params)
 
 
@@ -164,6 +185,21 @@ def _figure(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> bytes:
     return buf.getvalue()
 
 
+def _eval_units(f: FieldData, spatial: str, window: int) -> list[tuple[int, Any, int]]:
+    """What the model predicts at once: (index, planes to read, plane the target is for)."""
+    if spatial == "2d":
+        return [(i, slice(i, i + 1), i) for i in range(f.n)]
+    stacks = range(0, f.n - f.z + 1, f.z)
+    if spatial == "3d":
+        return [(s, slice(s, s + f.z), s + f.z // 2) for s in stacks]
+    if f.z < window:
+        raise DataError(f"{f.name} has stacks of {f.z} planes; the model needs {window}")
+    h = window // 2
+    return [
+        (s + k, slice(s + k - h, s + k + h + 1), s + k) for s in stacks for k in range(h, f.z - h)
+    ]
+
+
 def evaluate(
     package: ModelPackage,
     fields: list[FieldData],
@@ -190,14 +226,24 @@ def evaluate(
     base_rows: list[dict[str, float]] = []
     figs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     per_image = []
+    man = package.manifest
+    ch = target_index if man.task == "stain" else 0
     for r in regions:
         f = fields[r.field]
-        step = max(1, f.n // max(1, max_images // max(1, len(regions))))
-        for i in range(0, f.n, step):
-            frame = np.asarray(f.input[i], np.float32)
-            out = predictor.predict(frame)[target_index if package.manifest.task == "stain" else 0]
-            pred, inp = out[r.y, r.x], frame[r.y, r.x]
-            tgt = np.asarray(f.targets[0][i, r.y, r.x], np.float32)
+        units = _eval_units(f, man.spatial, man.window)
+        step = max(1, len(units) // max(1, max_images // max(1, len(regions))))
+        for i, planes, centre in units[::step]:
+            data = np.asarray(f.input[planes], np.float32)
+            if man.spatial == "2d":
+                data = data[0]
+            out = predictor.predict(data)[ch]
+            if man.spatial == "3d":
+                pred, inp = out[:, r.y, r.x], data[:, r.y, r.x]
+                tgt = np.asarray(f.targets[0][planes], np.float32)[:, r.y, r.x]
+            else:
+                pred = out[r.y, r.x]
+                inp = np.asarray(f.input[centre], np.float32)[r.y, r.x]
+                tgt = np.asarray(f.targets[0][centre, r.y, r.x], np.float32)
             m, b = image_metrics(pred, tgt), image_metrics(inp, tgt)
             rows.append(m)
             base_rows.append(b)
@@ -212,7 +258,8 @@ def evaluate(
                 }
             )
             if len(figs) < 4:
-                figs.append((inp, pred, tgt))
+                mid = inp.shape[0] // 2
+                figs.append((inp[mid], pred[mid], tgt[mid]) if inp.ndim == 3 else (inp, pred, tgt))
     return {
         "metrics": mean_metrics(rows),
         "baseline_metrics": mean_metrics(base_rows),
@@ -250,9 +297,21 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             source="training",
         )
     arch = _architecture(cfg, n_out)
-    train_s = PatchSampler(fields, splits["train"], cfg.patch, seed=cfg.seed)
-    val_s = PatchSampler(fields, splits["val"], cfg.patch, seed=cfg.seed + 1, augment=False)
+    init = None
+    if cfg.init_from:
+        init = _init_package(cfg, arch, fields)
+        arch = init.manifest.architecture
+        in_norm, tgt_norm = init.manifest.input_norm, init.manifest.output_norm
+    sp, win = cfg.spatial, cfg.window
+    train_s = PatchSampler(
+        fields, splits["train"], cfg.patch, seed=cfg.seed, spatial=sp, window=win
+    )
+    val_s = PatchSampler(
+        fields, splits["val"], cfg.patch, seed=cfg.seed + 1, augment=False, spatial=sp, window=win
+    )
     steps = cfg.max_steps if cfg.epochs is None else cfg.epochs * 200
+    # pix2pix steps two optimizers per batch; Lightning counts both
+    per_batch = 2 if cfg.mode == "pix2pix" else 1
     ds_train = PatchDataset(train_s, cfg.mode, in_norm, tgt_norm, steps * cfg.batch)
     ds_val = PatchDataset(val_s, cfg.mode, in_norm, tgt_norm, max(cfg.batch * 4, 64))
     work = (
@@ -268,13 +327,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         loss=cfg.loss,
         ssim_weight=cfg.ssim_weight,
         max_steps=steps,
+        gan_weight=cfg.gan_weight,
     )
+    if init is not None:
+        module.net.load_state_dict(init.build_module().state_dict())
     gpu = torch.cuda.is_available()
     best = ModelCheckpoint(
         dirpath=ckpt_dir, monitor="val_loss", save_top_k=1, save_last=True, filename="best"
     )
     trainer = L.Trainer(
-        max_steps=steps,
+        max_steps=steps * per_batch,
         accelerator="gpu" if gpu else "cpu",
         devices=cfg.devices,
         num_nodes=cfg.num_nodes,
@@ -305,9 +367,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         module.load_state_dict(state)
     net = module.net.cpu().eval()
     mult = net.size_multiple
+    done_steps = int(trainer.global_step) // per_batch
     manifest = Manifest(
         name=Path(cfg.out).name,
         task="denoise" if cfg.task == "denoise" else "stain",
+        spatial=cfg.spatial,  # type: ignore[arg-type]
+        window=cfg.window if cfg.spatial == "2.5d-z" else 1,
         architecture=arch,
         inputs=("*",) if cfg.task == "denoise" else (cfg.input_channel or "brightfield",),
         outputs=("*",) if cfg.task == "denoise" else tuple(fields[0].target_names),
@@ -319,8 +384,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             "mode": cfg.mode,
             "data": cfg.data or [cfg.inputs, cfg.targets],
             "config": asdict(cfg),
-            "steps": int(trainer.global_step),
+            "steps": done_steps,
             "resumed": resumed,
+            "init_from": init.identity if init is not None else None,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "code_version": __version__,
             "split": {k: len(v) for k, v in splits.items()},
@@ -336,7 +402,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     seconds = round(time.perf_counter() - t0, 1)
     report = {k: ev[k] for k in ("metrics", "baseline_metrics", "baseline", "images")}
     report.update(
-        steps=int(trainer.global_step),
+        steps=done_steps,
         seconds=seconds,
         eval_target=cfg.eval_target or "the training target",
     )
@@ -345,6 +411,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if ev["figure_png"]:
         (staging / "report.png").write_bytes(ev["figure_png"])
     (staging / "losses.csv").write_text(losses)
+    (staging / "losses.png").write_bytes(loss_plot(losses))
     final = pkg.manifest.model_copy(
         update={
             "training": {
@@ -356,7 +423,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     )
     from scopestream.inference.package import add_files
 
-    pkg = add_files(staging, final, ["report.json", "report.png", "losses.csv"])
+    pkg = add_files(staging, final, ["report.json", "report.png", "losses.csv", "losses.png"])
     root, name = Path(cfg.out).parent, Path(cfg.out).name
     published = Registry(root, bundled=False).publish(pkg, name)
     return {
@@ -366,11 +433,34 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         "sha256": published.sha256,
         "metrics": ev["metrics"],
         "baseline_metrics": ev["baseline_metrics"],
-        "steps": int(trainer.global_step),
+        "steps": done_steps,
         "seconds": seconds,
         "device": "cuda" if gpu else "cpu",
         "resumed": resumed,
     }
+
+
+def _init_package(cfg: TrainConfig, arch: Architecture, fields: list[FieldData]) -> ModelPackage:
+    """The supervised model a pix2pix generator starts from (same network, same stains)."""
+    from scopestream.inference.package import Registry
+
+    if cfg.mode != "pix2pix":
+        raise DataError("--init-from starts a pix2pix generator from a supervised model")
+    pkg = Registry(Path(cfg.out).parent).resolve(cfg.init_from or "")
+    m = pkg.manifest
+    if m.task != "stain" or m.spatial != cfg.spatial:
+        raise DataError(
+            f"--init-from {cfg.init_from}: a {m.task} {m.spatial} model cannot start a "
+            f"{cfg.spatial} stain generator"
+        )
+    if tuple(m.outputs) != tuple(fields[0].target_names):
+        raise DataError(
+            f"--init-from {cfg.init_from} predicts {list(m.outputs)}, the targets here are "
+            f"{fields[0].target_names}"
+        )
+    if m.architecture.kind != arch.kind:
+        raise DataError(f"--init-from {cfg.init_from} is a {m.architecture.kind}")
+    return pkg
 
 
 def _collect_losses(work: Path) -> str:
@@ -387,6 +477,39 @@ def _collect_losses(work: Path) -> str:
                 f"{vals.get('step', '')},{vals.get('train_loss', '')},{vals.get('val_loss', '')}"
             )
     return "\n".join(rows) + "\n"
+
+
+def loss_plot(losses_csv: str) -> bytes:
+    """PNG of the training and validation loss over steps (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    train_pts, val_pts = [], []
+    for line in losses_csv.splitlines()[1:]:
+        step, tr, va = [*line.split(","), "", ""][:3]
+        if not step:
+            continue
+        if tr:
+            train_pts.append((int(float(step)), float(tr)))
+        if va:
+            val_pts.append((int(float(step)), float(va)))
+    fig = Figure(figsize=(5, 3), dpi=100)
+    ax = fig.add_subplot()
+    for pts, label in ((train_pts, "train"), (val_pts, "validation")):
+        if pts:
+            ax.plot(*zip(*pts, strict=True), label=label, marker="." if len(pts) < 30 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if all(v > 0 for _, v in train_pts + val_pts) and (train_pts or val_pts):
+        ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
 
 
 def cpu_threads() -> int:

@@ -1,0 +1,557 @@
+"""BioImage Model Zoo (bioimage.io, spec 0.5) export and import.
+
+Export
+    A scopestream package becomes a bioimage.io zip: ``pytorch_state_dict``
+    weights with the architecture's source file (`scopestream.inference.architectures`
+    depends on torch only) and the ``onnx`` weights; parameterized input sizes
+    (minimum and step from the network's size multiple, the minimum larger than
+    twice the halo); the output halo; the fixed normalization constants as
+    ``scale_linear`` pre- and postprocessing (never per-image statistics: the
+    live pipeline does not normalize per frame either); test input/output
+    tensors computed by the package itself; a README with the evaluation. The
+    scopestream manifest rides along under ``config.scopestream`` so that an
+    import restores the package exactly.
+Import
+    Our own export round-trips. Another tool's model (a CAREamics Noise2Void
+    export, say) comes in when it has one input and one output tensor with
+    single-plane or z-stack spatial axes and ONNX or TorchScript weights; its
+    fixed normalization (``scale_linear``, ``fixed_zero_mean_unit_variance``)
+    is taken as is. Per-image normalization (``zero_mean_unit_variance``,
+    ``scale_range``) is frozen from the model's test input and reported, so
+    that the user calibrates on their own data (``run --calibrate N``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import yaml
+
+from scopestream import __version__
+from scopestream.inference.manifest import Architecture, Manifest, Normalization
+from scopestream.inference.package import (
+    MANIFEST,
+    ModelPackage,
+    PackageError,
+    Registry,
+    _sha256,
+    load_package,
+)
+
+if TYPE_CHECKING:
+    import os
+
+FORMAT_VERSION = "0.5.12"
+
+_CITES = {
+    "n2v": ("Höck et al. N2V2 - Fixing Noise2Void checkerboard artifacts. ECCV BIC 2022.",
+            "10.48550/arXiv.2211.08512"),
+    "care": ("Weigert et al. Content-aware image restoration. Nature Methods 2018.",
+             "10.1038/s41592-018-0216-7"),
+    "supervised": ("Ounkomol et al. Label-free prediction of three-dimensional fluorescence "
+                   "images from transmitted-light microscopy. Nature Methods 2018.",
+                   "10.1038/s41592-018-0111-2"),
+    "pix2pix": ("Isola et al. Image-to-image translation with conditional adversarial "
+                "networks. CVPR 2017.", "10.1109/CVPR.2017.632"),
+}  # fmt: skip
+
+
+class BioimageioError(ValueError):
+    """A model that cannot be exported to or imported from bioimage.io."""
+
+
+def _safe_id(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name).strip("_").lower() or "c"
+
+
+def _min_size(mult: int, halo: int) -> int:
+    """Smallest multiple of ``mult`` that leaves valid output after cropping the halo."""
+    return (2 * halo // mult + 1) * mult
+
+
+def _test_input(man: Manifest, seed: int = 0) -> np.ndarray:
+    """A smooth, textured test image in data units (blobs on a background plus noise)."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    mult, halo = man.size_multiple, man.halo
+    spatial = [_min_size(m, h) + 2 * m for m, h in zip(mult, halo, strict=True)]
+    if man.n_spatial == 3:
+        spatial[0] = max(spatial[0], 8)
+    base = gaussian_filter(rng.random(spatial), 3.0)
+    base = (base - base.min()) / (np.ptp(base) or 1.0)
+    img = base + 0.05 * rng.standard_normal(spatial)
+    off, sc = man.input_norm.offset[0], man.input_norm.scale[0]
+    data = (off + sc * img).astype(np.float32)
+    return (
+        data[None, None]
+        if man.in_channels == 1
+        else np.repeat(data[None, None], man.in_channels, axis=1)
+    )
+
+
+def _axes(man: Manifest, channels: list[str], *, output: bool) -> list[dict[str, Any]]:
+    names = ["z", "y", "x"][-man.n_spatial :]
+    axes: list[dict[str, Any]] = [
+        {"type": "batch"},
+        {"type": "channel", "channel_names": channels},
+    ]
+    for ax, mult, halo in zip(names, man.size_multiple, man.halo, strict=True):
+        if output:
+            entry: dict[str, Any] = {
+                "type": "space",
+                "id": ax,
+                "size": {"tensor_id": "input", "axis_id": ax},
+                "unit": "micrometer",
+            }
+            if halo and _min_size(mult, halo) > 2 * halo:
+                entry["halo"] = int(halo)
+        else:
+            entry = {
+                "type": "space",
+                "id": ax,
+                "size": {"min": _min_size(mult, halo), "step": int(mult)},
+                "unit": "micrometer",
+            }
+        axes.append(entry)
+    return axes
+
+
+def _scale_linear(norm: Normalization, invert: bool, n: int) -> dict[str, Any]:
+    off = np.resize(np.asarray(norm.offset, np.float64), n)
+    sc = np.resize(np.asarray(norm.scale, np.float64), n)
+    if invert:  # data = y * scale + offset
+        gain, offset = sc, off
+    else:  # y = (x - offset) / scale
+        gain, offset = 1.0 / sc, -off / sc
+    if n == 1 or (np.all(gain == gain[0]) and np.all(offset == offset[0])):
+        kwargs: dict[str, Any] = {"gain": float(gain[0]), "offset": float(offset[0])}
+    else:
+        kwargs = {"axis": "channel", "gain": gain.tolist(), "offset": offset.tolist()}
+    return {"id": "scale_linear", "kwargs": kwargs}
+
+
+def _readme(pkg: ModelPackage) -> str:
+    man = pkg.manifest
+    t = man.training
+    lines = [
+        f"# {man.name} (version {man.version})",
+        "",
+        man.description or f"A scopestream {man.task} model ({man.spatial}).",
+        "",
+        f"- inputs: {', '.join(man.inputs)}; outputs: {', '.join(man.outputs)}",
+        f"- training mode: {t.get('mode', 'unknown')}, {t.get('steps', '?')} steps",
+        f"- normalization: input (x - {man.input_norm.offset}) / {man.input_norm.scale}, "
+        f"output y * {man.output_norm.scale} + {man.output_norm.offset} (fixed constants)",
+        "",
+    ]
+    m, b = t.get("metrics") or {}, t.get("baseline_metrics") or {}
+    lines += [
+        "# Validation",
+        "",
+        "Held-out fields (split by field of view or spatial block, never by neighbouring "
+        "frames), metrics after an affine fit of the prediction to the target (CARE-style).",
+        "",
+    ]
+    if m:
+        lines += [
+            "## Evaluation on held-out fields",
+            "",
+            "| metric | model | untouched input |",
+            "|---|---|---|",
+            *[f"| {k} | {m[k]} | {b.get(k, '')} |" for k in m],
+            "",
+        ]
+    if "report.png" in pkg.files:
+        lines += ["![input | prediction | target | error](report.png)", ""]
+    lines += [f"Exported by scopestream {__version__}.", ""]
+    return "\n".join(lines)
+
+
+def export_bioimageio(
+    pkg: ModelPackage, out: str | os.PathLike[str], *, authors: list[str] | None = None
+) -> Path:
+    """Write ``pkg`` as a validated bioimage.io (spec 0.5) zip at ``out``."""
+    import torch
+    from bioimageio.spec import InvalidDescr, load_description, save_bioimageio_package
+
+    from scopestream.inference.architectures import __file__ as arch_file
+    from scopestream.inference.architectures import unet_kwargs
+    from scopestream.inference.predictor import Predictor
+
+    man = pkg.manifest
+    if man.architecture.kind == "external":
+        raise BioimageioError(
+            f"{man.name} was imported from elsewhere; export the original instead"
+        )
+    if man.spatial == "2.5d-t":
+        raise BioimageioError("2.5d-t (temporal window) models have no bioimage.io export yet")
+    out_path = Path(out)
+    with tempfile.TemporaryDirectory() as tmpdir:
+        d = Path(tmpdir)
+        (d / "weights.pt").write_bytes(pkg.files[man.weights["torch"]])
+        (d / "model.onnx").write_bytes(pkg.onnx_bytes())
+        shutil.copy(arch_file, d / "architectures.py")
+        x = _test_input(man)
+        from scopestream.inference.backends import TorchBackend
+
+        predictor = Predictor(pkg, TorchBackend(pkg, device="cpu"))
+        data = x[0, 0] if man.in_channels == 1 else x[0]
+        if man.spatial == "3d":
+            data = x[0, 0]
+        y = predictor.predict(data)[None].astype(np.float32)
+        np.save(d / "test_input.npy", x)
+        np.save(d / "test_output.npy", y)
+        import tifffile
+
+        tifffile.imwrite(d / "sample_input.tif", x[0])
+        tifffile.imwrite(d / "sample_output.tif", y[0])
+        (d / "README.md").write_text(_readme(pkg))
+        extra = [
+            n for n in ("report.png", "report.json", "losses.png", "losses.csv") if n in pkg.files
+        ]
+        for n in extra:
+            (d / n).write_bytes(pkg.files[n])
+        in_names = (
+            [man.inputs[0].replace("*", "channel")]
+            if man.in_channels == 1
+            else [
+                f"{man.inputs[0]}_dz{k - man.window // 2:+d}".replace("*", "channel")
+                for k in range(man.in_channels)
+            ]
+        )
+        out_names = [o.replace("*", "channel") for o in man.outputs]
+        mode = str(man.training.get("mode", "supervised"))
+        cite_text, doi = _CITES.get(mode, _CITES["supervised"])
+        arch = man.architecture
+        kwargs = unet_kwargs(arch.kind, dict(arch.params))  # type: ignore[arg-type]
+        if "pool_z" in kwargs:
+            kwargs["pool_z"] = [bool(v) for v in kwargs["pool_z"]]
+        rdf: dict[str, Any] = {
+            "type": "model",
+            "format_version": FORMAT_VERSION,
+            "name": f"scopestream {man.name.replace('_', ' ').replace('.', ' ').strip()}",
+            "description": (
+                man.description
+                or f"scopestream {man.task} model ({mode}, {man.spatial}): "
+                f"{', '.join(in_names)} -> {', '.join(out_names)}"
+            )[:1000],
+            "authors": [{"name": a} for a in (authors or ["scopestream"])],
+            "cite": [{"text": cite_text, "doi": doi}],
+            "license": "MIT",
+            "tags": ["scopestream", man.task, mode, man.spatial, "fluorescence-light-microscopy"],
+            "documentation": {"source": "README.md"},
+            "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "inputs": [
+                {
+                    "id": "input",
+                    "description": f"{', '.join(man.inputs)} in camera units",
+                    "axes": _axes(man, in_names, output=False),
+                    "test_tensor": {"source": "test_input.npy"},
+                    "sample_tensor": {"source": "sample_input.tif"},
+                    "preprocessing": [
+                        {"id": "ensure_dtype", "kwargs": {"dtype": "float32"}},
+                        _scale_linear(man.input_norm, False, 1),
+                    ],
+                }
+            ],
+            "outputs": [
+                {
+                    "id": "output",
+                    "description": f"{', '.join(out_names)} in the target's units",
+                    "axes": _axes(man, out_names, output=True),
+                    "test_tensor": {"source": "test_output.npy"},
+                    "sample_tensor": {"source": "sample_output.tif"},
+                    "postprocessing": [
+                        _scale_linear(man.output_norm, True, len(out_names)),
+                        {"id": "ensure_dtype", "kwargs": {"dtype": "float32"}},
+                    ],
+                }
+            ],
+            "weights": {
+                "pytorch_state_dict": {
+                    "source": "weights.pt",
+                    "architecture": {
+                        "source": "architectures.py",
+                        "callable": "UNet",
+                        "kwargs": kwargs,
+                    },
+                    "pytorch_version": torch.__version__.split("+")[0],
+                },
+                "onnx": {
+                    "source": "model.onnx",
+                    "opset_version": 17,
+                    "parent": "pytorch_state_dict",
+                },
+            },
+            "attachments": [{"source": n} for n in extra],
+            "config": {
+                "scopestream": {
+                    "manifest": man.model_dump(mode="json"),
+                    "package_sha256": pkg.sha256,
+                }
+            },
+        }
+        (d / "rdf.yaml").write_text(yaml.safe_dump(rdf, sort_keys=False))
+        descr = load_description(d / "rdf.yaml", perform_io_checks=True)
+        if isinstance(descr, InvalidDescr):
+            raise BioimageioError(
+                "the bioimage.io description does not validate:\n"
+                + descr.validation_summary.format()
+            )
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        save_bioimageio_package(descr, output_path=out_path)
+    return out_path
+
+
+# -- import ------------------------------------------------------------------------------------
+
+
+def _norm_from_pre(ops: list[Any], test_input: np.ndarray) -> tuple[Normalization, list[str]]:
+    """Our fixed input normalization from bioimage.io preprocessing (and notes)."""
+    notes: list[str] = []
+    norm = Normalization(source="identity")
+    for op in ops:
+        kind: str = op.id
+        kw: Any = getattr(op, "kwargs", None)
+        if kind == "ensure_dtype":
+            continue
+        if kind == "scale_linear":
+            g = np.atleast_1d(np.asarray(kw.gain, np.float64))
+            o = np.atleast_1d(np.asarray(kw.offset, np.float64))
+            norm = Normalization(
+                offset=tuple(float(v) for v in -o / g), scale=tuple(float(v) for v in 1 / g)
+            )
+        elif kind == "fixed_zero_mean_unit_variance":
+            mean = np.atleast_1d(np.asarray(kw.mean, np.float64))
+            std = np.atleast_1d(np.asarray(kw.std, np.float64))
+            norm = Normalization(
+                offset=tuple(float(v) for v in mean), scale=tuple(float(v) for v in std)
+            )
+        elif kind == "zero_mean_unit_variance":
+            norm = Normalization(
+                offset=(float(test_input.mean()),), scale=(float(test_input.std()) or 1.0,)
+            )
+            notes.append(
+                "the original normalizes each image to zero mean / unit variance; scopestream "
+                "never normalizes per frame, so the constants were frozen from the model's test "
+                "input: calibrate on your data with `run --calibrate N`"
+            )
+        elif kind == "scale_range":
+            lo_p = float(getattr(kw, "min_percentile", 0.0))
+            hi_p = float(getattr(kw, "max_percentile", 100.0))
+            norm = Normalization.from_percentiles(test_input, lo_p, hi_p, source="training")
+            notes.append(
+                f"the original scales each image by its {lo_p}/{hi_p} percentiles; frozen from "
+                "the model's test input: calibrate on your data with `run --calibrate N`"
+            )
+        else:
+            raise BioimageioError(f"preprocessing {kind!r} is not supported by scopestream")
+    return norm, notes
+
+
+def _norm_from_post(ops: list[Any]) -> Normalization:
+    norm = Normalization(source="identity")
+    for op in ops:
+        kind: str = op.id
+        kw: Any = getattr(op, "kwargs", None)
+        if kind == "ensure_dtype":
+            continue
+        if kind == "scale_linear":
+            g = np.atleast_1d(np.asarray(kw.gain, np.float64))
+            o = np.atleast_1d(np.asarray(kw.offset, np.float64))
+            if o.size != g.size:
+                o = np.resize(o, g.size)
+                g = np.resize(g, o.size)
+            norm = Normalization(offset=tuple(map(float, o)), scale=tuple(map(float, g)))
+        else:
+            raise BioimageioError(f"postprocessing {kind!r} is not supported by scopestream")
+    return norm
+
+
+def _axis_kind(axes: list[Any]) -> tuple[list[str], int]:
+    """Spatial axis ids and the channel count of a tensor description."""
+    spatial, n_ch = [], 1
+    for a in axes:
+        if a.type == "channel":
+            n_ch = len(a.channel_names)
+        elif a.type == "space":
+            spatial.append(str(a.id))
+        elif a.type not in ("batch",):
+            raise BioimageioError(f"axis type {a.type!r} is not supported (one image per call)")
+    return spatial, n_ch
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def import_bioimageio(
+    source: str | os.PathLike[str], registry: Registry, name: str | None = None
+) -> tuple[ModelPackage, list[str]]:
+    """A bioimage.io model (zip, folder or rdf.yaml) into the registry; returns it and notes."""
+    from bioimageio.spec import InvalidDescr, load_description
+    from bioimageio.spec.model import v0_5
+
+    src = Path(source)
+    if not src.exists():
+        raise BioimageioError(f"{src} does not exist")
+    try:
+        descr = load_description(src, format_version="latest", perform_io_checks=True)
+    except (ValueError, OSError, zipfile.BadZipFile) as e:
+        raise BioimageioError(f"{src} is not a bioimage.io model package: {e}") from None
+    if isinstance(descr, InvalidDescr):
+        raise BioimageioError(
+            f"{src} is not a valid bioimage.io description:\n" + descr.validation_summary.format()
+        )
+    if not isinstance(descr, v0_5.ModelDescr):
+        raise BioimageioError(f"{src} describes a {descr.type}, not a model")
+    if len(descr.inputs) != 1 or len(descr.outputs) != 1:
+        raise BioimageioError(
+            f"{descr.name} has {len(descr.inputs)} inputs and {len(descr.outputs)} outputs; "
+            "scopestream runs models with one of each"
+        )
+    cfg = descr.config.model_dump(mode="json") if descr.config is not None else {}
+    own = cfg.get("scopestream")
+    with tempfile.TemporaryDirectory() as tmpdir:
+        d = Path(tmpdir)
+        if own and descr.weights.pytorch_state_dict is not None:
+            man = Manifest.model_validate(own["manifest"])
+            files = {
+                man.weights["torch"]: _read(descr.weights.pytorch_state_dict.source),
+            }
+            if descr.weights.onnx is not None:
+                files[man.weights["onnx"]] = _read(descr.weights.onnx.source)
+            notes: list[str] = []
+        else:
+            man, files, notes = _foreign(descr, src)
+        for fname, data in files.items():
+            (d / fname).write_bytes(data)
+        for att in descr.attachments:
+            fname = Path(str(att.source)).name
+            if fname in ("report.png", "report.json", "losses.png", "losses.csv"):
+                (d / fname).write_bytes(_read(att.source))
+                files[fname] = (d / fname).read_bytes()
+        hashes = {n: _sha256(b) for n, b in files.items()}
+        final = man.model_copy(update={"files_sha256": hashes})
+        (d / MANIFEST).write_text(yaml.safe_dump(final.model_dump(mode="json"), sort_keys=False))
+        try:
+            pkg = load_package(d)
+        except PackageError as e:
+            raise BioimageioError(f"{src}: {e}") from None
+        published = registry.publish(pkg, name or man.name)
+    return published, notes
+
+
+def _read(source: Any) -> bytes:
+    """Bytes of a file referenced by a bioimage.io description (inside the zip or folder)."""
+    from bioimageio.spec.utils import download
+
+    reader = download(source)
+    data: bytes = reader.read()
+    return data
+
+
+def _foreign(descr: Any, src: Path) -> tuple[Manifest, dict[str, bytes], list[str]]:
+    """Manifest and weights for a model exported by another tool."""
+    inp, outp = descr.inputs[0], descr.outputs[0]
+    spatial_ax, n_in = _axis_kind(inp.axes)
+    _, n_out = _axis_kind(outp.axes)
+    if spatial_ax not in (["y", "x"], ["z", "y", "x"]):
+        raise BioimageioError(f"{descr.name}: input axes {spatial_ax} are not (y, x) or (z, y, x)")
+    if n_in != 1:
+        raise BioimageioError(
+            f"{descr.name} takes {n_in} input channels; scopestream feeds one channel"
+        )
+    test_in = np.load(io.BytesIO(_read(inp.test_tensor.source))).astype(np.float32)
+    in_norm, notes = _norm_from_pre(list(inp.preprocessing), test_in)
+    out_norm = _norm_from_post(list(outp.postprocessing))
+    mult, halo = [], []
+    for a in inp.axes:
+        if a.type != "space":
+            continue
+        size = a.size
+        step = getattr(size, "step", None)
+        mult.append(int(step) if step else int(getattr(size, "min", 0) or size or 1))
+    out_halo = {str(a.id): int(getattr(a, "halo", 0) or 0) for a in outp.axes if a.type == "space"}
+    for ax, m in zip(spatial_ax, mult, strict=True):
+        h = out_halo.get(ax, 0)
+        if h == 0:
+            h = 32
+            if not any("halo" in n for n in notes):
+                notes.append("the model declares no halo: tiles overlap by 32 px")
+        halo.append(int(np.ceil(h / m) * m))
+    files: dict[str, bytes] = {}
+    weights: dict[str, str] = {}
+    w = descr.weights
+    if w.torchscript is not None:
+        files["weights.torchscript.pt"] = _read(w.torchscript.source)
+        weights["torch"] = "weights.torchscript.pt"
+    if w.onnx is not None:
+        files["model.onnx"] = _read(w.onnx.source)
+        weights["onnx"] = "model.onnx"
+    if not weights:
+        have = [k for k, v in w.model_dump(mode="json").items() if v]
+        raise BioimageioError(
+            f"{descr.name} has {have} weights; scopestream imports ONNX or TorchScript weights "
+            "(convert with `bioimageio.core`'s weight converters)"
+        )
+    task = (
+        "denoise"
+        if n_out == 1
+        and any(t in ("denoising", "n2v", "noise2void", "restoration", "care") for t in descr.tags)
+        else "stain"
+    )
+    chan_names = [str(n) for n in getattr(outp.axes[1], "channel_names", [])] or ["output"]
+    man = Manifest(
+        name=_safe_id(str(descr.id or descr.name)).replace("_", "-") or "imported",
+        task=task,  # type: ignore[arg-type]
+        description=str(descr.description)[:500],
+        architecture=Architecture(kind="external", params={}),
+        inputs=("*",) if task == "denoise" else ("brightfield",),
+        outputs=("*",) if task == "denoise" else tuple(chan_names[:n_out]),
+        spatial="3d" if len(spatial_ax) == 3 else "2d",
+        size_multiple=tuple(mult),
+        halo=tuple(halo),
+        input_norm=in_norm,
+        output_norm=out_norm if task == "stain" or out_norm.source != "identity" else in_norm,
+        training={
+            "imported_from": str(src),
+            "bioimageio": {
+                "name": str(descr.name),
+                "id": str(descr.id) if descr.id else None,
+                "format_version": str(descr.format_version),
+                "authors": [str(a.name) for a in descr.authors],
+            },
+            "notes": notes,
+        },
+        weights=weights,  # type: ignore[arg-type]
+    )
+    if task == "denoise" and out_norm.source == "identity":
+        notes.append(
+            "the model's output carries no de-normalization: it is mapped back with the "
+            "input's constants"
+        )
+    return man, files, notes
+
+
+def summary_json(pkg: ModelPackage, notes: list[str]) -> str:
+    """One JSON line about an imported model."""
+    return json.dumps(
+        {
+            "model": pkg.name,
+            "version": pkg.version,
+            "package": str(pkg.path),
+            "sha256": pkg.sha256,
+            "notes": notes,
+        }
+    )

@@ -1,0 +1,228 @@
+"""bioimage.io export (validated by bioimageio.spec, test tensors reproduced by bioimageio.core)
+and import (our own round trip, and another tool's ONNX/TorchScript export)."""
+
+from __future__ import annotations
+
+import io
+import warnings
+import zipfile
+from typing import TYPE_CHECKING, Any
+
+import bioimageio.core as bioimageio_core
+import numpy as np
+import pytest
+import torch
+import yaml
+from bioimageio.spec import InvalidDescr, load_description, save_bioimageio_package
+from torch import nn
+
+from scopestream.inference.backends import make_backend
+from scopestream.inference.package import Registry
+from scopestream.inference.predictor import Predictor
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+    from tests.conftest import CliResult
+
+
+@pytest.mark.parametrize("model", ["denoise", "stain"])
+def test_export_validates_and_its_test_tensors_reproduce(
+    cli: Callable[..., CliResult], tmp_path: Path, model: str
+) -> None:
+    out = tmp_path / f"{model}.zip"
+    r = cli("export", "--model", model, "--format", "bioimageio", "--out", str(out), "--json")
+    assert r.code == 0, r.stderr
+    descr = load_description(out, perform_io_checks=True)
+    assert not isinstance(descr, InvalidDescr), descr.validation_summary.format()
+    assert str(descr.format_version).startswith("0.5")
+    assert {"pytorch_state_dict", "onnx"} <= {
+        k for k, v in descr.weights.model_dump(mode="json").items() if v
+    }
+    inp, outp = descr.inputs[0], descr.outputs[0]
+    y_axis = next(a for a in inp.axes if a.type == "space" and a.id == "y")
+    assert (
+        y_axis.size.step == 8
+        and y_axis.size.min
+        > 2 * next(a for a in outp.axes if a.type == "space" and a.id == "y").halo
+    )
+    ops = [p.id for p in inp.preprocessing]
+    assert "scale_linear" in ops  # fixed constants, never per-image statistics
+    assert not {"zero_mean_unit_variance", "scale_range"} & set(ops)
+    with zipfile.ZipFile(out) as z:
+        assert "Evaluation on held-out fields" in z.read("README.md").decode()
+    summary = bioimageio_core.test_model(
+        out
+    )  # runs both weight formats, several sizes, batch 1 and 2
+    assert summary.status == "passed", summary.format()
+    reproduced = [d.name for d in summary.details if d.name.startswith("Reproduce test outputs")]
+    assert len(reproduced) == 2
+    assert cli("export", "--model", model, "--out", str(out)).code == 2  # no clobbering
+
+
+def test_import_of_our_export_restores_the_package(
+    cli: Callable[..., CliResult], tmp_path: Path
+) -> None:
+    out = tmp_path / "stain.zip"
+    assert cli("export", "--model", "stain", "--out", str(out)).code == 0
+    reg = tmp_path / "reg"
+    r = cli("import", str(out), "--registry", str(reg), "--name", "stain-lab", "--json")
+    assert r.code == 0, r.stderr
+    new = Registry(reg, bundled=False).resolve("stain-lab")
+    orig = Registry().resolve("stain")
+    assert new.files["weights.pt"] == orig.files["weights.pt"]
+    assert new.files["model.onnx"] == orig.files["model.onnx"]
+    for field in ("architecture", "inputs", "outputs", "input_norm", "output_norm", "halo"):
+        assert getattr(new.manifest, field) == getattr(orig.manifest, field)
+    assert new.manifest.training["metrics"] == orig.manifest.training["metrics"]
+    frame = np.random.default_rng(0).normal(400, 60, (96, 128)).astype(np.float32)
+    a = Predictor(orig, make_backend(orig, "onnxruntime")).predict(frame)
+    b = Predictor(new, make_backend(new, "onnxruntime")).predict(frame)
+    assert np.array_equal(a, b)
+
+
+class _Tiny(nn.Module):
+    """Another tool's network (stands in for e.g. a CAREamics N2V export)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = x + self.b(torch.relu(self.a(x)))
+        return out
+
+
+def _foreign_zip(tmp: Path, weights: set[str]) -> tuple[Path, nn.Module]:
+    """A bioimage.io 0.5 model written the way other tools write theirs."""
+    torch.manual_seed(1)
+    net = _Tiny().eval()
+    x = np.random.default_rng(1).normal(100, 20, (1, 1, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        y = net(torch.from_numpy((x - 100) / 20)).numpy() * 20 + 100
+    np.save(tmp / "in.npy", x)
+    np.save(tmp / "out.npy", y.astype(np.float32))
+    w: dict[str, Any] = {}
+    if "torchscript" in weights:
+        with warnings.catch_warnings():  # TorchScript is deprecated, but zoo models use it
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.jit.save(torch.jit.script(net), str(tmp / "net.pt"))
+        w["torchscript"] = {"source": "net.pt", "pytorch_version": "2.13"}
+    if "onnx" in weights:
+        buf = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                net, (torch.zeros(1, 1, 64, 64),), buf, input_names=["i"], output_names=["o"],
+                dynamic_axes={"i": {0: "b", 2: "y", 3: "x"}, "o": {0: "b", 2: "y", 3: "x"}},
+                opset_version=17, dynamo=False,
+            )  # fmt: skip
+        (tmp / "net.onnx").write_bytes(buf.getvalue())
+        w["onnx"] = {"source": "net.onnx", "opset_version": 17}
+    if "pytorch_state_dict" in weights:
+        (tmp / "tiny.py").write_text(
+            "import torch\nfrom torch import nn\n\nclass Tiny(nn.Module):\n"
+            "    def __init__(self):\n        super().__init__()\n"
+            "        self.a = nn.Conv2d(1, 4, 3, padding=1)\n"
+            "        self.b = nn.Conv2d(4, 1, 1)\n\n"
+            "    def forward(self, x):\n        return x + self.b(torch.relu(self.a(x)))\n"
+        )
+        torch.save(net.state_dict(), tmp / "sd.pt")
+        w["pytorch_state_dict"] = {
+            "source": "sd.pt",
+            "architecture": {"source": "tiny.py", "callable": "Tiny"},
+            "pytorch_version": "2.13",
+        }
+    (tmp / "README.md").write_text("# tiny\n")
+    space = [{"type": "space", "id": a, "size": {"min": 16, "step": 8}} for a in ("y", "x")]
+    rdf = {
+        "type": "model",
+        "format_version": "0.5.12",
+        "name": "Tiny N2V",
+        "description": "a small denoiser from another tool",
+        "authors": [{"name": "Someone Else"}],
+        "cite": [
+            {"text": "Krull et al. Noise2Void. CVPR 2019.", "doi": "10.1109/CVPR.2019.00223"}
+        ],
+        "license": "MIT",
+        "tags": ["denoising", "n2v"],
+        "documentation": {"source": "README.md"},
+        "inputs": [
+            {
+                "id": "input",
+                "axes": [{"type": "batch"}, {"type": "channel", "channel_names": ["raw"]}, *space],
+                "test_tensor": {"source": "in.npy"},
+                "preprocessing": [
+                    {"id": "fixed_zero_mean_unit_variance", "kwargs": {"mean": 100.0, "std": 20.0}}
+                ],
+            }
+        ],
+        "outputs": [
+            {
+                "id": "prediction",
+                "axes": [
+                    {"type": "batch"},
+                    {"type": "channel", "channel_names": ["denoised"]},
+                    *[
+                        {"type": "space", "id": a, "size": {"tensor_id": "input", "axis_id": a}}
+                        for a in ("y", "x")
+                    ],
+                ],
+                "test_tensor": {"source": "out.npy"},
+                "postprocessing": [
+                    {"id": "scale_linear", "kwargs": {"gain": 20.0, "offset": 100.0}}
+                ],
+            }
+        ],
+        "weights": w,
+    }
+    (tmp / "rdf.yaml").write_text(yaml.safe_dump(rdf, sort_keys=False))
+    descr = load_description(tmp / "rdf.yaml", perform_io_checks=True)
+    assert not isinstance(descr, InvalidDescr), descr.validation_summary.format()
+    return save_bioimageio_package(descr, output_path=tmp / "tiny.zip"), net
+
+
+def test_import_of_another_tools_model_runs_with_its_normalization(
+    cli: Callable[..., CliResult], tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    zip_path, net = _foreign_zip(src, {"torchscript", "onnx"})
+    reg = tmp_path / "reg"
+    r = cli("import", str(zip_path), "--registry", str(reg), "--json")
+    assert r.code == 0, r.stderr
+    assert any("halo" in n for n in r.json["notes"])  # it declared none: we say what we do
+    pkg = Registry(reg, bundled=False).resolve(r.json["model"])
+    m = pkg.manifest
+    assert (m.task, m.architecture.kind, m.inputs) == ("denoise", "external", ("*",))
+    assert (m.input_norm.offset, m.input_norm.scale) == ((100.0,), (20.0,))
+    frame = np.random.default_rng(2).normal(100, 20, (80, 96)).astype(np.float32)
+    with torch.no_grad():
+        want = net(torch.from_numpy((frame - 100) / 20)[None, None]).numpy()[0] * 20 + 100
+    for backend in ("onnxruntime", "torch-cpu"):  # ONNX, and TorchScript through torch
+        got = Predictor(pkg, make_backend(pkg, backend)).predict(frame)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+    # and it runs live, per channel like our own denoiser
+    run = cli(
+        "run", "--source", "sim", "--channels", "nuclei:5", "--frames", "3", "--shape", "64x64",
+        "--model", str(pkg.path), "--model-policy", "all", "--out", str(tmp_path / "r.ome.zarr"),
+        "--json",
+    )  # fmt: skip
+    assert run.code == 0, run.stderr
+    assert run.json["models"][f"model:{pkg.name}"]["predicted"] == 3
+
+
+def test_import_refuses_weights_it_cannot_run(
+    cli: Callable[..., CliResult], tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    zip_path, _ = _foreign_zip(src, {"pytorch_state_dict"})
+    r = cli("import", str(zip_path), "--registry", str(tmp_path / "reg"))
+    assert r.code == 2
+    assert "imports ONNX or TorchScript weights" in r.stderr
+    (tmp_path / "junk.zip").write_bytes(b"not a zip")
+    r = cli("import", str(tmp_path / "junk.zip"), "--registry", str(tmp_path / "reg"))
+    assert r.code == 2
