@@ -119,6 +119,8 @@ class StreamRunner:
     frameDropped = Signal(str, int, str)
     #: the run summary (a dict, as printed by ``--json``)
     runFinished = Signal(dict)
+    #: the source was paused (True) or resumed (False)
+    pausedChanged = Signal(bool)
 
     def __init__(
         self,
@@ -158,6 +160,8 @@ class StreamRunner:
         self._t_end: float | None = None
         self._summary: dict[str, Any] | None = None
         self._n_acquired = 0
+        self.paused = False
+        self._skips: dict[str, dict[int, int]] = {}  # consumer -> second -> frames skipped
         #: frames each 'all' (spill) consumer had to read back from the recording
         self.spilled: dict[str, int] = {}
         self._switch_interval = sys.getswitchinterval()
@@ -231,6 +235,49 @@ class StreamRunner:
         self._stop_requested.set()
         self._to_stopping()
         self.source.stop()
+
+    def set_paused(self, paused: bool) -> bool:
+        """Pause or resume the source (between frames); False if it cannot pause."""
+        fn = getattr(self.source, "set_paused", None)
+        if fn is None or self._state is not RunState.RUNNING:
+            return False
+        fn(paused)
+        self.paused = paused
+        self.pausedChanged.emit(paused)
+        return True
+
+    def live_summary(self) -> dict[str, Any]:
+        """The summary's numbers now (the final summary once the run ended).
+
+        While running, frames not yet on disk are ``frames_pending``, not lost:
+        only the end of the run says what was lost.
+        """
+        if self._summary is not None:
+            return self._summary
+        s = self._build_summary()
+        s["state"] = "paused" if self.paused else self._state.value
+        s["status"] = s["state"]
+        s["frames_pending"] = s["frames_lost"]
+        s["frames_lost"] = 0
+        return s
+
+    def timeline(self) -> dict[str, Any]:
+        """Per-second throughput, latency and skipped frames over the run (for reports)."""
+        origin = int(self._t0) if self._t0 else 0
+        stages = {"acquire": self.acquired.timeline(origin)}
+        for name, m in self.stage_metrics.items():
+            stages[name] = m.timeline(origin)
+        rec = next((s for s in self.sinks if s.records), None)
+        if rec is not None and hasattr(rec.sink, "metrics"):
+            stages[f"{rec.name}:disk"] = rec.sink.metrics.timeline(origin)
+        skips = {
+            name: {
+                "t_s": [int(k - origin) for k in sorted(per)],
+                "frames": [per[k] for k in sorted(per)],
+            }
+            for name, per in self._skips.items()
+        }
+        return {"bucket_s": 1, "stages": stages, "skipped": skips}
 
     def fail(self, reason: str) -> None:
         """Record an error and stop the run; it will end as FAILED."""
@@ -413,6 +460,9 @@ class StreamRunner:
                 self._done(spec, meta)
             skipped = consumer.skipped + consumer.torn
             if skipped > reported:
+                sec = time.monotonic_ns() // 1_000_000_000
+                per = self._skips.setdefault(spec.name, {})
+                per[sec] = per.get(sec, 0) + skipped - reported
                 self.frameDropped.emit(
                     spec.name, skipped - reported, "skipped to the newest frame"
                 )
@@ -438,8 +488,8 @@ class StreamRunner:
                         self._errors.append(f"sink {spec.name!r}: {e}")
         self._t_end = time.monotonic()
         status = "failed" if self._errors else "complete"
-        summary = self._build_summary()
-        for spec in self.sinks:
+        summary = {**self._build_summary(), "timeline": self.timeline()}
+        for spec in reversed(self.sinks):  # consumers first: they write into the recording
             try:
                 spec.sink.close(status, "; ".join(self._errors) or None, summary)
             except Exception as e:
