@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -18,6 +19,8 @@ from rich.table import Table
 from scopestream import __version__
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from scopestream.acquisition.base import FrameSource
     from scopestream.config import RunConfig
     from scopestream.streaming.runner import StreamRunner
@@ -95,8 +98,17 @@ def _build_source(cfg: RunConfig) -> FrameSource:
         raise _die(str(e)) from None
 
 
-def _drive(runner: StreamRunner, show_progress: bool, label: str) -> dict[str, Any]:
-    """Run with a progress bar on stderr; Ctrl-C stops cleanly (twice: abort)."""
+def _drive(
+    runner: StreamRunner,
+    show_progress: bool,
+    label: str,
+    live: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Run with a progress bar on stderr; Ctrl-C stops cleanly (twice: abort).
+
+    With ``live`` (the viewer's event loop) the window runs first; closing it
+    leaves the run going, headless, to its end.
+    """
     interrupts = 0
 
     def on_sigint(signum: int, frame: object) -> None:
@@ -109,7 +121,12 @@ def _drive(runner: StreamRunner, show_progress: bool, label: str) -> dict[str, A
 
     old = signal.signal(signal.SIGINT, on_sigint)
     try:
-        runner.start()
+        if live is None:
+            runner.start()
+        else:
+            live()  # the Qt event loop, until the window is closed
+            if not runner.wait(0):
+                err.print("[cyan]viewer closed; the run goes on until it ends[/]")
         total = runner.status.frames_expected
         with Progress(
             TextColumn(f"[bold]{label}"),
@@ -196,14 +213,18 @@ def _build_models(cfg: RunConfig, source: FrameSource) -> list[Any]:
     return out
 
 
-def execute_run(cfg: RunConfig, *, as_json: bool, label: str = "acquiring") -> None:
+def execute_run(
+    cfg: RunConfig, *, as_json: bool, label: str = "acquiring", screenshot: Path | None = None
+) -> None:
     """Run one configured stream to its end (shared by ``run`` and ``demo``)."""
     from scopestream.streaming.ringbuffer import OverflowPolicy
     from scopestream.streaming.runner import SinkSpec, StreamRunner
     from scopestream.streaming.zarr_sink import SinkError, ZarrSink
 
     if cfg.viewer:
-        raise _die("the live viewer is not part of this version yet; use --no-viewer")
+        _check_display()
+    elif screenshot is not None:
+        raise _die("--screenshot needs --viewer")
     source = _build_source(cfg)
     try:
         models = _build_models(cfg, source)
@@ -228,12 +249,24 @@ def execute_run(cfg: RunConfig, *, as_json: bool, label: str = "acquiring") -> N
     engines = {}
     watchers = []
     policy = OverflowPolicy.LATEST if cfg.model_policy == "latest" else OverflowPolicy.SPILL
+    makers = {}
     for spec, registry, predictor, by_name in models:
-        engine, watcher = _attach_model(cfg, sink, source, spec, registry, predictor, by_name)
+        engine, watcher, make = _attach_model(
+            cfg, sink, source, spec, registry, predictor, by_name
+        )
         specs.append(SinkSpec(f"model:{engine.writer.name}", engine, policy))
         engines[f"model:{engine.writer.name}"] = engine
+        makers[f"model:{engine.writer.name}"] = (registry, predictor.manifest.name, make)
         if watcher is not None:
             watchers.append(watcher)
+    frames = None
+    if cfg.viewer:
+        from scopestream.viewer.frames import LatestFrames
+
+        frames = LatestFrames(source.info)
+        specs.append(SinkSpec("viewer", frames, OverflowPolicy.LATEST))
+        for eng in engines.values():
+            eng.on_prediction = _display_hook(frames, eng)
     if cfg.sim_truth:
         from scopestream.acquisition.sim import SimulatedSource, TruthSink
 
@@ -248,12 +281,28 @@ def execute_run(cfg: RunConfig, *, as_json: bool, label: str = "acquiring") -> N
     runner = StreamRunner(source, specs, buffer_mb=cfg.buffer_mb, max_frames=cfg.frames, out=out)
     for w in watchers:
         w.start()
+    live_state: dict[str, Any] = {}
+    loop = None
+    if frames is not None:
+
+        def loop() -> None:
+            viewer = _open_live_viewer(runner, frames, engines, makers, cfg, out, screenshot)
+            viewer.run(start=runner.start)  # the run starts once the window is up
+            live_state["described"] = viewer.describe()
+
     try:
-        summary = _drive(runner, show_progress=err.is_terminal, label=label)
+        summary = _drive(runner, show_progress=err.is_terminal, label=label, live=loop)
     finally:
         for w in watchers:
             w.stop()
-    summary["models"] = {
+    summary["models"] = _models_summary(engines)
+    if "described" in live_state:
+        summary["viewer"] = live_state["described"]
+    _finish(summary, as_json)
+
+
+def _models_summary(engines: dict[str, Any]) -> dict[str, Any]:
+    return {
         name: {
             "predicted": e.predicted,
             "versions": [
@@ -267,7 +316,120 @@ def execute_run(cfg: RunConfig, *, as_json: bool, label: str = "acquiring") -> N
         }
         for name, e in engines.items()
     }
-    _finish(summary, as_json)
+
+
+def _check_display() -> None:
+    """The viewer needs Qt, napari and a display (or QT_QPA_PLATFORM=offscreen)."""
+    import importlib.util
+
+    missing = [m for m in ("napari", "qtpy") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise _die("--viewer needs the viewer extra: pip install 'scopestream[viewer]'")
+    offscreen = os.environ.get("QT_QPA_PLATFORM", "") in ("offscreen", "minimal")
+    if not offscreen and not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
+        raise _die(
+            "--viewer needs a display: none is set (DISPLAY); run under xvfb-run, or set "
+            "QT_QPA_PLATFORM=offscreen for screenshots only"
+        )
+
+
+def _display_hook(frames: Any, engine: Any) -> Callable[[np.ndarray, Any], None]:
+    """Hand an engine's predictions to the display (newest only, no Qt)."""
+    kind = "denoised" if engine.predictor.manifest.task == "denoise" else "predicted"
+    names = tuple(engine.writer.channel_names)
+    wildcard = bool(engine.wildcard)
+    image = engine.writer.name
+
+    def hook(y: np.ndarray, meta: Any) -> None:
+        frames.put_prediction(image, kind, names, wildcard, y, meta)
+
+    return hook
+
+
+def _open_live_viewer(
+    runner: Any,
+    frames: Any,
+    engines: dict[str, Any],
+    makers: dict[str, Any],
+    cfg: RunConfig,
+    out: str,
+    screenshot: Path | None,
+) -> Any:
+    """The napari window on this run: layers, contrast from the models, the status widget."""
+    import threading
+
+    from scopestream.viewer.frames import layer_name
+    from scopestream.viewer.live import LiveViewer, RunControls
+
+    info = runner.source.info
+    limits: dict[str, tuple[float, float]] = {}
+    for e in engines.values():
+        m = e.predictor.manifest
+        kind = "denoised" if m.task == "denoise" else "predicted"
+        inorm, onorm = e.predictor.input_norm, e.predictor.output_norm
+        if e.wildcard:
+            continue  # constants of whatever it was trained on: estimated from the frames
+        for ch in m.inputs:  # a model trained on this channel knows its range
+            if ch in info.channel_names and inorm.source != "identity":
+                limits.setdefault(
+                    layer_name("raw", ch), (inorm.offset[0], inorm.offset[0] + inorm.scale[0])
+                )
+        for j, ch in enumerate(e.writer.channel_names):
+            k = min(j, len(onorm.offset) - 1)
+            if onorm.source != "identity":
+                limits[layer_name(kind, ch)] = (onorm.offset[k], onorm.offset[k] + onorm.scale[k])
+
+    def status() -> dict[str, Any]:
+        return {**runner.live_summary(), "models": _models_summary(engines)}
+
+    def versions() -> dict[str, list[int]]:
+        return {
+            name: [v for v, _ in reg.versions(model)]
+            for name, (reg, model, make) in makers.items()
+            if make is not None
+        }
+
+    def current() -> dict[str, int]:
+        return {name: e.predictor.package.version for name, e in engines.items()}
+
+    def swap(name: str, version: int) -> None:
+        reg, model, make = makers[name]
+
+        def load() -> None:
+            try:
+                engines[name].swap(make(reg.resolve(f"{model}@{version}")))
+            except Exception as e:  # reported, never fatal to the run
+                err.print(f"[red]model swap to {model}@{version} failed:[/] {e}")
+
+        threading.Thread(target=load, name=f"swap-{model}", daemon=True).start()
+
+    px = float(info.pixel_size_um)
+    controls = RunControls(
+        status=status,
+        finished=lambda: runner.summary is not None,
+        stop=runner.stop,
+        pause=runner.set_paused,
+        versions=versions,
+        current=current,
+        swap=swap,
+        store=Path(out),
+        scales=(float(info.z_step_um or 1.0), px, px),
+    )
+    live = LiveViewer(
+        frames, controls, limits=limits, title=f"scopestream — {out}", screenshot=screenshot
+    )
+    planned: list[tuple[str, str, str, str | None]] = [
+        (layer_name("raw", ch), "raw", ch, None) for ch in info.channel_names
+    ]
+    for e in engines.values():
+        m = e.predictor.manifest
+        kind = "denoised" if m.task == "denoise" else "predicted"
+        names = e.writer.channel_names
+        if e.wildcard:  # one output per source channel the model takes
+            names = [ch for ch in info.channel_names if m.accepts(ch)]
+        planned += [(layer_name(kind, ch), kind, ch, e.writer.name) for ch in names]
+    live.prepare(planned)
+    return live
 
 
 def _attach_model(
@@ -278,8 +440,8 @@ def _attach_model(
     registry: Any,
     predictor: Any,
     by_name: bool,
-) -> tuple[Any, Any]:
-    """An output image and an engine for one model (and a registry watcher if by name)."""
+) -> tuple[Any, Any, Any]:
+    """An output image, an engine, a registry watcher (by name) and a predictor factory."""
     from scopestream.inference.backends import make_backend
     from scopestream.inference.engine import InferenceEngine, RegistryWatcher, output_names
     from scopestream.inference.predictor import Predictor
@@ -302,18 +464,19 @@ def _attach_model(
         calibrate=cfg.calibrate,
     )
     watcher = None
-    if by_name and cfg.watch_registry:
 
-        def make(pkg: Any) -> Predictor:
-            p = Predictor(pkg, make_backend(pkg, cfg.backend), tile=predictor.tile)
-            shape = tuple(info.frame_shape)
-            if pkg.manifest.n_spatial == 2:
-                p.predict(
-                    np.zeros(shape, np.float32)
-                    if pkg.manifest.window == 1
-                    else np.zeros((pkg.manifest.window, *shape), np.float32)
-                )
-            return p  # compiled and warm before it takes over
+    def make(pkg: Any) -> Predictor:
+        p = Predictor(pkg, make_backend(pkg, cfg.backend), tile=predictor.tile)
+        shape = tuple(info.frame_shape)
+        if pkg.manifest.n_spatial == 2:
+            p.predict(
+                np.zeros(shape, np.float32)
+                if pkg.manifest.window == 1
+                else np.zeros((pkg.manifest.window, *shape), np.float32)
+            )
+        return p  # compiled and warm before it takes over
+
+    if by_name and cfg.watch_registry:
 
         def announced(identity: dict[str, Any]) -> None:
             err.print(
@@ -321,7 +484,7 @@ def _attach_model(
             )
 
         watcher = RegistryWatcher(registry, spec, engine, make, on_swap=announced)
-    return engine, watcher
+    return engine, watcher, (make if by_name else None)
 
 
 def _config_from(config: Path | None, overrides: dict[str, Any]) -> RunConfig:
@@ -363,6 +526,10 @@ def run(
     ] = None,
     viewer: Annotated[
         bool | None, typer.Option("--viewer/--no-viewer", help="Open the live viewer.")
+    ] = None,
+    screenshot: Annotated[
+        Path | None,
+        typer.Option(help="With --viewer: save the window's canvas here at the end, then close."),
     ] = None,
     buffer_mb: Annotated[float | None, typer.Option(help="Ring buffer memory (MiB).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the simulated sample.")] = None,
@@ -445,7 +612,7 @@ def run(
             "seed": seed,
         },
     )
-    execute_run(cfg, as_json=as_json)
+    execute_run(cfg, as_json=as_json, screenshot=screenshot)
 
 
 @app.command()
@@ -458,6 +625,13 @@ def demo(
     out: Annotated[str | None, typer.Option(help="Output OME-Zarr.")] = None,
     registry: Annotated[str | None, typer.Option(help="Model registry directory.")] = None,
     policy: Annotated[str, typer.Option(help="latest | all (model policy).")] = "latest",
+    viewer: Annotated[
+        bool, typer.Option("--viewer/--no-viewer", help="Open the live viewer.")
+    ] = False,
+    screenshot: Annotated[
+        Path | None,
+        typer.Option(help="With --viewer: save the window's canvas here at the end, then close."),
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the summary as one JSON line last.")
     ] = False,
@@ -489,13 +663,14 @@ def demo(
         models=tuple(models),
         registry=registry,
         model_policy=policy,  # type: ignore[arg-type]
+        viewer=viewer,
     )
     err.print(
         f"[bold]scopestream demo[/]: simulated microscope, {cfg.shape[0]}x{cfg.shape[1]} at "
         f"{fps:g} fps, {frames} frames, models {list(models) or 'none'} → {cfg.out}"
     )
-    execute_run(cfg, as_json=as_json, label="demo")
-    err.print(f"open it with: [bold]napari --plugin napari-ome-zarr {cfg.out}[/]")
+    execute_run(cfg, as_json=as_json, label="demo", screenshot=screenshot)
+    err.print(f"open it with: [bold]scopestream view {cfg.out}[/]")
 
 
 @app.command()
@@ -600,7 +775,7 @@ def predict(
 @app.command()
 def train(
     task: Annotated[str, typer.Option(help="denoise | stain")],
-    mode: Annotated[str, typer.Option(help="n2v | care | supervised")],
+    mode: Annotated[str, typer.Option(help="n2v | care | supervised | pix2pix")],
     out: Annotated[str, typer.Option(help="REGISTRY/NAME: the new version goes there.")],
     data: Annotated[
         list[str] | None, typer.Option("--data", help="OME-Zarr run(s); one field each.")
@@ -622,6 +797,16 @@ def train(
         int | None, typer.Option(help="Epochs of 200 steps (instead of --max-steps).")
     ] = None,
     patch: Annotated[str, typer.Option(help="Patch size, e.g. 64x64 (square).")] = "64x64",
+    spatial: Annotated[
+        str, typer.Option(help="2d | 2.5d-z (a window of z-planes in) | 3d (sub-volumes).")
+    ] = "2d",
+    window: Annotated[int, typer.Option(help="z-planes per 2.5d window or 3d patch.")] = 5,
+    init_from: Annotated[
+        str | None, typer.Option(help="pix2pix: start the generator from this supervised model.")
+    ] = None,
+    gan_weight: Annotated[
+        float, typer.Option(help="pix2pix: weight of the adversarial term.")
+    ] = 0.05,
     batch: Annotated[int, typer.Option(help="Patches per step.")] = 16,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 4e-4,
     base: Annotated[int, typer.Option(help="Channels at the top of the U-Net.")] = 16,
@@ -669,6 +854,10 @@ def train(
         target_channels=list(target_channel or []),
         eval_target=eval_target,
         patch=ph,
+        spatial=spatial,
+        window=window,
+        init_from=init_from,
+        gan_weight=gan_weight,
         batch=batch,
         max_steps=max_steps,
         epochs=epochs,
@@ -766,6 +955,116 @@ def evaluate(
                 }
             )
         )
+
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Option(help="Model name, name@version or package path.")],
+    out: Annotated[Path, typer.Option(help="The zip to write, e.g. denoise.zip.")],
+    fmt: Annotated[str, typer.Option("--format", help="bioimageio")] = "bioimageio",
+    registry: Annotated[str | None, typer.Option(help="Model registry directory.")] = None,
+    author: Annotated[
+        list[str] | None, typer.Option("--author", help="Author name(s) for the description.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing zip.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON last.")] = False,
+) -> None:
+    """Export a model as a BioImage Model Zoo package (spec 0.5, validated before writing)."""
+    from scopestream.inference.package import PackageError, Registry
+
+    if fmt != "bioimageio":
+        raise _die(f"--format {fmt!r}: the only export format is bioimageio")
+    if out.exists() and not overwrite:
+        raise _die(f"{out} already exists; pass --overwrite to replace it")
+    try:
+        from scopestream.training.bioimageio import BioimageioError, export_bioimageio
+    except ImportError as e:
+        raise _die(
+            f"export needs the train extra (pip install 'scopestream[train]'): {e}"
+        ) from None
+    try:
+        pkg = Registry(registry).resolve(model)
+        path = export_bioimageio(pkg, out, authors=author)
+    except (PackageError, BioimageioError) as e:
+        raise _die(str(e)) from None
+    err.print(f"[green]{pkg.name} v{pkg.version}[/] → {path} (bioimage.io 0.5, validated)")
+    if as_json:
+        typer.echo(json.dumps({"model": pkg.identity, "out": str(path), "format": fmt}))
+
+
+@app.command("import")
+def import_model(
+    source: Annotated[Path, typer.Argument(help="A bioimage.io zip, folder or rdf.yaml.")],
+    registry: Annotated[str | None, typer.Option(help="Model registry directory.")] = None,
+    name: Annotated[str | None, typer.Option(help="Register under this name.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON last.")] = False,
+) -> None:
+    """Bring a bioimage.io model (ours, or another tool's ONNX/TorchScript) into the registry."""
+    from scopestream.inference.package import PackageError, Registry
+
+    try:
+        from scopestream.training.bioimageio import (
+            BioimageioError,
+            import_bioimageio,
+            summary_json,
+        )
+    except ImportError as e:
+        raise _die(
+            f"import needs the train extra (pip install 'scopestream[train]'): {e}"
+        ) from None
+    try:
+        pkg, notes = import_bioimageio(source, Registry(registry), name)
+    except (PackageError, BioimageioError) as e:
+        raise _die(str(e)) from None
+    err.print(f"[green]{pkg.name} v{pkg.version}[/] ← {source}: {pkg.path}")
+    for n in notes:
+        err.print(f"[yellow]note:[/] {n}")
+    if as_json:
+        typer.echo(summary_json(pkg, notes))
+
+
+@app.command()
+def view(
+    path: Annotated[Path, typer.Argument(help="A run's OME-Zarr store (may still be written).")],
+    screenshot: Annotated[
+        Path | None, typer.Option(help="Save the canvas here once it is drawn, then close.")
+    ] = None,
+    follow: Annotated[
+        bool, typer.Option(help="While the run is written, grow the layers every second.")
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print what was shown as JSON.")] = False,
+) -> None:
+    """Open a saved run in napari: raw and every output, named and coloured, in µm and s."""
+    _check_display()
+    from scopestream.viewer.saved import view_run
+
+    try:
+        shown = view_run(path, screenshot=screenshot, follow=follow)
+    except (OSError, ValueError, KeyError) as e:
+        raise _die(f"cannot open {path} as a scopestream run: {e}") from None
+    if as_json:
+        typer.echo(json.dumps(shown))
+
+
+@app.command()
+def report(
+    path: Annotated[Path, typer.Argument(help="A run's OME-Zarr store.")],
+    out: Annotated[Path, typer.Option(help="report.html (self-contained) or report.png.")],
+    frames: Annotated[int, typer.Option(help="Frames in the raw-vs-outputs panel.")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON.")] = False,
+) -> None:
+    """After a run: throughput and latency over time, skipped/lost frames, raw vs outputs."""
+    from scopestream.report import ReportError, write_report
+
+    try:
+        res = write_report(path, out, n_frames=frames)
+    except (ReportError, OSError, ValueError, KeyError) as e:
+        raise _die(f"cannot report on {path}: {e}") from None
+    err.print(f"[green]report[/] → {out}")
+    for note in res.get("notes", []):
+        err.print(f"[yellow]note:[/] {note}")
+    if as_json:
+        typer.echo(json.dumps(res))
 
 
 @app.command()

@@ -77,6 +77,8 @@ class ThreadedSource:
         self.fps = float(fps)
         self._stop = threading.Event()
         self._done = threading.Event()
+        self._running = threading.Event()  # cleared while paused
+        self._running.set()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.emitted = 0
@@ -113,6 +115,12 @@ class ThreadedSource:
             for i, (data, meta) in enumerate(self.frames()):
                 if self._stop.is_set():
                     break
+                if not self._running.is_set():  # paused: the clock restarts on resume
+                    t_pause = time.perf_counter()
+                    while not self._running.wait(0.1):
+                        if self._stop.is_set():
+                            return
+                    t0 += time.perf_counter() - t_pause
                 if self.fps > 0:
                     delay = t0 + i / self.fps - time.perf_counter()
                     if delay > 0 and self._stop.wait(delay):
@@ -134,9 +142,17 @@ class ThreadedSource:
     def finished(self) -> None:
         """Called on the source's thread when it ends (release resources here)."""
 
+    def set_paused(self, paused: bool) -> None:
+        """Hold (or release) the next frame."""
+        if paused:
+            self._running.clear()
+        else:
+            self._running.set()
+
     def stop(self) -> None:
         """Ask the thread to stop after the current frame."""
         self._stop.set()
+        self._running.set()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the thread to finish."""

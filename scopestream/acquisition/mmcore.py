@@ -281,6 +281,11 @@ class MMCoreSource:
         if self.core is not None:
             self.core.mda.cancel()  # a dead camera ends the run; it is not retried silently
 
+    def set_paused(self, paused: bool) -> None:
+        """Pause or resume the MDA between events (pymmcore-plus's own pause)."""
+        if self.core is not None:
+            self.core.mda.set_paused(paused)
+
     def stop(self) -> None:
         """Cancel the MDA after the current frame."""
         self._cancelled = True

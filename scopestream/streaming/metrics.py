@@ -23,13 +23,23 @@ class StageMetrics:
         self._lock = threading.Lock()
         self._t_first: float | None = None
         self._t_last: float | None = None
+        #: per second of monotonic time: [frames, latency sum (ms), latency max (ms)]
+        self._per_second: dict[int, list[float]] = {}
 
     def record(self, timestamp_ns: int, now_ns: int | None = None) -> None:
         """Record one frame finished now (or at ``now_ns``)."""
         now = time.monotonic_ns() if now_ns is None else now_ns
+        lat = (now - timestamp_ns) / 1e6
         with self._lock:
-            self._lat_ms[self.count % self._lat_ms.size] = (now - timestamp_ns) / 1e6
+            self._lat_ms[self.count % self._lat_ms.size] = lat
             self.count += 1
+            b = self._per_second.get(now // 1_000_000_000)
+            if b is None:
+                self._per_second[now // 1_000_000_000] = [1.0, lat, lat]
+            else:
+                b[0] += 1
+                b[1] += lat
+                b[2] = max(b[2], lat)
             t = now / 1e9
             if self._t_first is None:
                 self._t_first = t
@@ -51,6 +61,19 @@ class StageMetrics:
                 return {"p50": 0.0, "p99": 0.0}
             p50, p99 = np.percentile(self._lat_ms[:n], [50, 99])
         return {"p50": round(float(p50), 3), "p99": round(float(p99), 3)}
+
+    def timeline(self, origin_s: int) -> dict[str, list[float]]:
+        """Per second since ``origin_s`` (monotonic seconds): frames, mean and max latency."""
+        with self._lock:
+            items = sorted(self._per_second.items())
+        if not items:
+            return {"t_s": [], "frames": [], "latency_mean_ms": [], "latency_max_ms": []}
+        return {
+            "t_s": [int(k - origin_s) for k, _ in items],
+            "frames": [int(v[0]) for _, v in items],
+            "latency_mean_ms": [round(v[1] / v[0], 3) for _, v in items],
+            "latency_max_ms": [round(v[2], 3) for _, v in items],
+        }
 
     def snapshot(self) -> dict[str, object]:
         """JSON-able summary."""

@@ -1,0 +1,387 @@
+"""The napari window on a live run.
+
+A main-thread ``QTimer`` (≤ 30 Hz) asks `LatestFrames` what changed and puts it
+into persistent layers (``layer.data = ...``: the same layer, texture and
+contrast, new pixels). The acquisition, inference and recording threads never
+touch Qt; the only things they share with the GUI are `LatestFrames` (a lock
+around a few references) and read-only status snapshots.
+
+The dock widget shows the run's status from the same numbers as the run
+summary (live while running, the summary itself once it ended) and the
+controls: pause/resume, stop, side by side or overlaid, contrast, model
+version (hot swap), snapshot, and opening the recording once the run ended.
+Closing the window never stops or damages the run: the command goes on
+headless until the run ends.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from scopestream.viewer.frames import Shown
+from scopestream.viewer.style import colormap_for, estimate_limits
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import napari
+
+    from scopestream.viewer.frames import LatestFrames
+
+
+@dataclass
+class RunControls:
+    """What the widget may ask of the run (all callables are thread-safe)."""
+
+    status: Callable[[], dict[str, Any]]
+    finished: Callable[[], bool]
+    stop: Callable[[], None]
+    pause: Callable[[bool], bool] | None = None  # returns whether it took effect
+    versions: Callable[[], dict[str, list[int]]] = field(default=lambda: {})
+    current: Callable[[], dict[str, int]] = field(default=lambda: {})
+    swap: Callable[[str, int], None] | None = None
+    store: Path | None = None
+    scales: tuple[float, ...] = (1.0, 1.0)
+
+
+def format_status(s: dict[str, Any]) -> dict[str, str]:
+    """The widget's rows, from a summary-shaped dict (live or final)."""
+    src = s.get("source") or {}
+    expected = s.get("frames_expected")
+    lat = s.get("latency_ms") or {}
+    cb = s.get("callback_us") or {}
+    skipped = s.get("frames_skipped") or {}
+    models = s.get("models") or {}
+    rows = {
+        "state": str(s.get("state") or s.get("status", "")),
+        "source": f"{src.get('kind', '?')} ({src.get('engine', '')})".replace(" ()", ""),
+        "progress": (
+            f"{s.get('frames_acquired', 0)}/{expected}"
+            if expected
+            else str(s.get("frames_acquired", 0))
+        ),
+        "fps in / out": f"{s.get('acquire_fps', 0.0)} / {s.get('fps', 0.0)}",
+        "latency p50 / p99 (ms)": f"{lat.get('p50', 0.0)} / {lat.get('p99', 0.0)}",
+        "callback p50 / p99 (µs)": f"{cb.get('p50', 0.0)} / {cb.get('p99', 0.0)}",
+        "written / lost": f"{s.get('frames_written', 0)} / {s.get('frames_lost', 0)}",
+        "malformed": str(s.get("malformed", 0)),
+        "skipped": ", ".join(f"{k} {v}" for k, v in skipped.items()) or "0",
+    }
+    for name, m in models.items():
+        v = (m.get("versions") or [{}])[-1]
+        rows[name] = (
+            f"v{v.get('version', '?')} on {v.get('backend', '?')}/{v.get('device', '?')}, "
+            f"{m.get('predicted', 0)} predicted"
+        )
+    if s.get("error"):
+        rows["error"] = str(s["error"])
+    return rows
+
+
+class LiveViewer:
+    """napari on a running stream (see the module docstring)."""
+
+    def __init__(
+        self,
+        frames: LatestFrames,
+        controls: RunControls,
+        *,
+        limits: dict[str, tuple[float, float]] | None = None,
+        title: str = "scopestream",
+        hz: float = 30.0,
+        screenshot: Path | None = None,
+        show: bool = True,
+        viewer: napari.Viewer | None = None,
+    ) -> None:
+        import napari
+        from qtpy.QtCore import QTimer
+
+        self.frames, self.controls = frames, controls
+        self.limits = dict(limits or {})
+        self.screenshot_path = screenshot
+        self.viewer = viewer or napari.Viewer(title=title, show=show)
+        self.viewer.grid.enabled = True  # side by side, one camera: zoom and pan are linked
+        self.viewer.window.resize(1500, 950)
+        self.widget = StatusWidget(self)
+        self.viewer.window.add_dock_widget(self.widget, name="scopestream", area="right")
+        self._seen: dict[str, int] = {}
+        self._auto_limits: set[str] = set()
+        self.updates = 0  # timer ticks that put new pixels on screen
+        self.ticks = 0
+        self.final: dict[str, Any] | None = None
+        self.snapshots: list[Path] = []
+        self.described: dict[str, Any] | None = None  # what it showed when it closed
+        self._t_status = 0.0
+        self.timer = QTimer()
+        self.timer.setInterval(max(1, round(1000 / hz)))
+        self.timer.timeout.connect(self._tick)
+        self.timer.start()
+
+    # -- the timer ---------------------------------------------------------------------
+    def _tick(self) -> None:
+        self.ticks += 1
+        changed = self.frames.changed(self._seen)
+        for shown in changed:
+            self._show(shown)
+        if changed:
+            self.updates += 1
+        now = time.monotonic()
+        done = self.controls.finished()
+        if now - self._t_status > 0.25 or (done and self.final is None):
+            self._t_status = now
+            status = self.controls.status()
+            self.widget.show_status(status)
+            if done and self.final is None:
+                self.final = status
+                self._on_finished()
+
+    def prepare(self, planned: list[tuple[str, str, str, str | None]]) -> None:
+        """Create the layers to come (key, kind, channel, model) before frames arrive.
+
+        Adding the first image layers imports and compiles a lot (seconds); done
+        here, before the run starts, the display is live from the first frame
+        and the grid does not reshuffle as outputs appear.
+        """
+        info = self.frames.info
+        shape = tuple(info.frame_shape)
+        if self.frames.n_z > 1:
+            shape = (self.frames.n_z, *shape)
+        for key, kind, channel, model in planned:
+            if key not in self.limits:
+                self._auto_limits.add(key)
+            self._show(Shown(key, kind, channel, model, np.zeros(shape, np.float32)))
+        self.viewer.reset_view()
+
+    def _show(self, shown: Shown) -> None:
+        layers = self.viewer.layers
+        if shown.key in layers:
+            layer = layers[shown.key]
+            layer.data = shown.data
+            if shown.key in self._auto_limits:  # no constants for it: from its first frame
+                self._auto_limits.discard(shown.key)
+                layer.contrast_limits = estimate_limits(shown.data)
+            return
+        fresh = not len(layers)
+        limits = self.limits.get(shown.key) or estimate_limits(shown.data)
+        scale = self.controls.scales[-shown.data.ndim :]
+        layer = self.viewer.add_image(
+            shown.data,
+            name=shown.key,
+            colormap=colormap_for(shown.channel),
+            contrast_limits=limits,
+            blending="additive",
+            scale=scale,
+            metadata={"kind": shown.kind, "channel": shown.channel, "model": shown.model},
+        )
+        if shown.kind != "raw":
+            layer.metadata["prediction"] = True
+        self._order_layers()
+        if fresh:
+            self.viewer.reset_view()
+
+    def _order_layers(self) -> None:
+        """Raw first, then each channel's outputs next to it."""
+        layers = self.viewer.layers
+        order = sorted(
+            range(len(layers)),
+            key=lambda i: (layers[i].metadata.get("kind") != "raw", layers[i].name),
+        )
+        if order != list(range(len(layers))):
+            names = [layers[i].name for i in order]
+            for dest, name in enumerate(names):
+                src = layers.index(layers[name])
+                if src != dest:
+                    layers.move(src, dest)
+
+    def _on_finished(self) -> None:
+        self.widget.finished()
+        if self.screenshot_path is not None:
+            self.save_screenshot(self.screenshot_path)
+            self.described = self.describe()
+            self.timer.stop()
+            self.viewer.close()
+
+    def run(self, start: Callable[[], None] | None = None) -> None:
+        """The Qt event loop until the window closes; ``start`` runs once it is up."""
+        import napari
+        from qtpy.QtCore import QTimer
+
+        if start is not None:
+            QTimer.singleShot(0, start)
+        napari.run()
+
+    # -- actions ---------------------------------------------------------------------------
+    def save_screenshot(self, path: Path) -> Path:
+        """PNG of the canvas (every layer in its grid cell) as it is now."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows, cols = self.viewer.grid.actual_shape(self.viewer.layers)
+        cell = 360  # pixels per grid cell, whatever the window's size
+        self.viewer.reset_view()
+        self.viewer.screenshot(str(path), size=(rows * cell, cols * cell), canvas_only=True)
+        return path
+
+    def snapshot(self) -> Path:
+        """Save the current view next to the recording (or in the working directory)."""
+        base = (
+            Path(str(self.controls.store) + ".snapshots")
+            if self.controls.store
+            else Path("snapshots")
+        )
+        path = base / f"snapshot-{len(self.snapshots) + 1:03d}.png"
+        self.snapshots.append(self.save_screenshot(path))
+        return path
+
+    def reestimate_contrast(self) -> None:
+        """Contrast limits from the pixels on screen now (once; they stay fixed after)."""
+        for layer in self.viewer.layers:
+            layer.contrast_limits = estimate_limits(layer.data)
+
+    def set_grid(self, side_by_side: bool) -> None:
+        """Side by side (grid) or overlaid (additive)."""
+        self.viewer.grid.enabled = side_by_side
+
+    def open_recording(self) -> None:
+        """Replace the live layers by the whole recording (time and z sliders)."""
+        from scopestream.viewer.saved import open_run
+
+        if self.controls.store is None:
+            return
+        for layer in list(self.viewer.layers):
+            self.viewer.layers.remove(layer)
+        open_run(self.viewer, self.controls.store)
+
+    def describe(self) -> dict[str, Any]:
+        """What the window shows (for the run summary and tests)."""
+        if self.described is not None:
+            return self.described
+        return {
+            "layers": [layer.name for layer in self.viewer.layers],
+            "grid": list(self.viewer.grid.actual_shape(self.viewer.layers)),
+            "display_updates": self.updates,
+            "ticks": self.ticks,
+            "screenshot": str(self.screenshot_path) if self.screenshot_path else None,
+            "snapshots": [str(p) for p in self.snapshots],
+            "widget": dict(self.widget.values),
+        }
+
+
+def _qt_widgets() -> Any:
+    from qtpy import QtWidgets
+
+    return QtWidgets
+
+
+class StatusWidget(_qt_widgets().QWidget):  # type: ignore[misc]
+    """The dock widget: run status and controls."""
+
+    def __init__(self, live: LiveViewer) -> None:
+        qw = _qt_widgets()
+        super().__init__()
+        self.live = live
+        self.values: dict[str, str] = {}
+        self._labels: dict[str, Any] = {}
+        layout = qw.QVBoxLayout(self)
+        self.form = qw.QFormLayout()
+        layout.addLayout(self.form)
+        buttons = qw.QGridLayout()
+        self.pause_btn = qw.QPushButton("Pause")
+        self.pause_btn.setCheckable(True)
+        self.pause_btn.setEnabled(live.controls.pause is not None)
+        self.pause_btn.toggled.connect(self._pause)
+        self.stop_btn = qw.QPushButton("Stop")
+        self.stop_btn.clicked.connect(self._stop)
+        self.grid_btn = qw.QPushButton("Side by side")
+        self.grid_btn.setCheckable(True)
+        self.grid_btn.setChecked(True)
+        self.grid_btn.toggled.connect(self._grid)
+        self.contrast_btn = qw.QPushButton("Re-estimate contrast")
+        self.contrast_btn.clicked.connect(lambda: live.reestimate_contrast())
+        self.snap_btn = qw.QPushButton("Save snapshot")
+        self.snap_btn.clicked.connect(self._snap)
+        self.open_btn = qw.QPushButton("Open recording")
+        self.open_btn.setEnabled(False)
+        self.open_btn.clicked.connect(lambda: live.open_recording())
+        for i, b in enumerate(
+            (
+                self.pause_btn,
+                self.stop_btn,
+                self.grid_btn,
+                self.contrast_btn,
+                self.snap_btn,
+                self.open_btn,
+            )
+        ):
+            buttons.addWidget(b, i // 2, i % 2)
+        layout.addLayout(buttons)
+        self.version_boxes: dict[str, Any] = {}
+        versions = live.controls.versions()
+        current = live.controls.current()
+        if versions and live.controls.swap is not None:
+            vform = qw.QFormLayout()
+            for model, vs in versions.items():
+                box = qw.QComboBox()
+                for v in vs:
+                    box.addItem(f"v{v}", v)
+                if model in current:
+                    box.setCurrentIndex(max(0, box.findData(current[model])))
+                box.activated.connect(lambda _i, m=model, b=box: self._swap(m, b.currentData()))
+                self.version_boxes[model] = box
+                vform.addRow(f"{model} version", box)
+            layout.addLayout(vform)
+        self.message = qw.QLabel("")
+        self.message.setWordWrap(True)
+        layout.addWidget(self.message)
+        layout.addStretch(1)
+
+    def show_status(self, status: dict[str, Any]) -> None:
+        """Update the rows (creating them the first time)."""
+        qw = _qt_widgets()
+        rows = format_status(status)
+        for key, text in rows.items():
+            if key not in self._labels:
+                label = qw.QLabel(text)
+                self._labels[key] = label
+                self.form.addRow(key, label)
+            elif self.values.get(key) != text:
+                self._labels[key].setText(text)
+        self.values = rows
+
+    def finished(self) -> None:
+        """The run ended: controls that act on it are off; the recording can be opened."""
+        self.pause_btn.setEnabled(False)
+        self.stop_btn.setEnabled(False)
+        for box in self.version_boxes.values():
+            box.setEnabled(False)
+        self.open_btn.setEnabled(self.live.controls.store is not None)
+        self.message.setText("run ended: the window stays open on the last frames")
+
+    def _pause(self, paused: bool) -> None:
+        pause = self.live.controls.pause
+        ok = pause(paused) if pause is not None else False
+        self.pause_btn.setText("Resume" if paused and ok else "Pause")
+        if not ok:
+            self.message.setText("this source cannot pause")
+
+    def _stop(self) -> None:
+        self.live.controls.stop()
+        self.message.setText("stopping: what is buffered is still written")
+
+    def _grid(self, on: bool) -> None:
+        self.live.set_grid(on)
+        self.grid_btn.setText("Side by side" if on else "Overlaid")
+
+    def _snap(self) -> None:
+        path = self.live.snapshot()
+        self.message.setText(f"saved {path}")
+
+    def _swap(self, model: str, version: int) -> None:
+        swap = self.live.controls.swap
+        if swap is None:
+            return
+        swap(model, int(version))
+        self.message.setText(f"{model}: loading v{version}; it takes over at a frame boundary")

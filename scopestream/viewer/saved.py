@@ -1,0 +1,243 @@
+"""Saved runs in napari: raw and every output as named, coloured layers in µm and s.
+
+`run_layers` reads what a run store holds (no Qt, so it is tested on its own);
+`open_run` adds the layers; `RunFollower` keeps them growing while the run is
+still being written (the time axis is re-read every second and the view
+follows the newest time point until the run's status says it ended).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from scopestream.viewer.frames import layer_name
+from scopestream.viewer.style import colormap_for, estimate_limits
+
+if TYPE_CHECKING:
+    import napari
+
+
+@dataclass
+class LayerSpec:
+    """One channel of one image of a run, ready for ``viewer.add_image``."""
+
+    name: str
+    kind: str
+    channel: str
+    image: str  # "" for the raw image, else the output group's name
+    c: int
+    data: Any  # lazy (t, [z,] y, x)
+    scale: tuple[float, ...]
+    axis_labels: tuple[str, ...]
+    colormap: str
+    contrast_limits: tuple[float, float]
+    last_t: int
+    complete_t: list[int]
+
+
+def _attrs(group: Path) -> dict[str, Any]:
+    doc = json.loads((group / "zarr.json").read_text())
+    attrs: dict[str, Any] = doc.get("attributes", {})
+    return attrs
+
+
+def _kind(sc: dict[str, Any], prov: dict[str, Any]) -> str:
+    if prov.get("kind") == "ground truth":
+        return "truth"
+    task = prov.get("task")
+    if task == "denoise":
+        return "denoised"
+    return "predicted"
+
+
+def _images(path: Path) -> list[tuple[str, Path]]:
+    """("", root) for the raw image, then every output group (name, path)."""
+    out = [("", path)]
+    for d in sorted(p for p in path.iterdir() if p.is_dir()):
+        zj = d / "zarr.json"
+        if zj.exists() and "ome" in _attrs(d):
+            out.append((d.name, d))
+    return out
+
+
+def _complete_t(group: Path, c: int) -> list[int]:
+    """Time points with at least one complete plane of channel ``c``."""
+    from scopestream.streaming.zarr_sink import complete_frames
+
+    try:
+        flags = complete_frames(group)
+    except (OSError, KeyError, ValueError):
+        return []
+    ts = np.flatnonzero(flags[:, c].any(axis=-1)) if flags.ndim == 3 else np.flatnonzero(flags)
+    return [int(t) for t in ts]
+
+
+def run_layers(path: str | Path) -> list[LayerSpec]:
+    """Every channel of the raw image and of each output, as layer specs."""
+    import dask.array as da
+    import zarr
+
+    root = Path(path)
+    if not (root / "zarr.json").exists():
+        raise FileNotFoundError(f"{root} is not an OME-Zarr store (no zarr.json)")
+    raw_attrs = _attrs(root)
+    if "ome" not in raw_attrs:
+        raise ValueError(f"{root} has no OME-Zarr image at its root")
+    provenance = (raw_attrs.get("scopestream") or {}).get("outputs") or {}
+    specs: list[LayerSpec] = []
+    for image, group in _images(root):
+        attrs = _attrs(group)
+        ms = attrs["ome"]["multiscales"][0]
+        scale = ms["datasets"][0]["coordinateTransformations"][0]["scale"]
+        channels = [c["label"] for c in attrs["ome"]["omero"]["channels"]]
+        sc = attrs.get("scopestream") or {}
+        prov = provenance.get(image) or sc.get("provenance") or {}
+        kind = "raw" if image == "" else _kind(sc, prov)
+        arr: Any = zarr.open_array(str(group / "0"), mode="r")
+        lazy = da.from_zarr(arr)  # type: ignore[no-untyped-call]
+        n_z = int(arr.shape[2])
+        t_scale = float(scale[0]) or 1.0
+        for c, ch in enumerate(channels):
+            data = lazy[:, c] if n_z > 1 else lazy[:, c, 0]
+            sp = (t_scale, *scale[2:]) if n_z > 1 else (t_scale, *scale[3:])
+            labels = ("t", "z", "y", "x") if n_z > 1 else ("t", "y", "x")
+            done = _complete_t(group, c)
+            last = done[-1] if done else 0
+            frame = np.asarray(arr[last, c, n_z // 2])
+            specs.append(
+                LayerSpec(
+                    name=layer_name(kind, ch),
+                    kind=kind,
+                    channel=ch,
+                    image=image,
+                    c=c,
+                    data=data,
+                    scale=tuple(float(s) for s in sp),
+                    axis_labels=labels,
+                    colormap=colormap_for(ch),
+                    contrast_limits=estimate_limits(frame),
+                    last_t=last,
+                    complete_t=done,
+                )
+            )
+    return specs
+
+
+def open_run(viewer: napari.Viewer, path: str | Path) -> list[Any]:
+    """Add a run's layers to ``viewer``; the time slider goes to the newest frame."""
+    specs = run_layers(path)
+    layers = []
+    for s in specs:
+        layer = viewer.add_image(
+            s.data,
+            name=s.name,
+            colormap=s.colormap,
+            contrast_limits=s.contrast_limits,
+            scale=s.scale,
+            blending="additive",
+            metadata={"kind": s.kind, "channel": s.channel, "image": s.image, "c": s.c},
+        )
+        if s.kind not in ("raw", "truth"):
+            layer.metadata["prediction"] = True
+        layers.append(layer)
+    if specs:
+        viewer.dims.axis_labels = specs[0].axis_labels
+        viewer.dims.set_current_step(0, best_time_point(specs))
+    return layers
+
+
+def best_time_point(specs: list[LayerSpec]) -> int:
+    """The newest time point at which the most images were written.
+
+    Models on the ``latest`` policy skip frames, so the newest raw frame may
+    have no prediction; opening there would show empty outputs.
+    """
+    score: dict[int, int] = {}
+    for s in specs:
+        for t in s.complete_t:
+            score[t] = score.get(t, 0) + 1
+    if not score:
+        return 0
+    best = max(score.values())
+    return max(t for t, k in score.items() if k == best)
+
+
+def run_status(path: str | Path) -> str:
+    """The run's recorded status (acquiring, complete, failed, …)."""
+    sc = _attrs(Path(path)).get("scopestream") or {}
+    return str(sc.get("status", "unknown"))
+
+
+class RunFollower:
+    """Keeps a saved run's layers growing while it is written (a 1 s main-thread timer)."""
+
+    def __init__(self, viewer: napari.Viewer, path: str | Path, interval_ms: int = 1000) -> None:
+        from qtpy.QtCore import QTimer
+
+        self.viewer, self.path = viewer, Path(path)
+        self.refreshes = 0
+        self.timer = QTimer()
+        self.timer.setInterval(interval_ms)
+        self.timer.timeout.connect(self.refresh)
+        self.timer.start()
+
+    def refresh(self) -> None:
+        """Re-read the time axis; grow the layers; follow the newest time point."""
+        status = run_status(self.path)
+        specs = {s.name: s for s in run_layers(self.path)}
+        for layer in self.viewer.layers:
+            spec = specs.get(layer.name)
+            if spec is None:
+                continue
+            if tuple(spec.data.shape) != tuple(layer.data.shape):
+                layer.data = spec.data
+            else:
+                layer.refresh()
+        if specs:
+            self.viewer.dims.set_current_step(0, max(s.last_t for s in specs.values()))
+        self.refreshes += 1
+        if status != "acquiring":
+            self.timer.stop()
+
+
+def view_run(
+    path: str | Path, *, screenshot: Path | None = None, follow: bool = True
+) -> dict[str, Any]:
+    """``scopestream view``: a window on a saved run until it is closed (or screenshotted)."""
+    import napari
+    from qtpy.QtCore import QTimer
+
+    status = run_status(path)
+    viewer = napari.Viewer(title=f"scopestream — {path}", show=True)
+    layers = open_run(viewer, path)
+    viewer.window.resize(1500, 950)
+    viewer.grid.enabled = True
+    follower = RunFollower(viewer, path) if follow and status == "acquiring" else None
+    shown: dict[str, Any] = {
+        "layers": [layer.name for layer in layers],
+        "status": status,
+        "following": follower is not None,
+        "time_point": int(viewer.dims.current_step[0]) if layers else 0,
+    }
+    if screenshot is not None:
+
+        def shoot() -> None:
+            rows, cols = viewer.grid.actual_shape(viewer.layers)
+            viewer.reset_view()
+            screenshot.parent.mkdir(parents=True, exist_ok=True)
+            viewer.screenshot(str(screenshot), size=(rows * 360, cols * 360), canvas_only=True)
+            shown["grid"] = [rows, cols]
+            shown["screenshot"] = str(screenshot)
+            shown["shapes"] = {layer.name: list(layer.data.shape) for layer in viewer.layers}
+            viewer.close()
+
+        QTimer.singleShot(200 if follower is None else 2500, shoot)
+    napari.run()
+    if follower is not None:
+        shown["refreshes"] = follower.refreshes
+    return shown
