@@ -12,6 +12,7 @@ of ending quietly short.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -22,7 +23,7 @@ from scopestream.acquisition.base import SourceError
 from scopestream.streaming.frame import make_meta
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     import numpy as np
 
@@ -72,10 +73,31 @@ def check_config(config: str, mm_dir: str | None) -> tuple[str, str]:
     return str(d), str(cfg)
 
 
+@contextlib.contextmanager
+def psygnal_events() -> Iterator[None]:
+    """Cores made inside deliver events on their own threads, never through Qt.
+
+    pymmcore-plus picks Qt signals when a Qt application exists (the live
+    viewer): frames would then wait for the GUI's event loop and run on its
+    thread. Acquisition must not depend on the GUI, so the choice is pinned.
+    """
+    key = "PYMM_SIGNALS_BACKEND"
+    old = os.environ.get(key)
+    os.environ[key] = "psygnal"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
 def load_core(mm_dir: str, config: str) -> Any:
     """A ``CMMCorePlus`` with ``config`` loaded from adapters in ``mm_dir``."""
     pmp = require_pymmcore_plus()
-    core = pmp.CMMCorePlus()
+    with psygnal_events():
+        core = pmp.CMMCorePlus()
     core.setDeviceAdapterSearchPaths([mm_dir])
     try:
         core.loadSystemConfiguration(config)

@@ -213,7 +213,10 @@ class SimLightPath(StateDevice):
 
 def build_sim_core(state: ScopeState) -> UniMMCore:
     """A ``UniMMCore`` with the simulated devices loaded and a ``Channel`` group."""
-    core = UniMMCore()
+    from scopestream.acquisition.mmcore import psygnal_events
+
+    with psygnal_events():
+        core = UniMMCore()
     try:
         core.loadPyDevice("Camera", SimCamera(state))
         core.loadPyDevice("Z", SimZStage(state))
