@@ -1152,6 +1152,35 @@ def bench_acquisition_cmd(
     typer.echo(json.dumps(res))
 
 
+@bench_app.command("viewer")
+def bench_viewer_cmd(
+    frames: Annotated[int, typer.Option(help="Frames to stream.")] = 1000,
+    shape: Annotated[str, typer.Option(help="Frame size HxW.")] = "1024x1024",
+    fps: Annotated[float, typer.Option(help="Camera frame rate.")] = 100.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+) -> None:
+    """The live display under a fast stream: updates/s (vs napari alone) and memory growth."""
+    from scopestream.config import parse_shape
+    from scopestream.viewer.bench import bench_viewer, ensure_display
+
+    try:
+        hw = parse_shape(shape)
+        xvfb = ensure_display()
+    except (ValueError, RuntimeError) as e:
+        raise _die(str(e)) from None
+    try:
+        res = bench_viewer(n_frames=frames, shape=hw, fps=fps)
+    finally:
+        if xvfb is not None:
+            xvfb.terminate()
+    if not as_json:
+        err.print(
+            f"display {res['display_updates_per_s']} updates/s (napari alone "
+            f"{res['napari_ceiling_updates_per_s']}), memory growth {res['rss_mb']['growth']} MB"
+        )
+    typer.echo(json.dumps(res))
+
+
 @bench_app.command("inference")
 def bench_inference_cmd(
     sizes: Annotated[str, typer.Option(help="Frame sizes, comma-separated.")] = "512,2048",
