@@ -105,7 +105,7 @@ class LiveViewer:
         self.limits = dict(limits or {})
         self.screenshot_path = screenshot
         self.viewer = viewer or napari.Viewer(title=title, show=show)
-        self.viewer.grid.enabled = True  # side by side, one camera: zoom and pan are linked
+        self.viewer.canvas.grid.enabled = True  # side by side, one camera: zoom and pan are linked
         self.viewer.window.resize(1500, 950)
         self.widget = StatusWidget(self)
         self.viewer.window.add_dock_widget(self.widget, name="scopestream", area="right")
@@ -219,7 +219,7 @@ class LiveViewer:
     def save_screenshot(self, path: Path) -> Path:
         """PNG of the canvas (every layer in its grid cell) as it is now."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        rows, cols = self.viewer.grid.actual_shape(self.viewer.layers)
+        rows, cols = self.viewer.canvas.grid.actual_shape(self.viewer.layers)
         cell = 360  # pixels per grid cell, whatever the window's size
         self.viewer.reset_view()
         self.viewer.screenshot(str(path), size=(rows * cell, cols * cell), canvas_only=True)
@@ -243,7 +243,7 @@ class LiveViewer:
 
     def set_grid(self, side_by_side: bool) -> None:
         """Side by side (grid) or overlaid (additive)."""
-        self.viewer.grid.enabled = side_by_side
+        self.viewer.canvas.grid.enabled = side_by_side
 
     def open_recording(self) -> None:
         """Replace the live layers by the whole recording (time and z sliders)."""
@@ -261,7 +261,8 @@ class LiveViewer:
             return self.described
         return {
             "layers": [layer.name for layer in self.viewer.layers],
-            "grid": list(self.viewer.grid.actual_shape(self.viewer.layers)),
+            "shapes": {layer.name: list(layer.data.shape) for layer in self.viewer.layers},
+            "grid": list(self.viewer.canvas.grid.actual_shape(self.viewer.layers)),
             "display_updates": self.updates,
             "ticks": self.ticks,
             "screenshot": str(self.screenshot_path) if self.screenshot_path else None,

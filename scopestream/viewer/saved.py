@@ -216,7 +216,7 @@ def view_run(
     viewer = napari.Viewer(title=f"scopestream — {path}", show=True)
     layers = open_run(viewer, path)
     viewer.window.resize(1500, 950)
-    viewer.grid.enabled = True
+    viewer.canvas.grid.enabled = True
     follower = RunFollower(viewer, path) if follow and status == "acquiring" else None
     shown: dict[str, Any] = {
         "layers": [layer.name for layer in layers],
@@ -227,7 +227,7 @@ def view_run(
     if screenshot is not None:
 
         def shoot() -> None:
-            rows, cols = viewer.grid.actual_shape(viewer.layers)
+            rows, cols = viewer.canvas.grid.actual_shape(viewer.layers)
             viewer.reset_view()
             screenshot.parent.mkdir(parents=True, exist_ok=True)
             viewer.screenshot(str(screenshot), size=(rows * 360, cols * 360), canvas_only=True)

@@ -6,6 +6,7 @@ import dataclasses
 import os
 import threading
 import time
+import warnings
 from typing import TYPE_CHECKING
 
 import imageio.v3 as iio
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from scopestream.acquisition.replay import ArraySource
+from scopestream.streaming.ringbuffer import OverflowPolicy
 from scopestream.streaming.runner import SinkSpec, StreamRunner
 from scopestream.streaming.zarr_sink import ZarrSink
 
@@ -199,3 +201,60 @@ class _Counter:
 
     def close(self, *a: object, **k: object) -> None:
         pass
+
+
+def test_closing_the_window_leaves_the_recording_whole(tmp_path: Path) -> None:
+    with warnings.catch_warnings():  # third-party import-time warnings, not ours
+        warnings.simplefilter("ignore")
+        import napari.viewer  # noqa: F401
+    from qtpy.QtCore import QTimer
+
+    from scopestream.viewer.frames import LatestFrames
+    from scopestream.viewer.live import LiveViewer, RunControls
+
+    frames = np.random.default_rng(0).integers(0, 4000, (4, 64, 64)).astype(np.uint16)
+    src = ArraySource(frames, 120, fps=40)  # 3 s of acquisition
+    lf = LatestFrames(src.info)
+    out = tmp_path / "c.ome.zarr"
+    runner = StreamRunner(
+        src,
+        [
+            SinkSpec("zarr", ZarrSink(out, src.info), records=True),
+            SinkSpec("viewer", lf, OverflowPolicy.LATEST),
+        ],
+    )
+    live = LiveViewer(
+        lf,
+        RunControls(
+            status=runner.live_summary,
+            finished=lambda: runner.summary is not None,
+            stop=runner.stop,
+            store=out,
+        ),
+    )
+    live.prepare([("raw (raw)", "raw", "raw", None)])
+    QTimer.singleShot(800, live.viewer.close)  # the user closes the window mid-run
+    live.run(start=runner.start)
+    assert runner.summary is None  # still running after the window went away
+    assert live.updates > 0
+    assert runner.wait(30)
+    s = runner.summary
+    assert s is not None
+    assert s["status"] == "complete" and s["frames_written"] == 120 and s["frames_lost"] == 0
+
+
+def test_z_stack_runs_show_the_current_stack_with_a_z_slider(
+    cli: Callable[..., CliResult], tmp_path: Path
+) -> None:
+    shot = tmp_path / "z.png"
+    r = cli(
+        "run", "--source", "sim", "--channels", "brightfield:5,nuclei:10", "--z-planes", "4",
+        "--time-points", "6", "--fps", "20", "--shape", "128x128", "--model", "stain",
+        "--viewer", "--screenshot", str(shot), "--out", str(tmp_path / "z.ome.zarr"), "--json",
+        timeout=300,
+    )  # fmt: skip
+    assert r.code == 0, r.stderr
+    v = r.json["viewer"]
+    assert v["shapes"]["nuclei (raw)"] == [4, 128, 128]
+    assert v["shapes"]["nuclei (predicted)"] == [4, 128, 128]
+    assert sum(c.std() > 8 for c in _cells(shot, v["grid"])) == len(v["layers"]) == 4
