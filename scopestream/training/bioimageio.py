@@ -316,6 +316,14 @@ def export_bioimageio(
 # -- import ------------------------------------------------------------------------------------
 
 
+def _gain_offset(kw: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``scale_linear``'s gain and offset as arrays of one length (scalars broadcast)."""
+    g = np.atleast_1d(np.asarray(kw.gain, np.float64))
+    o = np.atleast_1d(np.asarray(kw.offset, np.float64))
+    n = max(g.size, o.size)
+    return np.resize(g, n), np.resize(o, n)
+
+
 def _norm_from_pre(ops: list[Any], test_input: np.ndarray) -> tuple[Normalization, list[str]]:
     """Our fixed input normalization from bioimage.io preprocessing (and notes)."""
     notes: list[str] = []
@@ -325,12 +333,9 @@ def _norm_from_pre(ops: list[Any], test_input: np.ndarray) -> tuple[Normalizatio
         kw: Any = getattr(op, "kwargs", None)
         if kind == "ensure_dtype":
             continue
-        if kind == "scale_linear":
-            g = np.atleast_1d(np.asarray(kw.gain, np.float64))
-            o = np.atleast_1d(np.asarray(kw.offset, np.float64))
-            norm = Normalization(
-                offset=tuple(float(v) for v in -o / g), scale=tuple(float(v) for v in 1 / g)
-            )
+        if kind == "scale_linear":  # x * g + o = (x - (-o / g)) / (1 / g)
+            g, o = _gain_offset(kw)
+            norm = Normalization(offset=tuple(map(float, -o / g)), scale=tuple(map(float, 1 / g)))
         elif kind == "fixed_zero_mean_unit_variance":
             mean = np.atleast_1d(np.asarray(kw.mean, np.float64))
             std = np.atleast_1d(np.asarray(kw.std, np.float64))
@@ -367,11 +372,7 @@ def _norm_from_post(ops: list[Any]) -> Normalization:
         if kind == "ensure_dtype":
             continue
         if kind == "scale_linear":
-            g = np.atleast_1d(np.asarray(kw.gain, np.float64))
-            o = np.atleast_1d(np.asarray(kw.offset, np.float64))
-            if o.size != g.size:
-                o = np.resize(o, g.size)
-                g = np.resize(g, o.size)
+            g, o = _gain_offset(kw)
             norm = Normalization(offset=tuple(map(float, o)), scale=tuple(map(float, g)))
         else:
             raise BioimageioError(f"postprocessing {kind!r} is not supported by scopestream")
