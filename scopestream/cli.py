@@ -335,7 +335,9 @@ def _check_display() -> None:
 
 def _display_hook(frames: Any, engine: Any) -> Callable[[np.ndarray, Any], None]:
     """Hand an engine's predictions to the display (newest only, no Qt)."""
-    kind = "denoised" if engine.predictor.manifest.task == "denoise" else "predicted"
+    from scopestream.viewer.frames import output_kind
+
+    kind = output_kind(engine.predictor.manifest.task)
     names = tuple(engine.writer.channel_names)
     wildcard = bool(engine.wildcard)
     image = engine.writer.name
@@ -358,14 +360,14 @@ def _open_live_viewer(
     """The napari window on this run: layers, contrast from the models, the status widget."""
     import threading
 
-    from scopestream.viewer.frames import layer_name
+    from scopestream.viewer.frames import layer_name, output_kind
     from scopestream.viewer.live import LiveViewer, RunControls
 
     info = runner.source.info
     limits: dict[str, tuple[float, float]] = {}
     for e in engines.values():
         m = e.predictor.manifest
-        kind = "denoised" if m.task == "denoise" else "predicted"
+        kind = output_kind(m.task)
         inorm, onorm = e.predictor.input_norm, e.predictor.output_norm
         if e.wildcard:
             continue  # constants of whatever it was trained on: estimated from the frames
@@ -423,7 +425,7 @@ def _open_live_viewer(
     ]
     for e in engines.values():
         m = e.predictor.manifest
-        kind = "denoised" if m.task == "denoise" else "predicted"
+        kind = output_kind(m.task)
         names = e.writer.channel_names
         if e.wildcard:  # one output per source channel the model takes
             names = [ch for ch in info.channel_names if m.accepts(ch)]

@@ -11,6 +11,7 @@ import pytest
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from pathlib import Path
 
 
 def _cuda_available() -> bool:
@@ -68,3 +69,14 @@ def cli() -> Callable[..., CliResult]:
         return CliResult(proc)
 
     return run
+
+
+def record_sim(out: Path, *args: str, timeout: float = 120) -> Path:
+    """Record a simulated run to ``out`` (``scopestream run --source sim ARGS``); fail loudly."""
+    subprocess.run(
+        [sys.executable, "-m", "scopestream", "run", "--source", "sim", *args, "--out", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=timeout,
+    )
+    return out

@@ -205,9 +205,7 @@ def export_bioimageio(
         from scopestream.inference.backends import TorchBackend
 
         predictor = Predictor(pkg, TorchBackend(pkg, device="cpu"))
-        data = x[0, 0] if man.in_channels == 1 else x[0]
-        if man.spatial == "3d":
-            data = x[0, 0]
+        data = x[0, 0] if man.in_channels == 1 else x[0]  # (Y, X), (Z, Y, X) or a window
         y = predictor.predict(data)[None].astype(np.float32)
         np.save(d / "test_input.npy", x)
         np.save(d / "test_output.npy", y)

@@ -115,16 +115,6 @@ def bench_viewer(
         )
         live.prepare([(layer_name("raw", "nuclei"), "raw", "nuclei", None)])
         samples: list[tuple[float, float, int]] = []  # (time, rss MB, frames acquired)
-        tick_ms: list[float] = []
-        orig = live._tick
-
-        def timed_tick() -> None:
-            t = time.perf_counter()
-            orig()
-            tick_ms.append((time.perf_counter() - t) * 1e3)
-
-        live.timer.timeout.disconnect()
-        live.timer.timeout.connect(timed_tick)
         sampler = QTimer()
         sampler.setInterval(250)
         sampler.timeout.connect(
@@ -140,6 +130,7 @@ def bench_viewer(
         sampler.stop()
         marker.stop()
         summary = runner.summary or {}
+        tick_ms = list(live.tick_ms)
     # updates/s over the streaming part: first to last acquired frame
     stream = [(t, r) for t, r, n in samples if 0 < n < n_frames]
     warm = [s for s in samples if s[2] >= min(100, n_frames // 10)]

@@ -41,6 +41,11 @@ class Shown:
     seq: int = -1
 
 
+def output_kind(task: str) -> str:
+    """How a model's output is labelled: ``denoised`` or ``predicted`` (a stain)."""
+    return "denoised" if task == "denoise" else "predicted"
+
+
 def layer_name(kind: str, channel: str) -> str:
     """``nuclei (raw)``, ``nuclei (denoised)``, ``membrane (predicted)``."""
     return f"{channel} ({kind})"

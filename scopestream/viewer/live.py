@@ -17,6 +17,7 @@ headless until the run ends.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,11 +26,10 @@ import numpy as np
 
 from scopestream.viewer.frames import Shown
 from scopestream.viewer.style import colormap_for, estimate_limits
+from scopestream.viewer.window import grid_shape, open_window, save_canvas
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-
-    import napari
 
     from scopestream.viewer.frames import LatestFrames
 
@@ -96,23 +96,20 @@ class LiveViewer:
         hz: float = 30.0,
         screenshot: Path | None = None,
         show: bool = True,
-        viewer: napari.Viewer | None = None,
     ) -> None:
-        import napari
         from qtpy.QtCore import QTimer
 
         self.frames, self.controls = frames, controls
         self.limits = dict(limits or {})
         self.screenshot_path = screenshot
-        self.viewer = viewer or napari.Viewer(title=title, show=show)
-        self.viewer.canvas.grid.enabled = True  # side by side, one camera: zoom and pan are linked
-        self.viewer.window.resize(1500, 950)
+        self.viewer = open_window(title, show=show)
         self.widget = StatusWidget(self)
         self.viewer.window.add_dock_widget(self.widget, name="scopestream", area="right")
         self._seen: dict[str, int] = {}
         self._auto_limits: set[str] = set()
         self.updates = 0  # timer ticks that put new pixels on screen
         self.ticks = 0
+        self.tick_ms: deque[float] = deque(maxlen=4096)  # what each tick cost the GUI thread
         self.final: dict[str, Any] | None = None
         self.snapshots: list[Path] = []
         self.described: dict[str, Any] | None = None  # what it showed when it closed
@@ -124,6 +121,13 @@ class LiveViewer:
 
     # -- the timer ---------------------------------------------------------------------
     def _tick(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._update()
+        finally:
+            self.tick_ms.append((time.perf_counter() - t0) * 1e3)
+
+    def _update(self) -> None:
         self.ticks += 1
         changed = self.frames.changed(self._seen)
         for shown in changed:
@@ -218,11 +222,7 @@ class LiveViewer:
     # -- actions ---------------------------------------------------------------------------
     def save_screenshot(self, path: Path) -> Path:
         """PNG of the canvas (every layer in its grid cell) as it is now."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        rows, cols = self.viewer.canvas.grid.actual_shape(self.viewer.layers)
-        cell = 360  # pixels per grid cell, whatever the window's size
-        self.viewer.reset_view()
-        self.viewer.screenshot(str(path), size=(rows * cell, cols * cell), canvas_only=True)
+        save_canvas(self.viewer, path)
         return path
 
     def snapshot(self) -> Path:
@@ -262,7 +262,7 @@ class LiveViewer:
         return {
             "layers": [layer.name for layer in self.viewer.layers],
             "shapes": {layer.name: list(layer.data.shape) for layer in self.viewer.layers},
-            "grid": list(self.viewer.canvas.grid.actual_shape(self.viewer.layers)),
+            "grid": list(grid_shape(self.viewer)),
             "display_updates": self.updates,
             "ticks": self.ticks,
             "screenshot": str(self.screenshot_path) if self.screenshot_path else None,

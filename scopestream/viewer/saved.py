@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from scopestream.viewer.frames import layer_name
+from scopestream.viewer.frames import layer_name, output_kind
 from scopestream.viewer.style import colormap_for, estimate_limits
 
 if TYPE_CHECKING:
@@ -46,13 +46,10 @@ def _attrs(group: Path) -> dict[str, Any]:
     return attrs
 
 
-def _kind(sc: dict[str, Any], prov: dict[str, Any]) -> str:
+def _kind(prov: dict[str, Any]) -> str:
     if prov.get("kind") == "ground truth":
         return "truth"
-    task = prov.get("task")
-    if task == "denoise":
-        return "denoised"
-    return "predicted"
+    return output_kind(str(prov.get("task", "stain")))
 
 
 def _images(path: Path) -> list[tuple[str, Path]]:
@@ -65,20 +62,24 @@ def _images(path: Path) -> list[tuple[str, Path]]:
     return out
 
 
-def _complete_t(group: Path, c: int) -> list[int]:
-    """Time points with at least one complete plane of channel ``c``."""
+def _complete_t(group: Path) -> list[list[int]]:
+    """Per channel, the time points with at least one complete plane (one listing)."""
     from scopestream.streaming.zarr_sink import complete_frames
 
     try:
-        flags = complete_frames(group)
+        flags = complete_frames(group)  # (t, c, z)
     except (OSError, KeyError, ValueError):
         return []
-    ts = np.flatnonzero(flags[:, c].any(axis=-1)) if flags.ndim == 3 else np.flatnonzero(flags)
-    return [int(t) for t in ts]
+    per_c = np.any(flags, axis=-1).reshape(flags.shape[:2])
+    return [[int(t) for t in np.flatnonzero(per_c[:, c])] for c in range(per_c.shape[1])]
 
 
-def run_layers(path: str | Path) -> list[LayerSpec]:
-    """Every channel of the raw image and of each output, as layer specs."""
+def run_layers(path: str | Path, *, contrast: bool = True) -> list[LayerSpec]:
+    """Every channel of the raw image and of each output, as layer specs.
+
+    ``contrast=False`` reads no pixels (limits stay (0, 1)): for re-reading the
+    time axis of a run that is still written.
+    """
     import dask.array as da
     import zarr
 
@@ -97,18 +98,19 @@ def run_layers(path: str | Path) -> list[LayerSpec]:
         channels = [c["label"] for c in attrs["ome"]["omero"]["channels"]]
         sc = attrs.get("scopestream") or {}
         prov = provenance.get(image) or sc.get("provenance") or {}
-        kind = "raw" if image == "" else _kind(sc, prov)
+        kind = "raw" if image == "" else _kind(prov)
         arr: Any = zarr.open_array(str(group / "0"), mode="r")
         lazy = da.from_zarr(arr)  # type: ignore[no-untyped-call]
         n_z = int(arr.shape[2])
         t_scale = float(scale[0]) or 1.0
+        complete = _complete_t(group)
         for c, ch in enumerate(channels):
             data = lazy[:, c] if n_z > 1 else lazy[:, c, 0]
             sp = (t_scale, *scale[2:]) if n_z > 1 else (t_scale, *scale[3:])
             labels = ("t", "z", "y", "x") if n_z > 1 else ("t", "y", "x")
-            done = _complete_t(group, c)
+            done = complete[c] if c < len(complete) else []
             last = done[-1] if done else 0
-            frame = np.asarray(arr[last, c, n_z // 2])
+            limits = estimate_limits(np.asarray(arr[last, c, n_z // 2])) if contrast else (0, 1)
             specs.append(
                 LayerSpec(
                     name=layer_name(kind, ch),
@@ -120,7 +122,7 @@ def run_layers(path: str | Path) -> list[LayerSpec]:
                     scale=tuple(float(s) for s in sp),
                     axis_labels=labels,
                     colormap=colormap_for(ch),
-                    contrast_limits=estimate_limits(frame),
+                    contrast_limits=limits,
                     last_t=last,
                     complete_t=done,
                 )
@@ -189,7 +191,7 @@ class RunFollower:
     def refresh(self) -> None:
         """Re-read the time axis; grow the layers; follow the newest time point."""
         status = run_status(self.path)
-        specs = {s.name: s for s in run_layers(self.path)}
+        specs = {s.name: s for s in run_layers(self.path, contrast=False)}
         for layer in self.viewer.layers:
             spec = specs.get(layer.name)
             if spec is None:
@@ -212,11 +214,11 @@ def view_run(
     import napari
     from qtpy.QtCore import QTimer
 
+    from scopestream.viewer.window import open_window, save_canvas
+
     status = run_status(path)
-    viewer = napari.Viewer(title=f"scopestream — {path}", show=True)
+    viewer = open_window(f"scopestream — {path}")
     layers = open_run(viewer, path)
-    viewer.window.resize(1500, 950)
-    viewer.canvas.grid.enabled = True
     follower = RunFollower(viewer, path) if follow and status == "acquiring" else None
     shown: dict[str, Any] = {
         "layers": [layer.name for layer in layers],
@@ -227,11 +229,7 @@ def view_run(
     if screenshot is not None:
 
         def shoot() -> None:
-            rows, cols = viewer.canvas.grid.actual_shape(viewer.layers)
-            viewer.reset_view()
-            screenshot.parent.mkdir(parents=True, exist_ok=True)
-            viewer.screenshot(str(screenshot), size=(rows * 360, cols * 360), canvas_only=True)
-            shown["grid"] = [rows, cols]
+            shown["grid"] = list(save_canvas(viewer, screenshot))
             shown["screenshot"] = str(screenshot)
             shown["shapes"] = {layer.name: list(layer.data.shape) for layer in viewer.layers}
             viewer.close()

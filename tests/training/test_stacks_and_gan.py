@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -14,6 +12,7 @@ import zarr
 from scopestream.inference.package import load_package
 from scopestream.training.data import FieldData, PatchSampler, Region, load_run
 from scopestream.training.module import PatchDiscriminator, TrainModule
+from tests.conftest import record_sim
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -25,37 +24,11 @@ if TYPE_CHECKING:
 @pytest.fixture(scope="module")
 def zstack_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Brightfield + nuclei z-stacks (8 planes, 3 time points) from the simulator."""
-    out = tmp_path_factory.mktemp("zs") / "zs.ome.zarr"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "scopestream",
-            "run",
-            "--source",
-            "sim",
-            "--channels",
-            "brightfield:5,nuclei:20",
-            "--z-planes",
-            "8",
-            "--z-step",
-            "0.7",
-            "--time-points",
-            "3",
-            "--sim-time-step",
-            "60",
-            "--shape",
-            "128x128",
-            "--seed",
-            "3",
-            "--out",
-            str(out),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    return out
+    return record_sim(
+        tmp_path_factory.mktemp("zs") / "zs.ome.zarr",
+        "--channels", "brightfield:5,nuclei:20", "--z-planes", "8", "--z-step", "0.7",
+        "--time-points", "3", "--sim-time-step", "60", "--shape", "128x128", "--seed", "3",
+    )  # fmt: skip
 
 
 def _stack_field(n_t: int = 2, z: int = 6) -> FieldData:

@@ -16,6 +16,7 @@ import pytest
 import tifffile
 
 from scopestream.inference.package import load_package
+from tests.conftest import record_sim
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -29,33 +30,11 @@ def low_light_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     d = tmp_path_factory.mktemp("runs")
     runs = []
     for seed in range(4):
-        out = d / f"f{seed}.ome.zarr"
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "scopestream",
-                "run",
-                "--source",
-                "sim",
-                "--channels",
-                "nuclei:1,nuclei_hi=nuclei:20",
-                "--time-points",
-                "6",
-                "--sim-time-step",
-                "60",
-                "--shape",
-                "128x128",
-                "--seed",
-                str(seed),
-                "--sim-truth",
-                "--out",
-                str(out),
-            ],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
+        out = record_sim(
+            d / f"f{seed}.ome.zarr",
+            "--channels", "nuclei:1,nuclei_hi=nuclei:20", "--time-points", "6",
+            "--sim-time-step", "60", "--shape", "128x128", "--seed", str(seed), "--sim-truth",
+        )  # fmt: skip
         runs.append(out)
     return runs
 
