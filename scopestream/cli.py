@@ -445,8 +445,9 @@ def _attach_model(
 ) -> tuple[Any, Any, Any]:
     """An output image, an engine, a registry watcher (by name) and a predictor factory."""
     from scopestream.inference.backends import make_backend
-    from scopestream.inference.engine import InferenceEngine, RegistryWatcher, output_names
+    from scopestream.inference.engine import InferenceEngine, output_names
     from scopestream.inference.predictor import Predictor
+    from scopestream.inference.watcher import RegistryWatcher
 
     info = source.info
     name = predictor.manifest.name

@@ -11,11 +11,11 @@ from scopestream.inference.backends import OnnxBackend
 from scopestream.inference.engine import (
     InferenceEngine,
     ModelChannelError,
-    RegistryWatcher,
     output_names,
 )
 from scopestream.inference.package import Registry
 from scopestream.inference.predictor import Predictor
+from scopestream.inference.watcher import RegistryWatcher
 from scopestream.streaming.frame import make_meta
 from scopestream.streaming.layout import StreamInfo
 from scopestream.streaming.zarr_sink import ZarrSink, complete_frames
