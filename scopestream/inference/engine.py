@@ -132,10 +132,19 @@ class InferenceEngine:
 
     # -- hot swap ----------------------------------------------------------------
     def swap(self, predictor: Predictor) -> None:
-        """Hand over a new model; it takes over at the next frame boundary."""
+        """Hand over a new model; it takes over at the next frame boundary.
+
+        Raises `SwapRefused` (see `swap_incompatibility`) for a model with
+        another spatial mode, window, input channels or outputs; the running
+        model goes on.
+        """
+        # watcher.py owns the swap rules (it imports this module only for types)
+        from scopestream.inference.watcher import SwapRefused, swap_incompatibility
+
+        reason = swap_incompatibility(self.predictor.manifest, predictor.manifest)
+        if reason is not None:
+            raise SwapRefused(reason)
         check_channels(predictor, self.source_channels)
-        if predictor.manifest.outputs != self.predictor.manifest.outputs:
-            raise ModelChannelError("a swapped-in model must have the same outputs")
         with self._swap_lock:
             self._pending = predictor
 
