@@ -48,16 +48,19 @@ class RemoteSource(ThreadedSource):
         self._rx = FrameReceiver(address)
         self.end_seen = False
         first = None
-        while first is None:
-            msg = self._rx.recv(timeout_ms=int(connect_timeout_s * 1000))
-            if msg is None:
-                self._rx.close()
-                raise SourceError(
-                    f"no frame from {address} within {connect_timeout_s:g} s; is "
-                    f"'scopestream publish' running and reachable there?"
-                )
-            if isinstance(msg, DecodedFrame):
-                first = msg
+        try:
+            while first is None:
+                msg = self._rx.recv(timeout_ms=int(connect_timeout_s * 1000))
+                if msg is None:
+                    raise SourceError(
+                        f"no frame from {address} within {connect_timeout_s:g} s; is "
+                        f"'scopestream publish' running and reachable there?"
+                    )
+                if isinstance(msg, DecodedFrame):
+                    first = msg
+        except BaseException:  # e.g. Ctrl-C while waiting: nobody else will close it
+            self._rx.close()
+            raise
         self._first: DecodedFrame | None = first
         try:
             info = StreamInfo.from_json(first.stream) if first.stream else None
@@ -114,3 +117,9 @@ class RemoteSource(ThreadedSource):
     def finished(self) -> None:
         """Close the socket."""
         self._rx.close()
+
+    def stop(self) -> None:
+        """Ask the thread to stop; a source never started closes its socket here."""
+        super().stop()
+        if self._thread is None:
+            self._rx.close()

@@ -15,7 +15,7 @@ from scopestream.streaming.layout import StreamInfo
 from scopestream.streaming.zarr_sink import complete_frames
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     from scopestream.streaming.frame import FrameMeta
 
@@ -29,7 +29,8 @@ class _AxisView:
     Axes other than t, c, z, y, x (e.g. TIFF's ``q`` or ``i``) are folded into t.
     """
 
-    def __init__(self, arr: Any, axes: str) -> None:
+    def __init__(self, arr: Any, axes: str, *, on_close: Callable[[], None] | None = None) -> None:
+        self._on_close = on_close  # releases the files ``arr`` reads from, if it holds any
         axes = axes.lower()
         if "y" not in axes or "x" not in axes:
             raise SourceError(f"cannot replay an image without y and x axes (axes {axes!r})")
@@ -48,6 +49,12 @@ class _AxisView:
             size["x"],
         )
         self.swap_yx = axes.index("x") < axes.index("y")
+
+    def close(self) -> None:
+        """Release the files the array reads from (an NDTiff dataset keeps them open)."""
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
 
     def frame(self, t: int, c: int, z: int) -> np.ndarray:
         """The (y, x) frame at (t, c, z)."""
@@ -152,8 +159,12 @@ def _open_ndtiff(path: Path) -> tuple[_AxisView, StreamInfo, None]:
     ordered = [a for a in ("time", "channel", "z") if a in present]
     others = [a for a in present if a not in names]
     axes_letters = "".join("q" for _ in others) + "".join(names[a] for a in ordered) + "yx"
-    arr = ds.as_array(axes=[*others, *ordered])
-    data = _AxisView(arr, axes_letters)
+    try:
+        arr = ds.as_array(axes=[*others, *ordered])
+        data = _AxisView(arr, axes_letters, on_close=ds.close)
+    except BaseException:
+        ds.close()
+        raise
     n_t, n_c, n_z, h, w = data.shape
     summary = ds.summary_metadata or {}
     channels = [str(c) for c in ds.axes.get("channel", [])] or ["raw"]
@@ -211,7 +222,10 @@ class ReplaySource(ThreadedSource):
         nbytes = int(np.prod(data.shape)) * np.dtype(info.dtype).itemsize
         self.preloaded = nbytes <= PRELOAD_BYTES
         if self.preloaded and not isinstance(data.arr, np.ndarray):
-            data.arr = np.asarray(data.arr[...])
+            try:
+                data.arr = np.asarray(data.arr[...])
+            finally:
+                data.close()  # everything is in memory now
         self._data = data
         self._written = written
         self.loop = max(1, int(loop))
@@ -241,6 +255,16 @@ class ReplaySource(ThreadedSource):
             "loop": self.loop,
             "preloaded": self.preloaded,
         }
+
+    def finished(self) -> None:
+        """Close the recording's files (a recording too large to preload is read until now)."""
+        self._data.close()
+
+    def stop(self) -> None:
+        """Ask the thread to stop; a source never started closes its files here."""
+        super().stop()
+        if self._thread is None:
+            self._data.close()
 
     def frames(self) -> Iterator[tuple[np.ndarray, FrameMeta]]:
         """Frames in order; frames a scopestream run never wrote are not replayed."""

@@ -17,12 +17,13 @@ from scopestream.acquisition.pycromanager_source import PycromanagerSource
 from scopestream.acquisition.remote import RemoteSource
 from scopestream.acquisition.replay import ArraySource, ReplaySource
 from scopestream.acquisition.sim import SimulatedSource
-from scopestream.streaming.frame import META_KEYS, make_meta
+from scopestream.streaming.frame import FRAME_META_VERSION, META_KEYS, make_meta
 from scopestream.streaming.layout import StreamInfo
 from scopestream.streaming.protocol import FramePublisher
 from scopestream.streaming.zarr_sink import ZarrSink
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from pathlib import Path
 
     from scopestream.streaming.frame import FrameMeta
@@ -53,7 +54,7 @@ class SourceConformance:
             assert data.shape == src.info.frame_shape
             assert data.dtype == np.dtype(src.info.dtype)
             assert set(meta) == set(META_KEYS)
-            assert meta["version"] == 1
+            assert meta["version"] == FRAME_META_VERSION
             assert 0 <= meta["c"] < src.info.n_c
             assert 0 <= meta["z"] < src.info.n_z
         stamps = [m["timestamp_ns"] for _, m in got]
@@ -62,17 +63,26 @@ class SourceConformance:
         assert desc["kind"].startswith(src.kind)  # type: ignore[attr-defined]
 
     def test_stop_ends_promptly(self, tmp_path: Path) -> None:
-        src = self.make(tmp_path, frames=5000)
+        # the sink takes 10 ms a frame, so on its own the source runs for at least 50 s:
+        # it can only end within the wait because stop() worked
+        n = 5000
+        src = self.make(tmp_path, frames=n)
+        expected = src.info.expected_frames
+        assert expected is None or expected >= n
         first = threading.Event()
+        got: list[int] = []
 
         def sink(d: np.ndarray, m: FrameMeta) -> None:
+            got.append(m["t"])
             first.set()
             time.sleep(0.01)
 
         src.start(sink)
-        assert first.wait(10)
+        assert first.wait(60)
         src.stop()
-        assert src.wait(5)
+        assert src.wait(30)
+        assert src.error is None
+        assert 0 < len(got) < n
 
 
 class TestSimulatedSource(SourceConformance):
@@ -151,7 +161,7 @@ class TestMMCoreDemo(SourceConformance):
 
     def make(self, tmp_path: Path, frames: int = 12) -> FrameSource:
         plan = AcquisitionPlan(
-            time_points=max(1, frames // 6),
+            time_points=max(1, -(-frames // 6)),
             z_offsets_um=(-1.0, 0.0, 1.0),
             channels=(ChannelSpec("DAPI", 5), ChannelSpec("FITC", 10)),
         )
@@ -174,7 +184,7 @@ class TestPycromanagerDemo(SourceConformance):
 
     def make(self, tmp_path: Path, frames: int = 12) -> FrameSource:
         plan = AcquisitionPlan(
-            time_points=max(1, frames // 6),
+            time_points=max(1, -(-frames // 6)),
             z_offsets_um=(-1.0, 0.0, 1.0),
             channels=(ChannelSpec("DAPI", 5), ChannelSpec("FITC", 10)),
         )
@@ -195,7 +205,7 @@ class TestPycromanagerSim(SourceConformance):
 
     def make(self, tmp_path: Path, frames: int = 8) -> FrameSource:
         plan = AcquisitionPlan(
-            time_points=max(1, frames // 4),
+            time_points=max(1, -(-frames // 4)),
             z_offsets_um=(0.0, 1.0),
             channels=(ChannelSpec("brightfield", 5), ChannelSpec("nuclei", 20)),
         )
@@ -233,7 +243,7 @@ class TestReplayZarr(SourceConformance):
                             make_meta(t=t, c=c, z=z),
                         )
             sink.close()
-        return ReplaySource(path, fps=0)
+        return ReplaySource(path, fps=0, loop=-(-frames // self.n_expected))
 
     def test_replays_indices_and_pixels_in_order(self, tmp_path: Path) -> None:
         src = self.make(tmp_path)
@@ -269,7 +279,7 @@ class TestReplayTiff(SourceConformance):
         if not path.exists():
             data = np.arange(5 * 3 * 16 * 20, dtype=np.uint16).reshape(5, 3, 16, 20)
             tifffile.imwrite(path, data, metadata={"axes": "TZYX"}, ome=True)
-        return ReplaySource(path, fps=0)
+        return ReplaySource(path, fps=0, loop=-(-frames // self.n_expected))
 
     def test_axes_are_read(self, tmp_path: Path) -> None:
         src = self.make(tmp_path)
@@ -284,20 +294,37 @@ class TestReplayTiff(SourceConformance):
 class TestRemoteSource(SourceConformance):
     n_expected = 6
 
+    @pytest.fixture(autouse=True)
+    def _senders(self) -> Iterator[None]:
+        """Publishers made by `make` stop sending and close their socket after each test."""
+        self.senders: list[tuple[threading.Event, threading.Thread]] = []
+        yield
+        for stop, thread in self.senders:
+            stop.set()
+            thread.join(30)
+            assert not thread.is_alive(), "a publisher thread did not end"
+
     def make(self, tmp_path: Path, frames: int = 6) -> FrameSource:
         pub = FramePublisher(
-            "tcp://127.0.0.1:*", stream=StreamInfo(frame_shape=(10, 12), n_t=6).to_json()
+            "tcp://127.0.0.1:*", stream=StreamInfo(frame_shape=(10, 12), n_t=frames).to_json()
         )
-        frames = [np.full((10, 12), i, np.uint16) for i in range(6)]
+        stop = threading.Event()
 
         def send() -> None:
-            for i, f in enumerate(frames):
-                pub.send(f, make_meta(t=i))
-            pub.finish()
-            pub.close()
+            try:
+                for i in range(frames):
+                    f = np.full((10, 12), i % 65536, np.uint16)
+                    while not pub.send(f, make_meta(t=i), timeout_ms=100):
+                        if stop.is_set():  # the receiver has gone: the test is over
+                            return
+                pub.finish()
+            finally:
+                pub.close()
 
-        threading.Thread(target=send, daemon=True).start()
-        return RemoteSource(pub.address, connect_timeout_s=10)
+        sender = threading.Thread(target=send, daemon=True)
+        self.senders.append((stop, sender))
+        sender.start()
+        return RemoteSource(pub.address, connect_timeout_s=30)
 
     def test_stream_layout_comes_from_the_header(self, tmp_path: Path) -> None:
         src = self.make(tmp_path)
@@ -313,23 +340,26 @@ class TestRemoteSource(SourceConformance):
 
         def send() -> None:
             pub.send(np.ones((8, 8), np.uint16), make_meta(t=0))
-            time.sleep(0.2)
             pub.send(np.ones((4, 4), np.uint16), make_meta(t=1))  # wrong shape
             pub.send(np.ones((8, 8), np.float32), make_meta(t=2))  # wrong dtype
             pub.send(np.full((8, 8), 3, np.uint16), make_meta(t=3))
             pub.finish()
 
-        threading.Thread(target=send, daemon=True).start()
-        src = RemoteSource(pub.address, connect_timeout_s=10)
-        # a second publisher on the same receiver sends garbage
-        src._rx._sock.connect(f"tcp://127.0.0.1:{port}")
-        raw.send_multipart([b"{not json", b"xx"])
-        got = collect(src)
-        assert [m["t"] for _, m in got] == [0, 3]
-        assert src.counters()["malformed"] >= 2
-        assert any("shape (4, 4)" in e for e in src.errors)
-        pub.close()
-        raw.close(linger=0)
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        try:
+            src = RemoteSource(pub.address, connect_timeout_s=30)
+            # a second publisher on the same receiver sends garbage
+            src._rx._sock.connect(f"tcp://127.0.0.1:{port}")
+            raw.send_multipart([b"{not json", b"xx"])
+            got = collect(src)
+            assert [m["t"] for _, m in got] == [0, 3]
+            assert src.counters()["malformed"] >= 2
+            assert any("shape (4, 4)" in e for e in src.errors)
+        finally:
+            sender.join(30)
+            pub.close()
+            raw.close(linger=0)
 
     def test_nothing_to_connect_to_is_a_clear_error(self, free_port: int) -> None:
         with pytest.raises(SourceError, match="is 'scopestream publish' running"):
