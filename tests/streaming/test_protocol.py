@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
-import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -22,6 +22,16 @@ from scopestream.streaming.protocol import (
     encode_header,
     end_message,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+
+@pytest.fixture
+def sockets() -> Iterator[contextlib.ExitStack]:
+    """Closes the sockets a test opens when it ends, whether it passed or not."""
+    with contextlib.ExitStack() as stack:
+        yield stack
 
 
 def valid_parts(shape: tuple[int, ...] = (4, 6), dtype: str = "uint16") -> list[bytes]:
@@ -117,10 +127,10 @@ def test_fuzz_header_fields(field: str, value: Any, cut: int) -> None:
         assert msg.data.dtype.str == h["dtype"]
 
 
-def test_publisher_to_receiver_over_tcp_identical_pixels() -> None:
-    pub = FramePublisher("tcp://127.0.0.1:*")
+def test_publisher_to_receiver_over_tcp_identical_pixels(sockets: contextlib.ExitStack) -> None:
+    pub = sockets.enter_context(contextlib.closing(FramePublisher("tcp://127.0.0.1:*")))
     assert pub.address.startswith("tcp://127.0.0.1:")
-    rx = FrameReceiver(pub.address)
+    rx = sockets.enter_context(contextlib.closing(FrameReceiver(pub.address)))
     rng = np.random.default_rng(1)
     frames = [rng.integers(0, 4096, (64, 48), dtype=np.uint16) for _ in range(20)]
     for i, f in enumerate(frames):
@@ -138,15 +148,13 @@ def test_publisher_to_receiver_over_tcp_identical_pixels() -> None:
     for m, f in zip(got, frames, strict=True):
         np.testing.assert_array_equal(m.data, f)
         assert m.meta["exposure_ms"] == 5.0
-    rx.close()
-    pub.close()
 
 
-def test_receiver_counts_garbage_and_keeps_going() -> None:
-    ctx = zmq.Context.instance()
-    push = ctx.socket(zmq.PUSH)
+def test_receiver_counts_garbage_and_keeps_going(sockets: contextlib.ExitStack) -> None:
+    push: zmq.Socket[bytes] = sockets.enter_context(zmq.Context.instance().socket(zmq.PUSH))
+    push.setsockopt(zmq.LINGER, 0)
     port = push.bind_to_random_port("tcp://127.0.0.1")
-    rx = FrameReceiver(f"tcp://127.0.0.1:{port}")
+    rx = sockets.enter_context(contextlib.closing(FrameReceiver(f"tcp://127.0.0.1:{port}")))
     good = valid_parts()
     push.send_multipart([b"garbage"])
     push.send_multipart(_with(good, version=99))
@@ -157,21 +165,22 @@ def test_receiver_counts_garbage_and_keeps_going() -> None:
     assert rx.stats.malformed == 3
     assert rx.stats.received == 1
     assert any("truncated" in e for e in rx.stats.errors)
-    rx.close()
-    push.close(linger=0)
 
 
-def test_publisher_binds_loopback_by_default() -> None:
-    pub = FramePublisher()
-    try:
-        assert pub.address.startswith("tcp://127.0.0.1:")
-    finally:
-        pub.close()
+def test_publisher_binds_loopback_by_default(
+    free_port: int, sockets: contextlib.ExitStack
+) -> None:
+    # the default's fixed port may be taken (a running `publish`, a parallel test run):
+    # check the default's host, then bind that host on a free port
+    default = inspect.signature(FramePublisher).parameters["address"].default
+    host, _, port = default.rpartition(":")
+    assert host == "tcp://127.0.0.1" and port.isdigit()
+    pub = sockets.enter_context(contextlib.closing(FramePublisher(f"{host}:{free_port}")))
+    assert pub.address == f"tcp://127.0.0.1:{free_port}"
 
 
-def test_send_times_out_without_receiver() -> None:
-    pub = FramePublisher("tcp://127.0.0.1:*")
-    t0 = time.monotonic()
+def test_send_times_out_without_receiver(sockets: contextlib.ExitStack) -> None:
+    pub = sockets.enter_context(contextlib.closing(FramePublisher("tcp://127.0.0.1:*")))
+    # nobody will ever connect: only the timeout can end this send
     assert pub.send(np.zeros((2, 2), np.uint16), make_meta(), timeout_ms=50) is False
-    assert time.monotonic() - t0 < 2
-    pub.close()
+    assert pub.sent == 0
