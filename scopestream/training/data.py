@@ -31,12 +31,13 @@ from typing import Any
 
 import numpy as np
 
-#: keep training arrays in memory below this size
-IN_MEMORY_BYTES = 4 * 2**30
-
 
 class DataError(ValueError):
     """Training data that cannot be used as asked."""
+
+
+#: keep a channel of a run in memory up to this size; larger ones are read chunk-wise
+IN_MEMORY_BYTES = 4 * 2**30
 
 
 @dataclass
@@ -61,27 +62,81 @@ class FieldData:
 
 
 def _frames_of(arr: Any, channel: int) -> Any:
-    """(t, c, z, y, x) zarr array → (t·z, y, x) of one channel (lazily where possible)."""
+    """(t, c, z, y, x) zarr array → (t·z, y, x) of one channel (lazily when it is large)."""
     t, _, z, y, x = arr.shape
     nbytes = t * z * y * x * arr.dtype.itemsize
     if nbytes <= IN_MEMORY_BYTES:
         return np.asarray(arr[:, channel]).reshape(t * z, y, x)
-    return _LazyPlanes(arr, channel)
+    return LazyPlanes(arr, channel)
 
 
-class _LazyPlanes:
-    """(t·z, y, x) view of one channel of a zarr array; reads only what is sliced."""
+class LazyPlanes:
+    """(t·z, y, x) view of one channel of a zarr array; reads only what is indexed.
 
-    def __init__(self, arr: Any, channel: int) -> None:
+    It is indexed like the in-memory array it stands for: ``planes[i]``,
+    ``planes[a:b]``, ``planes[[i, j]]`` (or a boolean mask), each optionally
+    followed by y and x slices or integers (``planes[i, ys, xs]``). Every read is
+    one plane of the zarr array at a time (a frame is its own chunk), so a large
+    run is never loaded whole. `take` drops planes (frames never acquired)
+    without reading any.
+
+    Parameters
+    ----------
+    arr
+        A ``(t, c, z, y, x)`` zarr array.
+    channel
+        The channel (index along ``c``) this view shows.
+    planes
+        Which planes of ``arr`` (as ``t·z + z`` indices) the view's frames are;
+        all of them when ``None``.
+    """
+
+    def __init__(self, arr: Any, channel: int, planes: np.ndarray | None = None) -> None:
         self.arr, self.c = arr, channel
         t, _, z, y, x = arr.shape
-        self.shape = (t * z, y, x)
+        self._z = int(z)
+        self._planes = np.arange(t * z) if planes is None else np.asarray(planes, np.int64)
+        self.shape = (len(self._planes), int(y), int(x))
         self.dtype = arr.dtype
-        self._z = z
+        self.ndim = 3
 
-    def __getitem__(self, key: tuple[int, slice, slice]) -> np.ndarray:
-        i, ys, xs = key
-        return np.asarray(self.arr[i // self._z, self.c, i % self._z, ys, xs])
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def take(self, idx: np.ndarray) -> LazyPlanes:
+        """The frames ``idx`` (integer indices) of this view, still lazy."""
+        return LazyPlanes(self.arr, self.c, self._planes[np.asarray(idx, np.int64)])
+
+    def _plane(self, p: int, ys: Any, xs: Any) -> np.ndarray:
+        return np.asarray(self.arr[p // self._z, self.c, p % self._z, ys, xs])
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        parts = key if isinstance(key, tuple) else (key,)
+        if not 1 <= len(parts) <= 3 or any(k is Ellipsis or k is None for k in parts):
+            raise IndexError(
+                f"lazy planes take [frames], [frames, y] or [frames, y, x], got {key!r}"
+            )
+        first, rest = parts[0], parts[1:]
+        if isinstance(first, (int, np.integer)):
+            # numpy's own bounds check and negative indices
+            return self._plane(int(self._planes[first]), *rest, *(slice(None),) * (2 - len(rest)))
+        yx = (*rest, *(slice(None),) * (2 - len(rest)))
+        chosen = self._planes[first]  # a slice, integer array or boolean mask of frames
+        if chosen.ndim != 1:
+            raise IndexError(f"lazy planes take a 1-D selection of frames, got {first!r}")
+        # the shape one plane's (y, x) selection has, without reading or allocating a frame
+        plane_shape = np.broadcast_to(np.empty((), self.dtype), self.shape[1:])[yx].shape
+        out = np.empty((len(chosen), *plane_shape), self.dtype)
+        for j, p in enumerate(chosen):
+            out[j] = self._plane(int(p), *yx)
+        return out
+
+
+def _take(frames: Any, idx: np.ndarray) -> Any:
+    """Frames ``idx`` of an in-memory or lazy (N, Y, X) array (lazy stays lazy)."""
+    if isinstance(frames, LazyPlanes):
+        return frames.take(idx)
+    return np.asarray(frames)[idx]
 
 
 def _channel_index(names: list[str], wanted: str, where: str) -> int:
@@ -138,8 +193,8 @@ def load_run(
         keep = np.repeat(keep.reshape(-1, z).all(axis=1), z)
     if keep is not None and not keep.all():
         idx = np.flatnonzero(keep)  # frames never acquired are not training data
-        inp = np.asarray([inp[i] for i in idx]) if not isinstance(inp, np.ndarray) else inp[idx]
-        targets = [np.asarray(t)[idx] for t in targets]
+        inp = _take(inp, idx)
+        targets = [_take(t, idx) for t in targets]
     return FieldData(path.name, inp, targets, tnames, z=z)
 
 

@@ -117,6 +117,8 @@ class TrainModule(L.LightningModule):
         self.ssim_weight, self.max_steps = ssim_weight, max_steps
         self.gan_weight = gan_weight
         self.disc: PatchDiscriminator | None = None
+        #: processes that trained together (the process group's size, not the devices asked for)
+        self.world_size = 1
         if mode == "pix2pix":
             out_ch = int(self.net.head.out_channels)  # type: ignore[arg-type]
             # conditioned on the input (a 2.5D window's centre plane): 1 channel + the stains
@@ -126,6 +128,13 @@ class TrainModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.net(x)
         return out
+
+    def on_fit_start(self) -> None:
+        """Record how many processes really joined the training (DDP's process group)."""
+        dist = torch.distributed
+        self.world_size = (
+            int(dist.get_world_size()) if dist.is_available() and dist.is_initialized() else 1
+        )
 
     def _loss(
         self,

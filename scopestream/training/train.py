@@ -239,10 +239,10 @@ def evaluate(
             out = predictor.predict(data)[ch]
             if man.spatial == "3d":
                 pred, inp = out[:, r.y, r.x], data[:, r.y, r.x]
-                tgt = np.asarray(f.targets[0][planes], np.float32)[:, r.y, r.x]
+                tgt = np.asarray(f.targets[0][planes, r.y, r.x], np.float32)
             else:
                 pred = out[r.y, r.x]
-                inp = np.asarray(f.input[centre], np.float32)[r.y, r.x]
+                inp = np.asarray(f.input[centre, r.y, r.x], np.float32)
                 tgt = np.asarray(f.targets[0][centre, r.y, r.x], np.float32)
             m, b = image_metrics(pred, tgt), image_metrics(inp, tgt)
             rows.append(m)
@@ -353,6 +353,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     )
     last = ckpt_dir / "last.ckpt"
     resumed = cfg.resume and last.exists()
+    # where the checkpoint left off: a resume continues from here, a restart would not
+    resumed_from = _checkpoint_step(last) // per_batch if resumed else None
     loader = DataLoader(ds_train, batch_size=cfg.batch, shuffle=False, num_workers=0)
     val_loader = DataLoader(ds_val, batch_size=cfg.batch, num_workers=0)
     with warnings.catch_warnings():
@@ -386,6 +388,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             "config": asdict(cfg),
             "steps": done_steps,
             "resumed": resumed,
+            "resumed_from_step": resumed_from,
+            "world_size": module.world_size,
             "init_from": init.identity if init is not None else None,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "code_version": __version__,
@@ -437,7 +441,18 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         "seconds": seconds,
         "device": "cuda" if gpu else "cpu",
         "resumed": resumed,
+        "resumed_from_step": resumed_from,
+        "world_size": module.world_size,
     }
+
+
+def _checkpoint_step(path: Path) -> int:
+    """The optimizer step a Lightning checkpoint was saved at (every optimizer counts)."""
+    import torch
+
+    # our own checkpoint (it holds optimizer and loop state, not only tensors)
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    return int(ckpt["global_step"])
 
 
 def _init_package(cfg: TrainConfig, arch: Architecture, fields: list[FieldData]) -> ModelPackage:

@@ -1,14 +1,16 @@
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
 import tifffile
+import zarr
 
 from scopestream.training.data import (
     DataError,
     FieldData,
+    LazyPlanes,
     PatchSampler,
     load_tiff_pairs,
     split_regions,
@@ -17,6 +19,18 @@ from scopestream.training.n2v import n2v_mask
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+
+class _ReadLog:
+    """A zarr array that records every read (to check that reads are per plane)."""
+
+    def __init__(self, arr: Any) -> None:
+        self.arr, self.shape, self.dtype = arr, arr.shape, arr.dtype
+        self.reads: list[Any] = []
+
+    def __getitem__(self, key: Any) -> Any:
+        self.reads.append(key)
+        return self.arr[key]
 
 
 def test_one_field_is_split_by_spatial_blocks_never_by_frames() -> None:
@@ -92,3 +106,51 @@ def test_n2v_blind_spots_replace_pixels_by_their_neighbourhood_median() -> None:
             neigh = patch[y - 2 : y + 3, x - 2 : x + 3].ravel()
             neigh = np.delete(neigh, 12)  # not the pixel itself
             assert masked[y, x] == np.median(neigh)
+
+
+def test_lazy_planes_are_indexed_like_the_array_they_stand_for(tmp_path: Path) -> None:
+    """Runs over the in-memory threshold: every index form training and evaluation use."""
+    full = np.random.default_rng(0).integers(0, 4000, (3, 2, 2, 16, 24)).astype(np.uint16)
+    z = zarr.create_array(
+        str(tmp_path / "a.zarr"), shape=full.shape, chunks=(1, 1, 1, 16, 24), dtype=full.dtype
+    )
+    z[...] = full
+    log = _ReadLog(z)
+    lazy = LazyPlanes(log, 1)
+    ref = full[:, 1].reshape(6, 16, 24)  # frame i is plane i % 2 of time point i // 2
+    assert lazy.shape == ref.shape and lazy.dtype == ref.dtype and len(lazy) == 6
+    keys: list[Any] = [
+        2,  # load_run / evaluate: one frame
+        -1,
+        np.int64(3),
+        slice(1, 4),  # evaluate: the planes of a window or stack
+        slice(None, None, 2),
+        slice(4, 1, -1),
+        slice(0, 0),
+        [5, 0, 3],
+        np.array([1, 1]),
+        ref.mean(axis=(1, 2)) > ref.mean(),  # a boolean mask of frames
+        (2, slice(3, 9), slice(None)),  # patches: frame, y, x
+        (slice(0, 6), slice(2, 5), slice(1, 20, 3)),
+        (4, 7),
+        (np.array([0, 5]), slice(0, 4), 2),
+    ]
+    for key in keys:
+        got = lazy[key]
+        np.testing.assert_array_equal(got, ref[key], err_msg=repr(key))
+        assert got.shape == ref[key].shape and got.dtype == ref.dtype, key
+    # chunk-wise: each read is one plane of the channel, never the whole array
+    assert log.reads
+    assert all(
+        isinstance(k, tuple) and len(k) == 5 and all(isinstance(i, int) for i in k[:3])
+        for k in log.reads
+    )
+    assert {k[1] for k in log.reads} == {1}
+    n = len(log.reads)
+    kept = lazy.take(np.array([0, 2, 5]))  # dropping frames reads nothing
+    assert len(log.reads) == n and kept.shape == (3, 16, 24)
+    np.testing.assert_array_equal(kept[1], ref[2])
+    np.testing.assert_array_equal(kept[1:, 2:4, 3], ref[[2, 5], 2:4, 3])
+    for bad in (6, -7, (0, 0, 0, 0), (Ellipsis, 0)):
+        with pytest.raises(IndexError):
+            lazy[bad]
