@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -12,7 +13,13 @@ from scopestream.acquisition.replay import ArraySource
 from scopestream.streaming.frame import make_meta
 from scopestream.streaming.layout import StreamInfo
 from scopestream.streaming.ringbuffer import OverflowPolicy
-from scopestream.streaming.runner import InvalidTransition, RunState, SinkSpec, StreamRunner
+from scopestream.streaming.runner import (
+    InvalidTransition,
+    RunState,
+    RunStatus,
+    SinkSpec,
+    StreamRunner,
+)
 from scopestream.streaming.zarr_sink import ZarrSink, complete_frames, inspect_run
 
 if TYPE_CHECKING:
@@ -96,8 +103,17 @@ def test_stop_mid_run_writes_everything_acquired(tmp_path: Path) -> None:
     src = ArraySource(frames(), 100_000, fps=500)
     sink = ZarrSink(tmp_path / "r.ome.zarr", StreamInfo(frame_shape=(32, 32), n_t=None))
     runner = StreamRunner(src, [SinkSpec("zarr", sink, records=True)], buffer_mb=4)
+    written: list[int] = []
+    some_written = threading.Event()
+
+    def on_ready(name: str, event: object) -> None:
+        written.append(1)
+        if len(written) >= 10:
+            some_written.set()
+
+    runner.frameReady.connect(on_ready)
     runner.start()
-    time.sleep(0.3)
+    assert some_written.wait(60), "no frames were written"
     runner.stop()
     assert runner.wait(30)
     s = runner.summary
@@ -188,23 +204,47 @@ def test_max_frames_stops_an_endless_source(tmp_path: Path) -> None:
     assert s["frames_acquired"] == 25 and len(got.got) == 25
 
 
-def test_status_snapshot_is_frozen_and_threadsafe(tmp_path: Path) -> None:
-    src = ArraySource(frames(), 2000, fps=2000)
-    runner = StreamRunner(src, [SinkSpec("l", ListSink(), records=True)], buffer_mb=2)
+class HeldSink(ListSink):
+    """A lossless sink that stops at frame ``hold_at`` until ``release`` is set."""
+
+    def __init__(self, hold_at: int) -> None:
+        super().__init__()
+        self.hold_at = hold_at
+        self.holding = threading.Event()
+        self.release = threading.Event()
+
+    def write(self, data: np.ndarray, meta: FrameMeta) -> None:
+        if len(self.got) == self.hold_at:
+            self.holding.set()
+            assert self.release.wait(60), "the test never released the sink"
+        super().write(data, meta)
+
+
+def test_status_is_a_frozen_snapshot_taken_from_any_thread(tmp_path: Path) -> None:
+    n = 2000  # more frames than the 2 MB ring holds: the held sink stalls the source
+    src = ArraySource(frames(), n)
+    sink = HeldSink(hold_at=10)
+    runner = StreamRunner(src, [SinkSpec("l", sink, records=True)], buffer_mb=2)
+    assert runner.ring.n_slots < n
     runner.start()
-    seen = []
-    stop = threading.Event()
-
-    def poll() -> None:
-        while not stop.is_set():
-            seen.append(runner.status.frames_acquired)
-
-    th = threading.Thread(target=poll)
-    th.start()
-    runner.wait(30)
-    stop.set()
-    th.join()
-    assert seen == sorted(seen)
-    st = runner.status
-    with pytest.raises(AttributeError):
-        st.frames_acquired = 3  # type: ignore[misc]
+    try:
+        assert sink.holding.wait(60)
+        snaps: list[RunStatus] = []
+        reader = threading.Thread(target=lambda: snaps.append(runner.status))
+        reader.start()
+        reader.join(30)
+        [mid] = snaps
+    finally:
+        sink.release.set()
+    assert runner.wait(60)
+    assert mid.state is RunState.RUNNING
+    assert 10 <= mid.frames_acquired < n  # taken while the run was held
+    assert mid.frames_expected == n
+    acquired_mid = mid.frames_acquired
+    end = runner.status
+    assert end.state is RunState.FINISHED and end.frames_acquired == n
+    # the earlier snapshot did not follow the run: it is a copy, not a view
+    assert mid.state is RunState.RUNNING and mid.frames_acquired == acquired_mid
+    assert mid.elapsed_s <= end.elapsed_s
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        mid.frames_acquired = 3  # type: ignore[misc]
