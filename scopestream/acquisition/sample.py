@@ -26,18 +26,184 @@ Camera
 Rendering a new state of the sample costs a few FFTs; it is done once per
 ``keyframe_s`` of simulated time and cached per (keyframe, channel, focus,
 exposure); a frame then costs four array passes (window, noise, add, clip).
+The caches are shared by the camera thread and a ground-truth writer: a missing
+entry is rendered once, outside the caches' lock, while other entries are served.
+
+Memory
+    What the caches hold when full is estimated before anything is allocated
+    (`memory_needed_bytes`); a sample that would need more than
+    `MEMORY_FRACTION` of the memory available (`available_memory_bytes`) is
+    refused with a `ValueError`, instead of a ``MemoryError`` part-way.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Generic, Literal, TypeVar
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from collections.abc import Callable, Hashable
+
 MARGIN_PX = 32
 N_LAYERS = 3
+#: rendered states of the sample kept (the camera's and a ground-truth writer one behind)
+KEYFRAMES = 2
+#: refuse a simulated sample that needs more than this fraction of the memory available
+MEMORY_FRACTION = 0.8
+#: float32 canvases of temporaries while one image is rendered (FFT products, photons, sigma)
+_RENDER_WORK_CANVASES = 16
+
+K = TypeVar("K", bound="Hashable")
+V = TypeVar("V")
+
+
+class _RenderCache(Generic[K, V]):
+    """A bounded cache shared by threads; a missing entry is rendered once, outside the lock.
+
+    ``lru`` evicts the least recently used entry, otherwise the oldest one.
+    """
+
+    def __init__(self, size: int, *, lru: bool) -> None:
+        self.size, self.lru = max(1, size), lru
+        self._items: OrderedDict[K, V] = OrderedDict()
+        self._lock = threading.Lock()
+        self._rendering: dict[K, threading.Lock] = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def _hit(self, key: K) -> V | None:
+        """The cached entry, or None (call with ``_lock`` held)."""
+        hit = self._items.get(key)
+        if hit is not None and self.lru:
+            self._items.move_to_end(key)
+        return hit
+
+    def get(self, key: K, render: Callable[[], V]) -> V:
+        """The entry for ``key``, rendered by ``render`` if it is not cached."""
+        with self._lock:
+            hit = self._hit(key)
+            if hit is not None:
+                return hit
+            gate = self._rendering.setdefault(key, threading.Lock())
+        # renders of other keys (the other thread's) go on meanwhile; one of this key waits
+        with gate:
+            with self._lock:
+                hit = self._hit(key)
+                if hit is not None:
+                    return hit
+            try:
+                value = render()
+                with self._lock:
+                    self._items[key] = value
+                    self._items.move_to_end(key)
+                    while len(self._items) > self.size:
+                        self._items.popitem(last=False)
+            finally:
+                with self._lock:
+                    if self._rendering.get(key) is gate:
+                        del self._rendering[key]
+        return value
+
+
+def memory_needed_bytes(
+    shape: tuple[int, int],
+    *,
+    noise_pool: int = 4,
+    cache_size: int = 12,
+    sample: SampleModel | None = None,
+    pixel_size_um: float = 0.325,
+) -> int:
+    """Bytes a `SimulatedMicroscope` of frames ``shape`` holds at most (its caches full)."""
+    h, w = int(shape[0]) + 2 * MARGIN_PX, int(shape[1]) + 2 * MARGIN_PX
+    canvas = h * w * 4  # one float32 image of the canvas
+    spectrum = h * (w // 2 + 1) * 8  # its complex64 real FFT
+    maps_per_keyframe = 3 * N_LAYERS + 1  # nuclei, membrane, phase per layer; absorption
+    s = sample or SampleModel()
+    area_um2 = h * w * pixel_size_um**2
+    cells = max(1, int(s.density * area_um2 / (np.pi * s.cell_radius_um**2)))
+    return int(
+        max(1, noise_pool) * canvas
+        + max(1, cache_size) * 2 * canvas  # (mean, sigma) per cached image
+        + KEYFRAMES * maps_per_keyframe * spectrum
+        + _RENDER_WORK_CANVASES * canvas
+        + int(shape[0]) * int(shape[1]) * 4  # the frame buffer
+        + cells * 8 * 16 * (1 + 2 * KEYFRAMES)  # the cells and their state per keyframe
+    )
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _address_space_left() -> int | None:
+    """Room under this process's address-space limit (``ulimit -v``), if it has one."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    try:
+        with open("/proc/self/status") as f:
+            used = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmSize:"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        used = 0
+    return max(0, int(soft) - used)
+
+
+def available_memory_bytes() -> int | None:
+    """Memory this process can still allocate: ``MemAvailable``, or less under ``ulimit -v``.
+
+    ``None`` where neither can be read (then nothing is checked).
+    """
+    known = [v for v in (_meminfo_available(), _address_space_left()) if v is not None]
+    return min(known) if known else None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 / 10 else f"{n / 2**20:.0f} MiB"
+
+
+def check_memory(
+    shape: tuple[int, int],
+    *,
+    noise_pool: int = 4,
+    cache_size: int = 12,
+    sample: SampleModel | None = None,
+    pixel_size_um: float = 0.325,
+) -> None:
+    """Raise ``ValueError`` if a simulated sample of ``shape`` would not fit in memory."""
+    need = memory_needed_bytes(
+        shape,
+        noise_pool=noise_pool,
+        cache_size=cache_size,
+        sample=sample,
+        pixel_size_um=pixel_size_um,
+    )
+    avail = available_memory_bytes()
+    if avail is not None and need > MEMORY_FRACTION * avail:
+        raise ValueError(
+            f"a simulated sample of {shape[0]}×{shape[1]} px needs about {_gib(need)} "
+            f"({need} bytes) of memory, and {_gib(avail)} ({avail} bytes) is available "
+            f"(at most {MEMORY_FRACTION:.0%} of it may be used): choose a smaller shape"
+        )
 
 
 @dataclass(frozen=True)
@@ -145,6 +311,8 @@ class _Keyframe:
     layer_of: np.ndarray
     layer_z: np.ndarray
     maps: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    #: held while a kind of map is rendered (the camera and truth threads may both want it)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
 class SimulatedMicroscope:
@@ -181,6 +349,14 @@ class SimulatedMicroscope:
         self.optics = optics or OpticsModel()
         self.sample = sample or SampleModel()
         self.canvas = (self.shape[0] + 2 * MARGIN_PX, self.shape[1] + 2 * MARGIN_PX)
+        # before the first array: a huge shape is a clear error, not a MemoryError part-way
+        check_memory(
+            self.shape,
+            noise_pool=noise_pool,
+            cache_size=cache_size,
+            sample=self.sample,
+            pixel_size_um=self.optics.pixel_size_um,
+        )
         rng = np.random.default_rng(seed)
         self._cells = self._make_cells(rng)
         self._texture = self._make_texture(rng, nuclei_volume)
@@ -188,12 +364,14 @@ class SimulatedMicroscope:
             rng.standard_normal(self.canvas, dtype=np.float32) for _ in range(max(1, noise_pool))
         ]
         self._noise_rng = np.random.default_rng(seed + 1)
-        self._keyframes: OrderedDict[int, _Keyframe] = OrderedDict()
-        self._means: OrderedDict[tuple[int, str, float, float], tuple[np.ndarray, np.ndarray]] = (
-            OrderedDict()
+        # oldest out: a truth writer one keyframe behind the camera keeps its keyframe
+        self._keyframes: _RenderCache[int, _Keyframe] = _RenderCache(KEYFRAMES, lru=False)
+        self._means: _RenderCache[tuple[int, str, float, float], tuple[np.ndarray, np.ndarray]] = (
+            _RenderCache(cache_size, lru=True)
         )
         self._cache_size = cache_size
         self._buf = np.empty(self.shape, np.float32)
+        self._snap_lock = threading.Lock()  # the noise stream and the frame buffer
 
     # -- the sample ----------------------------------------------------------
     def _make_cells(self, rng: np.random.Generator) -> _Cells:
@@ -232,8 +410,9 @@ class SimulatedMicroscope:
             proj = np.asarray(volume, np.float32).max(axis=0)
             proj = proj[:256, :256]
             proj = (proj - proj.mean()) / (np.abs(proj - proj.mean()).max() + 1e-6)
-            tex = np.zeros((256, 256), np.float32)
-            tex[: proj.shape[0], : proj.shape[1]] = proj
+            # tiled, not zero-padded: every nucleus shows the volume, however small it is
+            reps = (-(-256 // proj.shape[0]), -(-256 // proj.shape[1]))
+            tex: np.ndarray = np.ascontiguousarray(np.tile(proj, reps)[:256, :256], np.float32)
             return tex
         noise = rng.standard_normal((256, 256)).astype(np.float32)
         fine = np.fft.irfft2(np.fft.rfft2(noise) * _gauss_kernel_ft((256, 256), 1.2), s=(256, 256))
@@ -295,8 +474,12 @@ class SimulatedMicroscope:
 
     def _layers(self, kf: _Keyframe, kind: str) -> list[np.ndarray]:
         """FFTs of one kind of map per depth layer: 'nuclei', 'membrane', 'phase', 'absorb'."""
-        if kind in kf.maps:
+        with kf.lock:
+            if kind not in kf.maps:
+                kf.maps[kind] = self._render_layers(kf, kind)
             return kf.maps[kind]
+
+    def _render_layers(self, kf: _Keyframe, kind: str) -> list[np.ndarray]:
         st, layer_of = kf.state, kf.layer_of
         px = self.optics.pixel_size_um
         h, w = self.canvas
@@ -333,17 +516,10 @@ class SimulatedMicroscope:
                 value = 0.03 * nuc_mask * (1 + 0.5 * tpatch)
             target = maps[0 if kind == "absorb" else layer_of[i]][y0:y1, x0:x1]
             np.maximum(target, value, out=target)
-        kf.maps[kind] = [np.fft.rfft2(m) for m in maps]
-        return kf.maps[kind]
+        return [np.fft.rfft2(m) for m in maps]
 
     def _keyframe(self, k: int) -> _Keyframe:
-        kf = self._keyframes.get(k)
-        if kf is None:
-            kf = self._new_keyframe(k)
-            self._keyframes[k] = kf
-            while len(self._keyframes) > 2:
-                self._keyframes.popitem(last=False)
-        return kf
+        return self._keyframes.get(k, lambda: self._new_keyframe(k))
 
     def intensity(self, t_s: float, channel: str, z_um: float) -> np.ndarray:
         """Noise-free relative intensity on the canvas (1 ≈ a bright in-focus nucleus)."""
@@ -387,20 +563,21 @@ class SimulatedMicroscope:
         self, t_s: float, channel: str, z_um: float, exposure_ms: float
     ) -> tuple[np.ndarray, np.ndarray]:
         key = (self.keyframe_index(t_s), channel, round(z_um, 3), round(exposure_ms, 3))
-        hit = self._means.get(key)
-        if hit is not None:
-            self._means.move_to_end(key)
-            return hit
-        ch = self._channel(channel)
-        cam = self.camera
-        photons = self.intensity(t_s, channel, z_um) * (ch.photons_per_ms * exposure_ms)
-        photons += cam.background_photons_per_ms * exposure_ms
-        mean = (cam.offset_adu + cam.gain_adu_per_e * photons).astype(np.float32)
-        sigma = (cam.gain_adu_per_e * np.sqrt(photons + cam.read_noise_e**2)).astype(np.float32)
-        self._means[key] = (mean, sigma)
-        while len(self._means) > self._cache_size:
-            self._means.popitem(last=False)
-        return mean, sigma
+
+        def render() -> tuple[np.ndarray, np.ndarray]:
+            ch = self._channel(channel)
+            cam = self.camera
+            photons = self.intensity(t_s, channel, z_um) * (ch.photons_per_ms * exposure_ms)
+            photons += cam.background_photons_per_ms * exposure_ms
+            mean = (cam.offset_adu + cam.gain_adu_per_e * photons).astype(np.float32)
+            sigma = (cam.gain_adu_per_e * np.sqrt(photons + cam.read_noise_e**2)).astype(
+                np.float32
+            )
+            # shared by threads from now on: nobody may write into them
+            mean.flags.writeable = sigma.flags.writeable = False
+            return mean, sigma
+
+        return self._means.get(key, render)
 
     def _window(self, t_s: float) -> tuple[slice, slice]:
         """Stage drift: a slow, bounded wander of the field of view (whole pixels)."""
@@ -435,14 +612,15 @@ class SimulatedMicroscope:
         mean, sigma = self._mean_sigma(t_s, channel, z_um, exposure_ms)
         win = self._window(t_s)
         h, w = self.shape
-        noise = self._noise[int(self._noise_rng.integers(len(self._noise)))]
-        ny, nx = (int(v) for v in self._noise_rng.integers(0, 2 * MARGIN_PX, size=2))
-        buf = self._buf
-        np.multiply(sigma[win], noise[ny : ny + h, nx : nx + w], out=buf)
-        np.add(buf, mean[win], out=buf)
-        np.clip(buf, 0, self.camera.max_adu, out=buf)
         if out is None:
             out = np.empty(self.shape, np.uint16)
-        np.rint(buf, out=buf)
-        out[...] = buf
+        with self._snap_lock:  # one noise stream: frames snapped in one order are reproducible
+            noise = self._noise[int(self._noise_rng.integers(len(self._noise)))]
+            ny, nx = (int(v) for v in self._noise_rng.integers(0, 2 * MARGIN_PX, size=2))
+            buf = self._buf
+            np.multiply(sigma[win], noise[ny : ny + h, nx : nx + w], out=buf)
+            np.add(buf, mean[win], out=buf)
+            np.clip(buf, 0, self.camera.max_adu, out=buf)
+            np.rint(buf, out=buf)
+            out[...] = buf
         return out

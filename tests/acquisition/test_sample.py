@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import resource
+import subprocess
+import sys
+import threading
+import tracemalloc
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pytest
 
+from scopestream.acquisition import sample
 from scopestream.acquisition.sample import CameraModel, SampleModel, SimulatedMicroscope
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
 
 
 @pytest.fixture(scope="module")
@@ -97,10 +110,130 @@ def test_same_seed_same_frames_other_seed_other_sample() -> None:
 def test_real_nuclei_volume_can_texture_the_sample() -> None:
     rng = np.random.default_rng(0)
     vol = rng.integers(0, 1000, (5, 64, 64)).astype(np.uint16)
-    s = SimulatedMicroscope((96, 96), seed=0, nuclei_volume=vol)
-    assert s.ground_truth(0.0, "nuclei").std() > 0
+
+    def nuclei(volume: np.ndarray | None) -> np.ndarray:
+        return SimulatedMicroscope((96, 96), seed=0, nuclei_volume=volume).ground_truth(
+            0.0, "nuclei"
+        )
+
+    textured = nuclei(vol)
+    np.testing.assert_array_equal(textured, nuclei(vol.copy()))  # the volume, not chance
+    # the same cells with the synthetic texture, or with another volume, look different
+    assert not np.allclose(textured, nuclei(None))
+    assert not np.allclose(textured, nuclei(vol[:, ::-1, ::-1].copy()))
 
 
 def test_unknown_channel_is_named(scope: SimulatedMicroscope) -> None:
     with pytest.raises(ValueError, match="no channel 'gfp'"):
         scope.snap(0.0, "gfp")
+
+
+@pytest.fixture
+def switch_often() -> Iterator[None]:
+    """Threads take turns every 10 µs (not 5 ms), so they interleave inside cache updates."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    yield
+    sys.setswitchinterval(before)
+
+
+@pytest.mark.usefixtures("switch_often")
+def test_camera_and_truth_threads_get_the_single_threaded_frames() -> None:
+    """The camera snaps while a truth writer reads the truth of its frames (``--sim-truth``)."""
+    plane = (0.0, "nuclei", 0.0, 5.0)  # the truth writer's frame: read over and over
+    # the camera's frames: each a new cache entry, evicting the one before (the truth's too)
+    frames = [(0.0, "nuclei", z, 5.0) for z in (0.5, 1.0)] * 1000
+
+    def make() -> SimulatedMicroscope:
+        return SimulatedMicroscope((16, 16), seed=3, cache_size=1)
+
+    ref = make()
+    want_truth = ref.ground_truth(*plane)
+    ref = make()
+    want_frames = [ref.snap(*k) for k in frames]
+
+    scope = make()
+    errors: list[BaseException] = []
+    got_frames: list[np.ndarray] = []
+    wrong_truth: list[np.ndarray] = []
+    done = threading.Event()
+
+    def camera() -> None:
+        try:
+            got_frames.extend(scope.snap(*k) for k in frames)
+        except BaseException as e:
+            errors.append(e)
+        finally:
+            done.set()
+
+    def truth() -> None:
+        try:
+            while not done.is_set():
+                got = scope.ground_truth(*plane)
+                if not np.array_equal(got, want_truth):
+                    wrong_truth.append(got)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=camera), threading.Thread(target=truth)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert not wrong_truth, len(wrong_truth)
+    assert len(got_frames) == len(frames)
+    for got, want in zip(got_frames, want_frames, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_sample_too_large_for_memory_is_refused_before_allocating(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    need = sample.memory_needed_bytes((4096, 4096))
+    monkeypatch.setattr(sample, "available_memory_bytes", lambda: need)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"4096×4096 px needs about .* GiB \((\d+) bytes\)"):
+            SimulatedMicroscope((4096, 4096))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20  # not one frame of it was allocated
+    with pytest.raises(ValueError, match=rf"\({need} bytes\) is available \(at most 80%"):
+        SimulatedMicroscope((4096, 4096))
+    SimulatedMicroscope((64, 64))  # small samples still fit
+
+
+def test_the_memory_estimate_covers_what_the_simulator_allocates() -> None:
+    tracemalloc.start()
+    try:
+        scope = SimulatedMicroscope((128, 160), seed=1, cache_size=6)
+        for t in range(4):  # every kind of map, more images than the cache keeps
+            for ch in ("brightfield", "nuclei", "membrane"):
+                for z in (0.0, 2.0):
+                    scope.snap(t * 10.0, ch, z, 10.0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= sample.memory_needed_bytes((128, 160), cache_size=6)
+
+
+def test_run_refuses_a_simulated_shape_too_large_for_memory(tmp_path: Path) -> None:
+    """What a user sees: a usage error naming the memory, no MemoryError traceback."""
+
+    def limit_memory() -> None:  # like ``ulimit -v``: no machine has enough for this shape
+        resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, resource.RLIM_INFINITY))
+
+    r = subprocess.run(
+        [
+            sys.executable, "-m", "scopestream", "run", "--source", "sim",
+            "--shape", "16000x16000", "--frames", "1", "--model", "none",
+            "--out", str(tmp_path / "huge.ome.zarr"),
+        ],
+        capture_output=True, text=True, timeout=120, preexec_fn=limit_memory,
+        env={**os.environ, "COLUMNS": "300", "NO_COLOR": "1"},
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "16000×16000 px needs about" in r.stderr and "is available" in r.stderr
