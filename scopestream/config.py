@@ -7,6 +7,7 @@ never a silent default. Command-line flags override the file.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -22,6 +23,23 @@ from pydantic import (
 
 CONFIG_VERSION = 1
 
+# Upper bounds no real microscope reaches. They turn a typo (an extra zero, ``1e11``)
+# into an error up front instead of an allocation that fails minutes into the run.
+MAX_FRAME_SIDE = 16384
+"""Pixels per side of a frame: the largest scientific cameras are about 14k wide."""
+MAX_FRAMES = 100_000_000
+"""Frames of one run: 100 frames/s for more than 11 days."""
+MAX_TIME_POINTS = 10_000_000
+"""Time points of a plan: one a second for 115 days."""
+MAX_Z_PLANES = 10_000
+"""Planes of one z-stack: 1 mm at 0.1 µm, beyond light-sheet stacks."""
+MAX_CHANNELS = 64
+"""Channels of a plan: spectral imaging uses a few dozen at most."""
+MAX_BUFFER_MB = 1_048_576.0
+"""Ring buffer memory (1 TiB)."""
+MAX_CONFIG_BYTES = 1_000_000
+"""Size of a config file, and of what its YAML aliases may expand to (characters)."""
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -32,8 +50,12 @@ class ConfigError(ValueError):
     """A configuration file or flag that cannot be used."""
 
 
-def parse_shape(value: object) -> tuple[int, int]:
-    """``"512x512"``, ``512`` or ``[512, 512]`` → ``(512, 512)``."""
+def parse_shape(value: object, max_side: int = MAX_FRAME_SIDE) -> tuple[int, int]:
+    """``"512x512"``, ``512`` or ``[512, 512]`` → ``(512, 512)``.
+
+    Each side must lie in ``1..max_side``; a larger frame is refused with the memory
+    one 16-bit frame of it would take.
+    """
     if isinstance(value, str):
         m = re.fullmatch(r"\s*(\d+)\s*[xX×,]\s*(\d+)\s*", value) or re.fullmatch(
             r"\s*(\d+)\s*", value
@@ -52,8 +74,23 @@ def parse_shape(value: object) -> tuple[int, int]:
         h, w = int(value[0]), int(value[1])
         if h < 1 or w < 1:
             raise ValueError(f"shape must be positive, got {h}x{w}")
+        if h > max_side or w > max_side:
+            raise ValueError(
+                f"shape {h}x{w} is too large: one 16-bit frame would need "
+                f"{_bytes(2 * h * w)}; each side may be at most {max_side}"
+            )
         return h, w
     raise ValueError(f"shape must look like 512x512, got {value!r}")
+
+
+def _bytes(n: int) -> str:
+    """``n`` bytes in the largest binary unit that keeps a number ≥ 1."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}" if unit != "B" else f"{n} B"
+        size /= 1024
+    return f"{size:.1f} TiB"
 
 
 class ChannelConfig(BaseModel):
@@ -63,7 +100,7 @@ class ChannelConfig(BaseModel):
     (a channel named nuclei_hi on the preset nuclei: the high half of a pair).
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     name: str = Field(min_length=1)
     exposure_ms: float = Field(10.0, gt=0)
@@ -84,20 +121,33 @@ class ChannelConfig(BaseModel):
         return v
 
 
+_PAIR_KEYS = ("input", "target", "targets")
+
+
 class PlanConfig(BaseModel):
     """What to acquire: time points × channels × z-planes (t, c, z order)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    time_points: int | None = Field(None, gt=0, description="default: enough for --frames")
+    time_points: int | None = Field(
+        None,
+        gt=0,
+        le=MAX_TIME_POINTS,
+        description=f"default: enough for --frames; at most {MAX_TIME_POINTS:,}",
+    )
     interval_s: float = Field(0.0, ge=0)
-    z_planes: int = Field(1, gt=0)
+    z_planes: int = Field(
+        1, gt=0, le=MAX_Z_PLANES, description=f"planes per z-stack, at most {MAX_Z_PLANES:,}"
+    )
     z_step_um: float = Field(1.0, gt=0)
-    channels: tuple[ChannelConfig, ...] = ()
+    channels: tuple[ChannelConfig, ...] = Field(
+        (), max_length=MAX_CHANNELS, description=f"at most {MAX_CHANNELS} channels"
+    )
     channel_group: str = "Channel"
     pairs: dict[str, Any] = Field(
         default_factory=dict,
-        description="which channels the trainer pairs, e.g. {denoise: {input: low, target: high}}",
+        description="which channels the trainer pairs, e.g. {denoise: {input: low, target: high}}"
+        f" (keys {', '.join(_PAIR_KEYS)})",
     )
 
     @field_validator("channels", mode="before")
@@ -113,7 +163,20 @@ class PlanConfig(BaseModel):
         for kind, pair in self.pairs.items():
             if not isinstance(pair, dict):
                 raise ValueError(f"pairs.{kind} must map input/target(s) to channel names")
-            used = [pair.get("input"), pair.get("target"), *pair.get("targets", [])]
+            # `pairs` is saved with every run: only channel names go in, so nothing
+            # else (a stray sub-tree, a non-finite number) reaches the run's attributes.
+            extra = sorted(str(k) for k in pair if k not in _PAIR_KEYS)
+            if extra:
+                raise ValueError(
+                    f"pairs.{kind}: unknown key(s) {extra} (allowed: {', '.join(_PAIR_KEYS)})"
+                )
+            targets = pair.get("targets", [])
+            if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+                raise ValueError(f"pairs.{kind}.targets must be a list of channel names")
+            for key in ("input", "target"):
+                if key in pair and not isinstance(pair[key], str):
+                    raise ValueError(f"pairs.{kind}.{key} must be a channel name")
+            used = [pair.get("input"), pair.get("target"), *targets]
             unknown = [u for u in used if u is not None and u not in names]
             if unknown:
                 raise ValueError(
@@ -123,20 +186,38 @@ class PlanConfig(BaseModel):
 
 
 class RunConfig(BaseModel):
-    """Everything a run needs; the flags of ``scopestream run`` map onto these fields."""
+    """Everything a run needs; the flags of ``scopestream run`` map onto these fields.
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    Numbers must be finite, and sizes have upper bounds no real acquisition reaches
+    (``MAX_FRAMES``, ``MAX_FRAME_SIDE``, ``MAX_TIME_POINTS``, ``MAX_Z_PLANES``,
+    ``MAX_CHANNELS``, ``MAX_BUFFER_MB``).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     version: Literal[1] = 1
     source: str = Field("sim", description="sim | replay:PATH | tcp://HOST:PORT")
-    frames: int | None = Field(None, gt=0, description="stop after this many frames")
-    shape: tuple[int, int] = Field((512, 512), description="frame size of the simulated camera")
+    frames: int | None = Field(
+        None,
+        gt=0,
+        le=MAX_FRAMES,
+        description=f"stop after this many frames (at most {MAX_FRAMES:,})",
+    )
+    shape: tuple[int, int] = Field(
+        (512, 512),
+        description=f"frame size of the simulated camera, each side at most {MAX_FRAME_SIDE}",
+    )
     fps: float | None = Field(None, ge=0, description="frame rate; 0 = as fast as possible")
     models: tuple[str, ...] = Field((), description="model names or paths; empty = none")
     out: str | None = Field(None, description="output OME-Zarr path")
     overwrite: bool = False
     viewer: bool = False
-    buffer_mb: float = Field(512.0, gt=0, description="ring buffer memory")
+    buffer_mb: float = Field(
+        512.0,
+        gt=0,
+        le=MAX_BUFFER_MB,
+        description=f"ring buffer memory (MiB, at most {MAX_BUFFER_MB:,.0f})",
+    )
     seed: int = 0
     plan: PlanConfig = PlanConfig()
     mda: str | None = Field(None, description="a useq-schema MDASequence YAML (instead of plan)")
@@ -175,6 +256,19 @@ class RunConfig(BaseModel):
     def _shape(cls, v: object) -> tuple[int, int]:
         return parse_shape(v)
 
+    @model_validator(mode="after")
+    def _plan_frames_bounded(self) -> RunConfig:
+        p = self.plan
+        if p.time_points is not None:
+            n = p.time_points * max(1, len(p.channels)) * p.z_planes
+            # `frames` stops the run early, so only what is recorded counts.
+            if n > MAX_FRAMES and (self.frames is None or self.frames > MAX_FRAMES):
+                raise ValueError(
+                    f"the plan acquires {n:,} frames (time points × channels × z-planes); "
+                    f"at most {MAX_FRAMES:,}, or set frames"
+                )
+        return self
+
     @field_validator("models", mode="before")
     @classmethod
     def _models(cls, v: object) -> object:
@@ -187,7 +281,7 @@ class RunConfig(BaseModel):
 
 def build_plan(cfg: RunConfig) -> AcquisitionPlan:
     """The run's acquisition plan: from ``mda`` (useq YAML) or ``plan``, capped by ``frames``."""
-    from scopestream.acquisition.plan import AcquisitionPlan, ChannelSpec, PlanError
+    from scopestream.acquisition.plan import AcquisitionPlan, ChannelSpec, PlanError, mda_sizes
 
     try:
         if cfg.mda:
@@ -197,6 +291,15 @@ def build_plan(cfg: RunConfig) -> AcquisitionPlan:
                 seq = useq.MDASequence.from_file(cfg.mda)
             except Exception as e:
                 raise ConfigError(f"cannot read the MDA sequence {cfg.mda}: {e}") from None
+            # Before reading it: a z plan of 10^9 planes would be listed in full.
+            sizes = mda_sizes(seq)
+            _check_plan_size(
+                f"the MDA sequence {cfg.mda}",
+                t=sizes.get("t", 0),
+                c=sizes.get("c", 0),
+                z=sizes.get("z", 0),
+                frames=cfg.frames,
+            )
             return AcquisitionPlan.from_mda_sequence(seq).limited_to(cfg.frames)
         p = cfg.plan
         channels = tuple(ChannelSpec(c.name, c.exposure_ms, c.config) for c in p.channels)
@@ -221,6 +324,22 @@ def build_plan(cfg: RunConfig) -> AcquisitionPlan:
         raise ConfigError(f"invalid plan: {e}") from None
 
 
+def _check_plan_size(where: str, *, t: int, c: int, z: int, frames: int | None) -> None:
+    """Refuse a plan beyond the documented limits (``frames`` caps the time points)."""
+    for n, limit, what in (
+        (c, MAX_CHANNELS, "channels"),
+        (z, MAX_Z_PLANES, "z-planes"),
+        (t, MAX_TIME_POINTS, "time points"),
+    ):
+        if n > limit and not (what == "time points" and frames is not None):
+            raise ConfigError(f"{where} has {n:,} {what}; at most {limit:,}")
+    n_frames = max(1, t) * max(1, c) * max(1, z)
+    if frames is not None:
+        n_frames = min(n_frames, frames)
+    if n_frames > MAX_FRAMES:
+        raise ConfigError(f"{where} acquires {n_frames:,} frames; at most {MAX_FRAMES:,}")
+
+
 def resolve_hook(spec: str) -> Callable[..., Any]:
     """Import ``package.module:function``."""
     import importlib
@@ -237,15 +356,143 @@ def resolve_hook(spec: str) -> Callable[..., Any]:
     return fn  # type: ignore[no-any-return]
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read a YAML run configuration."""
-    p = Path(path)
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML for run configs: YAML 1.2 core scalars, without YAML 1.1's surprises.
+
+    PyYAML follows YAML 1.1, where ``0x512`` is the integer 1298, ``0755`` is 493,
+    ``1:30`` is 90, ``yes``/``off`` are booleans and ``2024-01-01`` is a date. Here
+    only plain decimal numbers are numbers (``1e6`` included, as in YAML 1.2;
+    ``0755`` is 755), only ``true``/``false`` are booleans, and everything else
+    stays a string, so ``shape: 0x512`` is refused as a shape instead of recording
+    1298x1298, and ``frames: 1:30`` is refused instead of meaning 90.
+    """
+
+    yaml_implicit_resolvers = {}  # noqa: RUF012  (start empty: none of YAML 1.1's forms)
+
+
+for _tag, _pattern, _first in (
+    ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    ("int", r"^[-+]?[0-9]+$", "-+0123456789"),
+    (
+        "float",
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
+        "-+0123456789.",
+    ),
+    ("null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+    ("merge", r"^(?:<<)$", "<"),
+):
+    _ConfigLoader.add_implicit_resolver(
+        f"tag:yaml.org,2002:{_tag}", re.compile(_pattern), list(_first)
+    )
+
+
+def _decimal_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
+    # PyYAML's own constructor would read ``0755`` as octal even once resolved.
+    text = str(loader.construct_scalar(node))  # type: ignore[arg-type]
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        return int(text, 10)
+    except ValueError:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"{text!r} is not a decimal integer", node.start_mark
+        ) from None
+
+
+_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _decimal_int)
+
+
+def _expanded_size(node: yaml.Node, limit: int) -> int:
+    """Characters and values the node stands for once every alias is expanded.
+
+    An alias is a reference to an earlier node, so a few hundred bytes of nested
+    anchors can stand for gigabytes (a "billion laughs"); the configuration is
+    saved into the run's attributes as JSON, where every reference is written out.
+    Sizes are memoised per node, so counting costs one pass over the file.
+    """
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(n: yaml.Node) -> int:
+        key = id(n)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ConfigError("a YAML alias refers to itself (a recursive structure)")
+        active.add(key)
+        if isinstance(n, yaml.SequenceNode):
+            children: list[yaml.Node] = list(n.value)
+        elif isinstance(n, yaml.MappingNode):
+            children = [part for kv in n.value for part in kv]
+        else:
+            children = []
+        total = 1 + (len(n.value) if isinstance(n, yaml.ScalarNode) else 0)
+        for child in children:
+            total += size(child)
+            if total > limit:
+                raise ConfigError(
+                    f"its YAML aliases (*name) expand it beyond {limit:,} characters; "
+                    "write the values out instead of nesting anchors"
+                )
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    return size(node)
+
+
+def _load_yaml(text: str) -> Any:
+    """Parse one YAML document with `_ConfigLoader`, refusing alias bombs before building."""
+    loader = _ConfigLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, MAX_CONFIG_BYTES)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()  # type: ignore[no-untyped-call]
+
+
+def _read_text(p: Path) -> str:
+    """The file's text: UTF-8 (with or without a byte-order mark), at most ``MAX_CONFIG_BYTES``."""
+    try:
+        with p.open("rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"cannot read config {p}: {e}") from e
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{p} is larger than {MAX_CONFIG_BYTES:,} bytes: not a run config")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        # What Windows editors and PowerShell's `>` write; say so rather than
+        # guess at an encoding.
+        raise ConfigError(f"{p} is UTF-16 text; save it as UTF-8")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{p} is not UTF-8 text (byte {e.start} is {data[e.start]:#04x}); save it as UTF-8"
+        ) from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read a YAML run configuration.
+
+    Raises
+    ------
+    ConfigError
+        The file cannot be read, is not UTF-8 YAML, is too large or expands too far
+        through aliases, or does not hold a valid configuration.
+    """
+    p = Path(path)
+    text = _read_text(p)
+    try:
+        raw = _load_yaml(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{p} is not valid YAML: {e}") from e
+    except RecursionError:
+        raise ConfigError(f"{p} nests too deeply to be a run config") from None
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{p} must hold a mapping of settings")
     return validate_config(raw, where=str(p))
@@ -264,11 +511,29 @@ def validate_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
         raise ConfigError(f"invalid {where}:\n" + "\n".join(lines)) from None
 
 
-def merge(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
-    """Apply command-line overrides (keys whose value is None are left alone)."""
-    data = cfg.model_dump()
-    data.update({k: v for k, v in overrides.items() if v is not None})
+def merge(cfg: RunConfig, overrides: Mapping[str, Any]) -> RunConfig:
+    """Apply command-line overrides field by field.
+
+    Nested mappings merge key by key, so ``{"plan": {"z_planes": 5}}`` changes the
+    plan's z-planes and keeps its channels, pairs and time points. Lists, tuples and
+    scalars replace the value whole. Keys whose value is None are left alone, at
+    every level: that is how a flag that was not given arrives.
+    """
+    data = _deep_merge(cfg.model_dump(), overrides)
     return validate_config(data, where="flags")
+
+
+def _deep_merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` merged in (mappings recursively, None skipped)."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -178,40 +178,151 @@ class AcquisitionPlan:
 
     @classmethod
     def from_mda_sequence(cls, seq: Any) -> AcquisitionPlan:
-        """Read a useq ``MDASequence`` (e.g. from a YAML file) as a plan."""
-        sizes = seq.sizes
-        if sizes.get("p", 0) > 1 or sizes.get("g", 0) > 1:
+        """Read a useq ``MDASequence`` (e.g. from a YAML file) as a plan.
+
+        What the plan can hold is kept: time points and interval, a relative z plan,
+        channels with their exposures. A channel without an exposure gets the default
+        10 ms. Anything that would make the run differ from the sequence as written
+        is refused with a `PlanError` naming it, rather than dropped: several or
+        placed stage positions, grids, autofocus, ``keep_shutter_open_across``,
+        per-channel ``z_offset`` / ``camera``, ``do_stack: false`` with a z-stack,
+        ``acquire_every`` with a time series, channels in different groups,
+        multi-phase time plans, and axis orders other than ``tcz``.
+
+        Raises
+        ------
+        PlanError
+            The sequence uses a feature the recorder cannot reproduce.
+        """
+        if len(seq.stage_positions) > 1:
             raise PlanError(
                 "plans with several stage positions or grids are not supported by the recorder yet"
             )
-        order = "".join(a for a in str(seq.axis_order) if sizes.get(a, 0) > 1)
+        _refuse_placement(seq)
+        sizes = mda_sizes(seq)
+        if seq.autofocus_plan is not None:
+            raise PlanError(
+                "autofocus_plan is not supported: the recorder cannot run autofocus; "
+                "remove it (focus before the run)"
+            )
+        if seq.keep_shutter_open_across:
+            raise PlanError(
+                f"keep_shutter_open_across {tuple(seq.keep_shutter_open_across)} is not "
+                "supported: the plan cannot pass it on to either engine"
+            )
+        order = "".join(a for a in seq.axis_order if sizes.get(a, 0) > 1)
         if order not in ("", "t", "c", "z", "tc", "tz", "cz", "tcz"):
-            raise PlanError(f"axis order {seq.axis_order!r}: scopestream records in t, c, z order")
+            raise PlanError(
+                f"axis order {''.join(seq.axis_order)!r}: scopestream records in t, c, z order"
+            )
         zs: Sequence[float] = (0.0,)
         if seq.z_plan is not None:
-            zs = [float(z) for z in seq.z_plan]
             if not getattr(seq.z_plan, "is_relative", True):
                 raise PlanError("use a relative z plan (offsets around the focus)")
-        channels = tuple(
-            ChannelSpec(
-                name=ch.config
-                if sum(c.config == ch.config for c in seq.channels) == 1
-                else f"{ch.config}@{ch.exposure:g}ms",
-                exposure_ms=float(ch.exposure or 10.0),
-                config=ch.config,
-            )
-            for ch in seq.channels
-        )
-        interval = 0.0
+            zs = [float(z) for z in seq.z_plan]
         loops = max(1, sizes.get("t", 1))
+        _refuse_channel_features(seq.channels, n_z=len(zs), n_t=loops)
+        interval = 0.0
         if seq.time_plan is not None:
-            step = getattr(seq.time_plan, "interval", None)
+            if hasattr(seq.time_plan, "phases"):
+                # One interval per plan: phases with different intervals would be
+                # recorded at the wrong times.
+                raise PlanError("multi-phase time plans are not supported: use one interval")
+            try:
+                step = getattr(seq.time_plan, "interval", None)
+            except ZeroDivisionError:  # a duration over one loop: no interval to keep
+                step = None
             interval = float(step.total_seconds()) if step is not None else 0.0
         group = seq.channels[0].group if seq.channels else "Channel"
         return cls(
             time_points=loops,
             interval_s=interval,
             z_offsets_um=tuple(zs),
-            channels=channels,
+            channels=_channel_specs(seq.channels),
             channel_group=group,
         )
+
+
+def mda_sizes(seq: Any) -> dict[str, int]:
+    """Time points, positions, channels and z-planes of a useq ``MDASequence``.
+
+    Computed from the plans, unlike ``MDASequence.sizes``, which lists every axis:
+    a mistyped ``loops: 1000000000`` would take minutes and gigabytes to count.
+    Grids are not counted (`AcquisitionPlan.from_mda_sequence` refuses them).
+    """
+    t = 0
+    if seq.time_plan is not None:
+        t = int(seq.time_plan.num_timepoints())
+    z = 0 if seq.z_plan is None else int(seq.z_plan.num_positions())
+    return {"t": t, "p": len(seq.stage_positions), "c": len(seq.channels), "z": z}
+
+
+# useq's default for a channel without an exposure is "the camera's current one";
+# a plan needs a number, so it gets the same default as `ChannelSpec`.
+_DEFAULT_EXPOSURE_MS = ChannelSpec.exposure_ms
+
+
+def _refuse_placement(seq: Any) -> None:
+    """Refuse a single stage position that moves the stage, or a grid: the run stays put."""
+    if seq.grid_plan is not None:
+        raise PlanError("grid_plan is not supported by the recorder yet (it moves the stage)")
+    for pos in seq.stage_positions:
+        coords = {a: getattr(pos, a) for a in ("x", "y", "z") if getattr(pos, a) is not None}
+        if coords:
+            where = ", ".join(f"{a}={v:g}" for a, v in coords.items())
+            raise PlanError(
+                f"stage position coordinates ({where}) are not supported: the run acquires "
+                "where the stage and focus are; remove stage_positions"
+            )
+        if pos.sequence is not None:
+            raise PlanError("a stage position with its own sequence is not supported")
+        if pos.properties:
+            raise PlanError("a stage position with device properties is not supported")
+
+
+def _refuse_channel_features(channels: Sequence[Any], *, n_z: int, n_t: int) -> None:
+    """Refuse per-channel settings that would leave holes or shifts in a t×c×z recording."""
+    groups = {ch.group for ch in channels}
+    if len(groups) > 1:
+        raise PlanError(f"channels in different groups {sorted(groups)}: use one channel group")
+    for ch in channels:
+        if not ch.do_stack and n_z > 1:
+            raise PlanError(
+                f"channel {ch.config!r}: do_stack: false is not supported with a z-stack "
+                "(every channel is recorded at every plane)"
+            )
+        if ch.acquire_every > 1 and n_t > 1:
+            raise PlanError(
+                f"channel {ch.config!r}: acquire_every: {ch.acquire_every} is not supported "
+                "(every channel is recorded at every time point)"
+            )
+        if ch.z_offset:
+            raise PlanError(
+                f"channel {ch.config!r}: z_offset {ch.z_offset:g} is not supported "
+                "(every channel is recorded at the same planes)"
+            )
+        if getattr(ch, "camera", None) is not None:
+            raise PlanError(f"channel {ch.config!r}: camera {ch.camera!r} is not supported")
+
+
+def _channel_specs(channels: Sequence[Any]) -> tuple[ChannelSpec, ...]:
+    """Name useq channels uniquely: the preset, then preset@exposure, then a running number."""
+    exposures = [float(ch.exposure or _DEFAULT_EXPOSURE_MS) for ch in channels]
+    names = [
+        ch.config
+        if sum(c.config == ch.config for c in channels) == 1
+        else f"{ch.config}@{exp:g}ms"
+        for ch, exp in zip(channels, exposures, strict=True)
+    ]
+    # The same preset and exposure twice (e.g. both without an exposure) is still
+    # two channels the user asked for; number them rather than fail on the name.
+    counts = {n: names.count(n) for n in names}
+    seen: dict[str, int] = {}
+    for i, n in enumerate(names):
+        if counts[n] > 1:
+            seen[n] = seen.get(n, 0) + 1
+            names[i] = f"{n}#{seen[n]}"
+    return tuple(
+        ChannelSpec(name=n, exposure_ms=exp, config=ch.config)
+        for n, ch, exp in zip(names, channels, exposures, strict=True)
+    )

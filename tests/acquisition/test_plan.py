@@ -108,3 +108,82 @@ def test_plan_config_checks_pairs_and_typos() -> None:
         )
     with pytest.raises(ConfigError, match="z_plane: unknown setting"):
         validate_config({"plan": {"z_plane": 3}})
+
+
+# -- useq features the plan holds, and those it refuses ---------------------------
+def test_the_same_preset_twice_without_exposures_gets_unique_names() -> None:
+    seq = useq.MDASequence(channels=[{"config": "DAPI"}, {"config": "DAPI"}, "FITC"])
+    plan = AcquisitionPlan.from_mda_sequence(seq)
+    assert plan.channel_names == ("DAPI@10ms#1", "DAPI@10ms#2", "FITC")
+    assert [c.preset for c in plan.channels] == ["DAPI", "DAPI", "FITC"]
+    assert [c.exposure_ms for c in plan.channels] == [10.0, 10.0, 10.0]
+
+
+def test_a_pair_with_one_exposure_left_out_keeps_both_channels() -> None:
+    seq = useq.MDASequence(channels=[{"config": "DAPI"}, {"config": "DAPI", "exposure": 50}])
+    plan = AcquisitionPlan.from_mda_sequence(seq)
+    assert plan.channel_names == ("DAPI@10ms", "DAPI@50ms")
+
+
+def test_per_channel_settings_without_effect_on_this_plan_are_accepted() -> None:
+    seq = useq.MDASequence(
+        channels=[{"config": "DAPI", "do_stack": False, "acquire_every": 3}],
+        stage_positions=[{"name": "here"}],
+    )
+    plan = AcquisitionPlan.from_mda_sequence(seq)  # one plane, one time point: no effect
+    assert plan.channel_names == ("DAPI",)
+    assert plan.n_frames == 1
+
+
+Z3 = {"range": 2, "step": 1}
+T3 = {"interval": 1, "loops": 3}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "feature"),
+    [
+        ({"z_plan": Z3, "channels": [{"config": "A", "do_stack": False}, "B"]}, "do_stack"),
+        (
+            {"time_plan": T3, "channels": ["A", {"config": "B", "acquire_every": 2}]},
+            "acquire_every",
+        ),
+        ({"channels": [{"config": "A", "z_offset": 1.5}]}, "z_offset 1.5"),
+        ({"channels": [{"config": "A", "camera": "Cam2"}]}, "camera"),
+        ({"channels": [{"config": "A", "group": "G1"}, {"config": "B"}]}, "different groups"),
+        (
+            {"autofocus_plan": {"autofocus_device_name": "Z", "axes": ("t",)}, "time_plan": T3},
+            "autofocus_plan",
+        ),
+        ({"keep_shutter_open_across": ("z",), "z_plan": Z3}, "keep_shutter_open_across"),
+        ({"stage_positions": [(100.0, 200.0, 5.0)]}, r"stage position coordinates \(x=100"),
+        ({"stage_positions": [{"z": 5.0}]}, r"coordinates \(z=5\)"),
+        ({"stage_positions": [{"sequence": {"z_plan": Z3}}]}, "its own sequence"),
+        ({"grid_plan": {"rows": 1, "columns": 1}}, "grid_plan"),
+        (
+            {"time_plan": {"phases": [{"interval": 1, "loops": 2}, {"interval": 5, "loops": 2}]}},
+            "multi-phase",
+        ),
+    ],
+)
+def test_useq_features_the_recorder_cannot_reproduce_are_refused_by_name(
+    kwargs: dict[str, object], feature: str
+) -> None:
+    with pytest.raises(PlanError, match=feature):
+        AcquisitionPlan.from_mda_sequence(useq.MDASequence(**kwargs))
+
+
+def test_a_useq_file_with_a_refused_feature_is_a_config_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    seq = useq.MDASequence(
+        z_plan={"range": 2, "step": 1},
+        channels=[{"config": "DAPI", "do_stack": False}, {"config": "FITC"}],
+    )
+    path = tmp_path / "seq.yaml"
+    path.write_text(seq.yaml())
+    with pytest.raises(ConfigError, match="invalid plan: channel 'DAPI': do_stack"):
+        build_plan(RunConfig(mda=str(path)))
+
+
+def test_duration_over_one_loop_has_no_interval() -> None:
+    seq = useq.MDASequence(time_plan={"duration": 10, "loops": 1})
+    plan = AcquisitionPlan.from_mda_sequence(seq)
+    assert (plan.time_points, plan.interval_s) == (1, 0.0)
