@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -239,16 +240,21 @@ def test_micro_manager_not_running_is_a_clear_error(
     assert "not reachable on port 4827" in r.stderr
 
 
-def test_bench_acquisition_reports_rates_and_callback(cli: Callable[..., CliResult]) -> None:
+def test_bench_acquisition_smoke(cli: Callable[..., CliResult]) -> None:
+    """The command runs and reports its documented keys; timings belong to `benchmarks/`."""
     r = cli(
-        "bench", "acquisition", "--shape", "256x256", "--frames", "40", "--repeats", "1", "--json"
+        "bench", "acquisition", "--shape", "64x64", "--frames", "10", "--repeats", "1", "--json"
     )
     assert r.code == 0, r.stderr
     b = r.json
-    assert b["renderer_fps"] > 0
-    assert b["sim_mda_fps"] > 0
+    assert b["benchmark"] == "acquisition"
+    assert (b["shape"], b["frames"], b["repeats"]) == ([64, 64], 10, 1)
+    for key in ("renderer_fps", "sim_mda_fps", "ratio_adopt_vs_copy_p50"):
+        assert math.isfinite(b[key]) and b[key] > 0, key
     assert set(b["callback_us"]) == {"wall_p50", "wall_p99", "cpu_p50", "cpu_p99"}
-    assert b["put_us"]["adopt"]["p50"] < b["put_us"]["copy"]["p50"]
+    assert set(b["put_us"]) == {"copy", "adopt"}
+    for group in (b["callback_us"], b["put_us"]["copy"], b["put_us"]["adopt"]):
+        assert all(math.isfinite(v) and v >= 0 for v in group.values()), group
 
 
 def test_user_hooks_are_passed_to_pycromanager(

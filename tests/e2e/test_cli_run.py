@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 import resource
 import shutil
 import signal
@@ -288,29 +289,27 @@ def test_inspect_reports_a_run(cli: Callable[..., CliResult], tmp_path: Path) ->
     assert r.code == 2
 
 
-def test_bench_streaming_reports_fps_and_ratios(
-    cli: Callable[..., CliResult], tmp_path: Path
-) -> None:
+def test_bench_streaming_smoke(cli: Callable[..., CliResult], tmp_path: Path) -> None:
+    """The command runs and reports its documented keys; timings belong to `benchmarks/`."""
     r = cli(
-        "bench",
-        "streaming",
-        "--frames",
-        "12",
-        "--shape",
-        "256x256",
-        "--repeats",
-        "1",
-        "--workdir",
-        str(tmp_path),
-        "--json",
-    )
+        "bench", "streaming", "--frames", "8", "--shape", "64x64", "--repeats", "1",
+        "--workdir", str(tmp_path), "--json",
+    )  # fmt: skip
     assert r.code == 0, r.stderr
     b = r.json
-    assert set(b["fps"]) == {"pipeline", "tensorstore", "file"}
-    assert all(v > 0 for v in b["fps"].values())
-    assert b["ratio_pipeline_vs_tensorstore"] == round(
-        b["fps"]["pipeline"] / b["fps"]["tensorstore"], 3
-    )
+    assert b["benchmark"] == "streaming"
+    assert (b["frames"], b["shape"], b["repeats"]) == (8, [64, 64], 1)
+    writers = {"pipeline", "tensorstore", "file"}
+    assert set(b["fps"]) == set(b["mb_per_s"]) == set(b["all_fps"]) == writers
+    for v in [*b["fps"].values(), *b["mb_per_s"].values()]:
+        assert math.isfinite(v) and v > 0
+    assert all(len(v) == 1 for v in b["all_fps"].values())  # one value per repeat
+    for key in (
+        "ratio_pipeline_vs_tensorstore",
+        "ratio_tensorstore_vs_file",
+        "ratio_pipeline_vs_file",
+    ):
+        assert math.isfinite(b[key]) and b[key] > 0, key
     assert not list(tmp_path.iterdir())  # cleaned up
 
 
