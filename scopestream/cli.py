@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 import signal
@@ -10,9 +9,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -21,9 +20,8 @@ from scopestream import __version__
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from scopestream.acquisition.base import FrameSource
     from scopestream.config import RunConfig
-    from scopestream.streaming.runner import StreamRunner
+    from scopestream.pipeline import Pipeline
 
 app = typer.Typer(
     name="scopestream",
@@ -41,16 +39,16 @@ err = Console(stderr=True)
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+#: the run was stopped before its plan ended (Ctrl-C, SIGTERM, SIGHUP, Stop): data kept
+EXIT_STOPPED = 3
+#: a second Ctrl-C/SIGTERM: aborted at once (complete frames stay readable)
+EXIT_ABORTED = 130
 
 
 def _die(msg: str, code: int = EXIT_USAGE) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {msg}")
+    # escaped: a message naming an extra ('scopestream[viewer]') must print as written
+    err.print(f"[bold red]error:[/] {escape(msg)}")
     return typer.Exit(code)
-
-
-def _default_out(prefix: str = "run") -> str:
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return str(Path("runs") / f"{prefix}-{stamp}.ome.zarr")
 
 
 def _version(value: bool) -> None:
@@ -69,65 +67,55 @@ def _root(
     """Live AI for microscopes."""
 
 
-def _build_source(cfg: RunConfig) -> FrameSource:
-    from scopestream.acquisition.base import SourceError
-    from scopestream.acquisition.factory import make_source
-    from scopestream.config import ConfigError, build_plan, resolve_hook
+def _build(cfg: RunConfig, **kw: Any) -> Pipeline:
+    """The run's pipeline, built (everything checked) before anything runs; bad input: exit 2."""
+    from scopestream.pipeline import Pipeline, PipelineError
 
     try:
-        hooks = {str(k): resolve_hook(v) for k, v in cfg.mm_hooks.items()}
-        nuclei = None
-        if cfg.sim_nuclei:
-            import tifffile
-
-            nuclei = tifffile.imread(cfg.sim_nuclei)
-        return make_source(
-            cfg.source,
-            shape=cfg.shape,
-            frames=cfg.frames,
-            fps=cfg.fps,
-            seed=cfg.seed,
-            plan=build_plan(cfg),
-            mm_dir=cfg.mm_dir,
-            mm_save_dir=cfg.mm_save_dir,
-            hooks=hooks,
-            sim_nuclei=nuclei,
-            sim_time_step_s=cfg.sim_time_step_s,
-        )
-    except (SourceError, ConfigError, ValueError, OSError) as e:
+        return Pipeline(cfg, **kw).build()
+    except PipelineError as e:
         raise _die(str(e)) from None
 
 
 def _drive(
-    runner: StreamRunner,
+    pipe: Pipeline,
     show_progress: bool,
     label: str,
     live: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Run with a progress bar on stderr; Ctrl-C stops cleanly (twice: abort).
+    """Run with a progress bar on stderr until the end.
 
-    With ``live`` (the viewer's event loop) the window runs first; closing it
-    leaves the run going, headless, to its end.
+    Ctrl-C, SIGTERM and SIGHUP stop acquiring and write what is buffered (the
+    run is recorded as ``stopped``); a second one aborts at once (the store says
+    ``aborted``; every complete frame stays readable) with exit code 130. With
+    ``live`` (the viewer's event loop) the window runs first; closing it leaves
+    the run going, headless, to its end.
     """
     interrupts = 0
 
-    def on_sigint(signum: int, frame: object) -> None:
+    def on_signal(signum: int, frame: object) -> None:
         nonlocal interrupts
         interrupts += 1
+        name = signal.Signals(signum).name
         if interrupts > 1:
-            raise KeyboardInterrupt
-        err.print("[yellow]stopping: writing what is buffered (Ctrl-C again to abort)[/]")
-        runner.stop()
+            err.print(f"[red]{name} again: aborting (complete frames stay readable)[/]")
+            pipe.abort(f"aborted by a second {name}")
+            os._exit(EXIT_ABORTED)
+        err.print(f"[yellow]{name}: stopping, writing what is buffered ({name} again to abort)[/]")
+        pipe.stop()
 
-    old = signal.signal(signal.SIGINT, on_sigint)
+    handled = [signal.SIGINT, signal.SIGTERM]
+    if hasattr(signal, "SIGHUP"):  # not on Windows
+        handled.append(signal.SIGHUP)
+    old = {s: signal.signal(s, on_signal) for s in handled}
     try:
         if live is None:
-            runner.start()
+            pipe.start()
         else:
             live()  # the Qt event loop, until the window is closed
-            if not runner.wait(0):
+            if not pipe.wait(0):
                 err.print("[cyan]viewer closed; the run goes on until it ends[/]")
-        total = runner.status.frames_expected
+        total = pipe.status.frames_expected
         with Progress(
             TextColumn(f"[bold]{label}"),
             BarColumn(),
@@ -141,23 +129,26 @@ def _drive(
             disable=not show_progress,
         ) as progress:
             task = progress.add_task(label, total=total, rate="")
-            while not runner.wait(0.2):
-                st = runner.status
-                progress.update(
-                    task, completed=st.frames_acquired, rate=f"{runner.acquired.fps():.1f} fps"
-                )
+            while not pipe.wait(0.2):
+                st = pipe.status
+                rate = pipe.runner.acquired.fps() if pipe.runner is not None else 0.0
+                progress.update(task, completed=st.frames_acquired, rate=f"{rate:.1f} fps")
     finally:
-        signal.signal(signal.SIGINT, old)
-    assert runner.summary is not None
-    return runner.summary
+        for s, h in old.items():
+            signal.signal(s, h)
+    summary = pipe.summary
+    assert summary is not None
+    return summary
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
     t = Table(title="run summary", show_header=False, title_justify="left")
-    ok = summary["status"] == "complete"
-    t.add_row("status", f"[{'green' if ok else 'red'}]{summary['status']}[/]")
+    status = summary["status"]
+    colour = {"complete": "green", "stopped": "yellow"}.get(status, "red")
+    t.add_row("status", f"[{colour}]{status}[/]")
     for key in (
         "frames_acquired",
+        "frames_expected",
         "frames_written",
         "frames_lost",
         "malformed",
@@ -174,11 +165,15 @@ def _print_summary(summary: dict[str, Any]) -> None:
         f"{cb.get('p50')} / {cb.get('p99')} | {cpu.get('p50')} / {cpu.get('p99')}",
     )
     for name, n in summary.get("frames_skipped", {}).items():
-        t.add_row(f"skipped ({name})", str(n))
+        t.add_row(f"skipped ({escape(name)})", str(n))
+    for name, counts in (summary.get("not_fed") or {}).items():
+        t.add_row(f"not predicted ({escape(name)})", escape(json.dumps(counts)))
     if summary.get("out"):
-        t.add_row("out", str(summary["out"]))
+        t.add_row("out", escape(str(summary["out"])))
+    if summary.get("stopped"):
+        t.add_row("stopped", escape(str(summary["stopped"])))
     if summary.get("error"):
-        t.add_row("error", f"[red]{summary['error']}[/]")
+        t.add_row("error", f"[red]{escape(str(summary['error']))}[/]")
     err.print(t)
 
 
@@ -187,135 +182,46 @@ def _finish(summary: dict[str, Any], as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps(summary, default=str) + "\n")
         sys.stdout.flush()
+    if summary["status"] == "stopped":
+        raise typer.Exit(EXIT_STOPPED)
     if summary["status"] != "complete":
         raise typer.Exit(EXIT_FAILED)
-
-
-def _build_models(cfg: RunConfig, source: FrameSource) -> list[Any]:
-    """Load, check and prepare every model before anything is written."""
-    from scopestream.inference.backends import BackendError, make_backend
-    from scopestream.inference.engine import ModelChannelError, check_channels
-    from scopestream.inference.package import PackageError, Registry
-    from scopestream.inference.predictor import Predictor, tile_from_string
-
-    registry = Registry(cfg.registry)
-    out = []
-    for spec in cfg.models:
-        try:
-            pkg = registry.resolve(spec)
-            tile = tile_from_string(cfg.tile, pkg.manifest.n_spatial)
-            predictor = Predictor(pkg, make_backend(pkg, cfg.backend), tile=tile)
-            check_channels(predictor, source.info.channel_names)
-        except (PackageError, BackendError, ModelChannelError, ValueError) as e:
-            raise _die(f"model {spec!r}: {e}") from None
-        by_name = "@" not in spec and not Path(spec).exists()
-        out.append((spec, registry, predictor, by_name))
-    return out
 
 
 def execute_run(
     cfg: RunConfig, *, as_json: bool, label: str = "acquiring", screenshot: Path | None = None
 ) -> None:
     """Run one configured stream to its end (shared by ``run`` and ``demo``)."""
-    from scopestream.streaming.ringbuffer import OverflowPolicy
-    from scopestream.streaming.runner import SinkSpec, StreamRunner
-    from scopestream.streaming.zarr_sink import SinkError, ZarrSink
-
     if cfg.viewer:
         _check_display()
     elif screenshot is not None:
         raise _die("--screenshot needs --viewer")
-    source = _build_source(cfg)
-    try:
-        models = _build_models(cfg, source)
-    except typer.Exit:
-        source.stop()
-        source.wait(10)
-        raise
-    out = cfg.out or _default_out()
-    try:
-        sink = ZarrSink(
-            out,
-            source.info,
-            config=cfg.model_dump(mode="json"),
-            source=source.describe(),
-            overwrite=cfg.overwrite,
+    pipe = _build(cfg)
+    pipe.events.modelSwapped.connect(
+        lambda image, v: err.print(
+            f"[cyan]model swap:[/] {escape(v.model)} v{v.version} takes over ({escape(image)})"
         )
-    except (FileExistsError, SinkError) as e:
-        source.stop()
-        source.wait(10)
-        raise _die(str(e)) from None
-    specs = [SinkSpec("zarr", sink, records=True)]
-    engines = {}
-    watchers = []
-    policy = OverflowPolicy.LATEST if cfg.model_policy == "latest" else OverflowPolicy.SPILL
-    makers = {}
-    for spec, registry, predictor, by_name in models:
-        engine, watcher, make = _attach_model(
-            cfg, sink, source, spec, registry, predictor, by_name
-        )
-        specs.append(SinkSpec(f"model:{engine.writer.name}", engine, policy))
-        engines[f"model:{engine.writer.name}"] = engine
-        makers[f"model:{engine.writer.name}"] = (registry, predictor.manifest.name, make)
-        if watcher is not None:
-            watchers.append(watcher)
-    frames = None
-    if cfg.viewer:
-        from scopestream.viewer.frames import LatestFrames
-
-        frames = LatestFrames(source.info)
-        specs.append(SinkSpec("viewer", frames, OverflowPolicy.LATEST))
-        for eng in engines.values():
-            eng.on_prediction = _display_hook(frames, eng)
-    if cfg.sim_truth:
-        from scopestream.acquisition.sim import SimulatedSource, TruthSink
-
-        if not isinstance(source, SimulatedSource):
-            raise _die("--sim-truth needs --source sim (only the simulator knows the truth)")
-        truth = sink.add_output(
-            "truth",
-            channel_names=source.info.channel_names,
-            provenance={"kind": "ground truth", "source": "simulator", "seed": source.seed},
-        )
-        specs.append(SinkSpec("truth", TruthSink(source, truth), OverflowPolicy.SPILL))
-    runner = StreamRunner(source, specs, buffer_mb=cfg.buffer_mb, max_frames=cfg.frames, out=out)
-    for w in watchers:
-        w.start()
+    )
+    pipe.events.swapRefused.connect(
+        lambda image, v, why: err.print(f"[yellow]model swap refused:[/] {escape(why)}")
+    )
     live_state: dict[str, Any] = {}
     loop = None
-    if frames is not None:
+    if pipe.display is not None:
 
         def loop() -> None:
-            viewer = _open_live_viewer(runner, frames, engines, makers, cfg, out, screenshot)
-            viewer.run(start=runner.start)  # the run starts once the window is up
+            from scopestream.viewer.live import open_live_viewer
+
+            viewer = open_live_viewer(
+                pipe, screenshot, on_swap_error=lambda m: err.print(f"[red]{escape(m)}[/]")
+            )
+            viewer.run(start=pipe.start)  # the run starts once the window is up
             live_state["described"] = viewer.describe()
 
-    try:
-        summary = _drive(runner, show_progress=err.is_terminal, label=label, live=loop)
-    finally:
-        for w in watchers:
-            w.stop()
-    summary["models"] = _models_summary(engines)
+    summary = _drive(pipe, show_progress=err.is_terminal, label=label, live=loop)
     if "described" in live_state:
         summary["viewer"] = live_state["described"]
     _finish(summary, as_json)
-
-
-def _models_summary(engines: dict[str, Any]) -> dict[str, Any]:
-    return {
-        name: {
-            "predicted": e.predicted,
-            "versions": [
-                {
-                    k: v.get(k)
-                    for k in ("model", "version", "sha256", "backend", "device", "from_seq")
-                }
-                for v in e.versions
-            ],
-            "notes": e.predictor.notes,
-        }
-        for name, e in engines.items()
-    }
 
 
 def _check_display() -> None:
@@ -331,163 +237,6 @@ def _check_display() -> None:
             "--viewer needs a display: none is set (DISPLAY); run under xvfb-run, or set "
             "QT_QPA_PLATFORM=offscreen for screenshots only"
         )
-
-
-def _display_hook(frames: Any, engine: Any) -> Callable[[np.ndarray, Any], None]:
-    """Hand an engine's predictions to the display (newest only, no Qt)."""
-    from scopestream.viewer.frames import output_kind
-
-    kind = output_kind(engine.predictor.manifest.task)
-    names = tuple(engine.writer.channel_names)
-    wildcard = bool(engine.wildcard)
-    image = engine.writer.name
-
-    def hook(y: np.ndarray, meta: Any) -> None:
-        frames.put_prediction(image, kind, names, wildcard, y, meta)
-
-    return hook
-
-
-def _open_live_viewer(
-    runner: Any,
-    frames: Any,
-    engines: dict[str, Any],
-    makers: dict[str, Any],
-    cfg: RunConfig,
-    out: str,
-    screenshot: Path | None,
-) -> Any:
-    """The napari window on this run: layers, contrast from the models, the status widget."""
-    import threading
-
-    from scopestream.viewer.frames import layer_name, output_kind
-    from scopestream.viewer.live import LiveViewer, RunControls
-
-    info = runner.source.info
-    limits: dict[str, tuple[float, float]] = {}
-    for e in engines.values():
-        m = e.predictor.manifest
-        kind = output_kind(m.task)
-        inorm, onorm = e.predictor.input_norm, e.predictor.output_norm
-        if e.wildcard:
-            continue  # constants of whatever it was trained on: estimated from the frames
-        for ch in m.inputs:  # a model trained on this channel knows its range
-            if ch in info.channel_names and inorm.source != "identity":
-                limits.setdefault(
-                    layer_name("raw", ch), (inorm.offset[0], inorm.offset[0] + inorm.scale[0])
-                )
-        for j, ch in enumerate(e.writer.channel_names):
-            k = min(j, len(onorm.offset) - 1)
-            if onorm.source != "identity":
-                limits[layer_name(kind, ch)] = (onorm.offset[k], onorm.offset[k] + onorm.scale[k])
-
-    def status() -> dict[str, Any]:
-        return {**runner.live_summary(), "models": _models_summary(engines)}
-
-    def versions() -> dict[str, list[int]]:
-        return {
-            name: [v for v, _ in reg.versions(model)]
-            for name, (reg, model, make) in makers.items()
-            if make is not None
-        }
-
-    def current() -> dict[str, int]:
-        return {name: e.predictor.package.version for name, e in engines.items()}
-
-    def swap(name: str, version: int) -> None:
-        reg, model, make = makers[name]
-
-        def load() -> None:
-            try:
-                engines[name].swap(make(reg.resolve(f"{model}@{version}")))
-            except Exception as e:  # reported, never fatal to the run
-                err.print(f"[red]model swap to {model}@{version} failed:[/] {e}")
-
-        threading.Thread(target=load, name=f"swap-{model}", daemon=True).start()
-
-    px = float(info.pixel_size_um)
-    controls = RunControls(
-        status=status,
-        finished=lambda: runner.summary is not None,
-        stop=runner.stop,
-        pause=runner.set_paused,
-        versions=versions,
-        current=current,
-        swap=swap,
-        store=Path(out),
-        scales=(float(info.z_step_um or 1.0), px, px),
-    )
-    live = LiveViewer(
-        frames, controls, limits=limits, title=f"scopestream — {out}", screenshot=screenshot
-    )
-    planned: list[tuple[str, str, str, str | None]] = [
-        (layer_name("raw", ch), "raw", ch, None) for ch in info.channel_names
-    ]
-    for e in engines.values():
-        m = e.predictor.manifest
-        kind = output_kind(m.task)
-        names = e.writer.channel_names
-        if e.wildcard:  # one output per source channel the model takes
-            names = [ch for ch in info.channel_names if m.accepts(ch)]
-        planned += [(layer_name(kind, ch), kind, ch, e.writer.name) for ch in names]
-    live.prepare(planned)
-    return live
-
-
-def _attach_model(
-    cfg: RunConfig,
-    sink: Any,
-    source: FrameSource,
-    spec: str,
-    registry: Any,
-    predictor: Any,
-    by_name: bool,
-) -> tuple[Any, Any, Any]:
-    """An output image, an engine, a registry watcher (by name) and a predictor factory."""
-    from scopestream.inference.backends import make_backend
-    from scopestream.inference.engine import InferenceEngine, output_names
-    from scopestream.inference.predictor import Predictor
-    from scopestream.inference.watcher import RegistryWatcher
-
-    info = source.info
-    name = predictor.manifest.name
-    while name in sink.outputs:
-        name += "_"
-    writer = sink.add_output(
-        name,
-        channel_names=output_names(predictor, info.channel_names),
-        dtype="float32",
-        provenance=predictor.describe(),
-    )
-    engine = InferenceEngine(
-        predictor,
-        writer,
-        source_channels=info.channel_names,
-        n_z=info.n_z,
-        calibrate=cfg.calibrate,
-    )
-    watcher = None
-
-    def make(pkg: Any) -> Predictor:
-        p = Predictor(pkg, make_backend(pkg, cfg.backend), tile=predictor.tile)
-        shape = tuple(info.frame_shape)
-        if pkg.manifest.n_spatial == 2:
-            p.predict(
-                np.zeros(shape, np.float32)
-                if pkg.manifest.window == 1
-                else np.zeros((pkg.manifest.window, *shape), np.float32)
-            )
-        return p  # compiled and warm before it takes over
-
-    if by_name and cfg.watch_registry:
-
-        def announced(identity: dict[str, Any]) -> None:
-            err.print(
-                f"[cyan]model swap:[/] {identity['model']} v{identity['version']} takes over"
-            )
-
-        watcher = RegistryWatcher(registry, spec, engine, make, on_swap=announced)
-    return engine, watcher, (make if by_name else None)
 
 
 def _config_from(config: Path | None, overrides: dict[str, Any]) -> RunConfig:
@@ -647,6 +396,7 @@ def demo(
     """
     from scopestream.config import RunConfig
     from scopestream.inference.package import PackageError, Registry
+    from scopestream.pipeline import default_out
 
     reg = Registry(registry)
     models = []
@@ -661,7 +411,7 @@ def demo(
         frames=frames,
         shape=shape,  # type: ignore[arg-type]
         fps=fps,
-        out=out or _default_out("demo"),
+        out=out or default_out("demo"),
         plan={"channels": "brightfield:5,nuclei:2"},  # type: ignore[arg-type]
         models=tuple(models),
         registry=registry,
@@ -703,30 +453,26 @@ def publish(
     """Publish a source's frames over the scopestream ZMQ protocol (the microscope side)."""
     import zmq
 
-    from scopestream.config import RunConfig
-    from scopestream.streaming.protocol import FramePublisher, PublisherSink
-    from scopestream.streaming.runner import SinkSpec, StreamRunner
+    from scopestream.streaming.protocol import FramePublisher
 
     cfg = _config_from(
         None, {"source": source, "frames": frames, "shape": shape, "fps": fps, "seed": seed}
     )
-    assert isinstance(cfg, RunConfig)
-    src = _build_source(cfg)
     try:
-        pub = FramePublisher(bind, stream=src.info.to_json())
+        pub = FramePublisher(bind)
     except zmq.ZMQError as e:
         raise _die(f"cannot bind {bind}: {e}") from None
+    try:
+        pipe = _build(cfg, publisher=pub, receivers=receivers)
+    except BaseException:
+        pub.close()
+        raise
     err.print(f"publishing {cfg.source} on [bold]{pub.address}[/]; waiting for a receiver…")
     if not pub.wait_for_receiver(wait_s):
+        pipe.close()
         pub.close()
         raise _die(f"no receiver connected to {pub.address} within {wait_s:g} s", EXIT_FAILED)
-    runner = StreamRunner(
-        src,
-        [SinkSpec("publish", PublisherSink(pub, receivers), records=True)],
-        max_frames=cfg.frames,
-        out=pub.address,
-    )
-    summary = _drive(runner, show_progress=err.is_terminal, label="publishing")
+    summary = _drive(pipe, show_progress=err.is_terminal, label="publishing")
     _finish(summary, as_json)
 
 
@@ -748,7 +494,10 @@ def predict(
     """Predict a saved image or run offline, plane by plane (never all in memory)."""
     from scopestream.acquisition.base import SourceError
     from scopestream.acquisition.replay import ReplaySource
-    from scopestream.inference.offline import predict_file
+    from scopestream.inference.backends import BackendError
+    from scopestream.inference.offline import PredictionFailed, predict_file
+    from scopestream.inference.package import PackageError
+    from scopestream.streaming.zarr_sink import SinkError
 
     try:
         src = ReplaySource(input, fps=0)
@@ -765,8 +514,12 @@ def predict(
             overwrite=overwrite,
             progress=err if err.is_terminal else None,
         )
-    except (ValueError, RuntimeError, FileExistsError, OSError) as e:
+    except PredictionFailed as e:  # the output exists and holds what was predicted
+        raise _die(str(e), EXIT_FAILED) from None
+    except (PackageError, BackendError, SinkError, ValueError, FileExistsError, OSError) as e:
         raise _die(str(e)) from None
+    finally:
+        src.finished()
     err.print(
         f"[green]wrote[/] {res['output']}: {res['frames']} predictions "
         f"in {res['seconds']} s ({res['backend']})"
@@ -1076,7 +829,7 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Report a saved run: status, and how many frames of each image are complete."""
-    from scopestream.streaming.zarr_sink import inspect_run
+    from scopestream.streaming.saved_run import inspect_run
 
     try:
         report = inspect_run(path)
@@ -1110,7 +863,7 @@ def bench_streaming_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
 ) -> None:
     """Ring buffer + zarr sink throughput vs the tensorstore and plain-file ceilings."""
-    from scopestream.bench import bench_streaming
+    from scopestream.bench.streaming import bench_streaming
     from scopestream.config import parse_shape
 
     try:
@@ -1137,7 +890,7 @@ def bench_acquisition_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
 ) -> None:
     """Simulator frames/s and the acquisition callback's cost (copy vs adopt)."""
-    from scopestream.bench import bench_acquisition
+    from scopestream.bench.acquisition import bench_acquisition
     from scopestream.config import parse_shape
 
     try:
@@ -1163,8 +916,8 @@ def bench_viewer_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
 ) -> None:
     """The live display under a fast stream: updates/s (vs napari alone) and memory growth."""
+    from scopestream.bench.viewer import bench_viewer, ensure_display
     from scopestream.config import parse_shape
-    from scopestream.viewer.bench import bench_viewer, ensure_display
 
     try:
         hw = parse_shape(shape)
@@ -1197,7 +950,7 @@ def bench_inference_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
 ) -> None:
     """Mpx/s per backend, model and size (model-only and end-to-end), vs eager torch fp32."""
-    from scopestream.bench import bench_inference
+    from scopestream.bench.inference import bench_inference
 
     try:
         size_list = tuple(int(s) for s in sizes.split(",") if s.strip())
@@ -1215,6 +968,43 @@ def bench_inference_cmd(
             )
         err.print(
             f"speedup of the best CPU backend over eager torch: {res['speedup_vs_eager_cpu']}"
+        )
+    typer.echo(json.dumps(res))
+
+
+@bench_app.command("long-run")
+def bench_long_run_cmd(
+    frames: Annotated[int, typer.Option(help="Frames to record.")] = 100_000,
+    shape: Annotated[str, typer.Option(help="Frame size HxW.")] = "64x64",
+    in_flight: Annotated[int, typer.Option(help="Chunk writes in flight.")] = 8,
+    baseline: Annotated[
+        bool, typer.Option(help="Also write the frames with tensorstore alone (the fps ratio).")
+    ] = True,
+    workdir: Annotated[
+        str | None, typer.Option(help="Where to write (default: temp dir).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+) -> None:
+    """A long open-ended recording: memory flat, root zarr.json small, fps vs tensorstore."""
+    from scopestream.bench.long_run import bench_long_run
+    from scopestream.config import parse_shape
+
+    try:
+        hw = parse_shape(shape)
+    except ValueError as e:
+        raise _die(str(e)) from None
+    if frames < 1:
+        raise _die(f"--frames must be positive, got {frames}")
+    res = bench_long_run(
+        n_frames=frames, shape=hw, in_flight=in_flight, baseline=baseline, workdir=workdir
+    )
+    if not as_json:
+        rss, size = res["rss_mb"], res["bytes"]
+        err.print(
+            f"{res['frames_written']} frames at {res['fps']['pipeline']} fps "
+            f"(tensorstore alone {res['fps']['tensorstore']}); RSS {rss['after_warmup']} -> "
+            f"{rss['end']} MB (max excursion {rss['max_excursion']}); root zarr.json "
+            f"{size['root_zarr_json_max']} B; ok: {res['ok']['all']}"
         )
     typer.echo(json.dumps(res))
 

@@ -48,7 +48,8 @@ def timeline_figure(timeline: dict[str, Any]) -> bytes:
     stages = timeline.get("stages", {})
     for name, st in stages.items():
         if st["t_s"]:
-            ax[0][0].plot(st["t_s"], st["frames"], label=name, lw=1.2)
+            per_s = np.asarray(st["frames"], float) / float(st.get("bucket_s", 1))
+            ax[0][0].plot(st["t_s"], per_s, label=name, lw=1.2)
             if name != "acquire":
                 ax[1][0].plot(st["t_s"], st["latency_mean_ms"], label=f"{name} mean", lw=1.2)
                 ax[1][0].plot(st["t_s"], st["latency_max_ms"], ls=":", lw=1, label=f"{name} max")
@@ -96,12 +97,13 @@ def _u8(a: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 def frames_figure(run: Path, n_frames: int) -> tuple[bytes, list[dict[str, Any]]]:
     """Raw vs each output for a few time points (rows) and every layer (columns)."""
-    from scopestream.viewer.saved import run_layers
+    from scopestream.streaming.ome import estimate_limits, stain_colour
+    from scopestream.streaming.saved_run import SavedRun
 
-    specs = run_layers(run)
+    specs = SavedRun(run).channels()
     if not specs:
         raise ReportError(f"{run} holds no images")
-    n_t = int(specs[0].data.shape[0])
+    n_t = int(specs[0].image.shape[0])
     score: dict[int, int] = {}
     for s in specs:
         for t in s.complete_t:
@@ -117,15 +119,18 @@ def frames_figure(run: Path, n_frames: int) -> tuple[bytes, list[dict[str, Any]]
         if len(ts) >= n_frames:
             break
     ts = sorted(set(ts)) or [0]
+    limits = {
+        s.name: estimate_limits(s.plane(s.complete_t[-1])) if s.complete_t else (0.0, 1.0)
+        for s in specs
+    }
     fig, ax = _figure(len(ts), len(specs), 2.2 * len(specs), 2.3 * len(ts))
     for r, t in enumerate(ts):
         for c, s in enumerate(specs):
             a = ax[r][c]
-            img = np.asarray(s.data[min(t, n_t - 1)], np.float32)
-            if img.ndim == 3:
-                img = img[img.shape[0] // 2]
-            lo, hi = s.contrast_limits
-            a.imshow(_u8(img, lo, hi), cmap=_mpl_cmap(s.colormap), vmin=0, vmax=255)
+            img = s.plane(min(t, n_t - 1))
+            lo, hi = limits[s.name]
+            cmap = _mpl_cmap(stain_colour(s.channel)[0])
+            a.imshow(_u8(img, lo, hi), cmap=cmap, vmin=0, vmax=255)
             if t not in s.complete_t:
                 a.text(0.5, 0.5, "not written", color="w", ha="center", transform=a.transAxes)
             a.set_xticks([])
@@ -152,11 +157,12 @@ def _mpl_cmap(napari_name: str) -> Any:
 
 
 def _attrs(run: Path) -> dict[str, Any]:
-    zj = run / "zarr.json"
-    if not zj.exists():
-        raise ReportError(f"{run} is not an OME-Zarr store (no zarr.json)")
-    doc = json.loads(zj.read_text())
-    sc: dict[str, Any] = doc.get("attributes", {}).get("scopestream") or {}
+    from scopestream.streaming.saved_run import SavedRun
+
+    try:
+        sc = SavedRun(run).attrs
+    except FileNotFoundError as e:
+        raise ReportError(str(e)) from None
     if not sc:
         raise ReportError(f"{run} was not written by scopestream (no scopestream attributes)")
     return sc
@@ -164,12 +170,12 @@ def _attrs(run: Path) -> dict[str, Any]:
 
 def write_report(run: str | Path, out: str | Path, n_frames: int = 3) -> dict[str, Any]:
     """Write ``out`` (.html: self-contained page; .png: the figures stacked); return numbers."""
-    from scopestream.streaming.zarr_sink import inspect_run
+    from scopestream.streaming.saved_run import SavedRun, inspect_run
 
     run, out = Path(run), Path(out)
     sc = _attrs(run)
     summary = sc.get("summary") or {}
-    timeline = summary.get("timeline")
+    timeline = SavedRun(run).timeline
     notes = []
     inspected = inspect_run(run).to_json()
     if timeline is None:

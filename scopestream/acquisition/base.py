@@ -1,58 +1,28 @@
-"""The `FrameSource` protocol and a threaded base for sources that generate frames."""
+"""A threaded base for sources that generate frames (`FrameSource` lives in streaming.seams)."""
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
+
+from scopestream.streaming.frame import stamp
+from scopestream.streaming.seams import FrameSource
+
+__all__ = ["FrameSource", "SourceError", "ThreadedSource"]
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Iterator
 
     import numpy as np
 
     from scopestream.streaming.frame import FrameMeta
     from scopestream.streaming.layout import StreamInfo
-
-    FrameCallback = Callable[[np.ndarray, FrameMeta], None]
-    SpaceWaiter = Callable[[float], bool]
+    from scopestream.streaming.seams import FrameCallback, SpaceWaiter
 
 
 class SourceError(RuntimeError):
     """A source cannot be opened or failed while acquiring."""
-
-
-@runtime_checkable
-class FrameSource(Protocol):
-    """Something that produces frames: a camera, a simulation, a recording, the network.
-
-    ``start`` returns at once; frames are handed to ``sink`` from the source's own
-    thread, which must do nothing else with them (copy into the ring buffer, return).
-    """
-
-    info: StreamInfo
-    #: True if every frame handed to ``sink`` is a fresh array that nobody writes to
-    #: afterwards (then the ring buffer keeps it instead of copying it)
-    hands_over_frames: bool
-
-    def describe(self) -> dict[str, Any]:
-        """JSON-able description saved with the run."""
-
-    def counters(self) -> dict[str, int]:
-        """Source-side counters (e.g. ``malformed`` messages)."""
-
-    def start(self, sink: FrameCallback, wait_for_space: SpaceWaiter | None = None) -> None:
-        """Begin acquiring. ``wait_for_space`` paces sources that may wait (replay, sim)."""
-
-    def stop(self) -> None:
-        """Ask the source to stop; returns at once."""
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until the source has finished; False on timeout."""
-
-    @property
-    def error(self) -> BaseException | None:
-        """The exception that ended the source, if any."""
 
 
 class ThreadedSource:
@@ -130,7 +100,7 @@ class ThreadedSource:
                         if self._stop.is_set():
                             return
                 if self.stamp_frames:
-                    meta["timestamp_ns"] = time.monotonic_ns()
+                    stamp(meta)
                 sink(data, meta)
                 self.emitted += 1
         except BaseException as e:  # reported through .error, the runner decides

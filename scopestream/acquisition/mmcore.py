@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import threading
 from pathlib import Path
@@ -23,13 +24,14 @@ from scopestream.acquisition.base import SourceError
 from scopestream.streaming.frame import make_meta
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterator, Mapping, Sequence
 
     import numpy as np
 
-    from scopestream.acquisition.base import FrameCallback, SpaceWaiter
     from scopestream.acquisition.plan import AcquisitionPlan
+    from scopestream.streaming.frame import FrameMeta
     from scopestream.streaming.layout import StreamInfo
+    from scopestream.streaming.seams import FrameCallback, SpaceWaiter
 
 MM_EXTRA_HINT = "install the Micro-Manager extra: pip install 'scopestream[mm]'"
 
@@ -106,8 +108,55 @@ def load_core(mm_dir: str, config: str) -> Any:
     return core
 
 
-def _pixel_dtype(core: Any) -> str:
-    nbytes = int(core.getBytesPerPixel())
+def finite_or_none(v: Any) -> float | None:
+    """A finite float, or None (absent, NaN, or not a number)."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def frame_meta_from_mda(
+    event: Any, meta: Mapping[str, Any], channel_names: Sequence[str], *, source: str
+) -> FrameMeta:
+    """`FrameMeta` of one pymmcore-plus frame (``frameReady(img, event, meta)``).
+
+    Stage x/y/z are the positions pymmcore-plus read for the frame
+    (``meta["position"]``), else the event's intended ones; the engine's time is
+    ``runner_time_ms``; the image number is the camera's ``ImageNumber``. A frame
+    whose channel is not one of ``channel_names`` raises `SourceError` naming it.
+    """
+    idx = event.index
+    c = int(idx.get("c", 0))
+    if not 0 <= c < len(channel_names):
+        ch = getattr(getattr(event, "channel", None), "config", None)
+        raise SourceError(
+            f"a frame of channel {ch!r} (index {c}) arrived; the run records channels "
+            f"{list(channel_names)}"
+        )
+    pos = meta.get("position") or {}
+    cam = meta.get("camera_metadata") or {}
+    number = finite_or_none(cam.get("ImageNumber"))
+    exposure = event.exposure if event.exposure is not None else meta.get("exposure_ms", 0.0)
+    return make_meta(
+        t=int(idx.get("t", 0)),
+        c=c,
+        z=int(idx.get("z", 0)),
+        p=int(idx.get("p", 0)),
+        exposure_ms=float(exposure or 0.0),
+        stage_x_um=finite_or_none(pos.get("x", event.x_pos)),
+        stage_y_um=finite_or_none(pos.get("y", event.y_pos)),
+        stage_z_um=finite_or_none(event.z_pos if event.z_pos is not None else pos.get("z")),
+        engine_time_ms=finite_or_none(meta.get("runner_time_ms")),
+        image_number=int(number) if number is not None else -1,
+        source=source,
+    )
+
+
+def pixel_dtype(bytes_per_pixel: Any) -> str:
+    """The numpy dtype of a Micro-Manager camera's pixels (both engines use this probe)."""
+    nbytes = int(bytes_per_pixel)
     if nbytes == 1:
         return "uint8"
     if nbytes == 2:
@@ -195,7 +244,7 @@ class MMCoreSource:
         self._teardown = teardown
         shape = (int(core.getImageHeight()), int(core.getImageWidth()))
         px = float(core.getPixelSizeUm() or 1.0)
-        self.info: StreamInfo = plan.stream_info(shape, _pixel_dtype(core), px)
+        self.info: StreamInfo = plan.stream_info(shape, pixel_dtype(core.getBytesPerPixel()), px)
         self._sequence = plan.to_mda_sequence()
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
@@ -227,23 +276,14 @@ class MMCoreSource:
     def start(self, sink: FrameCallback, wait_for_space: SpaceWaiter | None = None) -> None:
         """Start the MDA (pymmcore-plus runs it on its own thread)."""
         names = self.plan.channel_names
-        n_c = len(names)
 
         def on_frame(img: np.ndarray, event: Any, meta: Any) -> None:
-            idx = event.index
-            c = int(idx.get("c", 0))
-            exposure = (
-                event.exposure if event.exposure is not None else meta.get("exposure_ms", 0.0)
-            )
-            m = make_meta(
-                t=int(idx.get("t", 0)),
-                c=c if c < n_c else 0,
-                z=int(idx.get("z", 0)),
-                p=int(idx.get("p", 0)),
-                exposure_ms=float(exposure or 0.0),
-                stage_z_um=None if event.z_pos is None else float(event.z_pos),
-                source=self.label,
-            )
+            try:
+                m = frame_meta_from_mda(event, meta, names, source=self.label)
+            except SourceError as e:  # never written at another channel's place
+                self._error = self._error or e
+                self.stop()
+                return
             sink(img, m)
             self.received += 1
 

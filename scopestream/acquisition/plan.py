@@ -123,7 +123,7 @@ class AcquisitionPlan:
             n_z=len(zs),
             pixel_size_um=pixel_size_um,
             z_step_um=step,
-            interval_s=self.interval_s or 1.0,
+            interval_s=self.interval_s,  # 0: none planned; the recording measures it
         )
 
     def to_json(self) -> dict[str, Any]:

@@ -31,18 +31,25 @@ import types
 from typing import TYPE_CHECKING, Any
 
 from scopestream.acquisition.base import SourceError
-from scopestream.acquisition.mmcore import MM_EXTRA_HINT, check_config, demo_config
+from scopestream.acquisition.mmcore import (
+    MM_EXTRA_HINT,
+    check_config,
+    demo_config,
+    finite_or_none,
+    pixel_dtype,
+)
 from scopestream.streaming.frame import make_meta
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping, Sequence
 
     import numpy as np
 
-    from scopestream.acquisition.base import FrameCallback, SpaceWaiter
     from scopestream.acquisition.plan import AcquisitionPlan
     from scopestream.acquisition.sim import SimulatedSource
+    from scopestream.streaming.frame import FrameMeta
     from scopestream.streaming.layout import StreamInfo
+    from scopestream.streaming.seams import FrameCallback, SpaceWaiter
 
 JAVA_PORT = 4827
 _HEADLESS_LOCK = threading.Lock()
@@ -72,9 +79,47 @@ def _port_open(port: int, host: str = "127.0.0.1") -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def _dtype_of(core: Any) -> str:
-    nbytes = int(core.get_bytes_per_pixel())
-    return {1: "uint8", 2: "uint16", 4: "uint32"}.get(nbytes, "uint16")
+def frame_meta_from_pycromanager(
+    metadata: Mapping[str, Any], channel_names: Sequence[str], *, source: str
+) -> FrameMeta:
+    """`FrameMeta` of one pycromanager image (the ``metadata`` its image_process_fn gets).
+
+    Axes ``time``/``channel``/``z``/``position`` give the indices; stage
+    positions are ``XPosition_um_Intended`` etc. (else the read-back
+    ``XPositionUm``); ``ElapsedTime-ms`` and ``ImageNumber`` are the engine's. A
+    channel not in ``channel_names`` raises `SourceError` naming it.
+    """
+    axes = metadata.get("Axes", {}) or {}
+    ch = axes.get("channel")
+    names = list(channel_names)
+    if ch is None and len(names) == 1:
+        c = 0
+    elif ch in names:
+        c = names.index(ch)
+    else:
+        raise SourceError(
+            f"a frame of channel {ch!r} arrived; the run records channels {names}"
+        )
+
+    def pos(axis: str) -> float | None:
+        intended = metadata.get(f"{axis}Position_um_Intended")
+        read = metadata.get(f"{axis}PositionUm")
+        return finite_or_none(intended if intended is not None else read)
+
+    number = finite_or_none(metadata.get("ImageNumber"))
+    return make_meta(
+        t=int(axes.get("time", 0)),
+        c=c,
+        z=int(axes.get("z", 0)),
+        p=int(axes.get("position", 0)),
+        exposure_ms=finite_or_none(metadata.get("Exposure")) or 0.0,
+        stage_x_um=pos("X"),
+        stage_y_um=pos("Y"),
+        stage_z_um=pos("Z"),
+        engine_time_ms=finite_or_none(metadata.get("ElapsedTime-ms")),
+        image_number=int(number) if number is not None else -1,
+        source=source,
+    )
 
 
 class PycromanagerSource:
@@ -133,7 +178,8 @@ class PycromanagerSource:
             self._check_plan()
             shape = (int(self.core.get_image_height()), int(self.core.get_image_width()))
             px = float(self.core.get_pixel_size_um() or 1.0)
-            self.info: StreamInfo = plan.stream_info(shape, _dtype_of(self.core), px)
+            dtype = pixel_dtype(self.core.get_bytes_per_pixel())
+            self.info: StreamInfo = plan.stream_info(shape, dtype, px)
             self._z0 = float(self.core.get_position()) if self.core.get_focus_device() else 0.0
         except Exception:
             self._shutdown()
@@ -264,17 +310,12 @@ class PycromanagerSource:
         keep = self.save_dir is not None
 
         def image_process_fn(image: np.ndarray, metadata: dict[str, Any]) -> Any:
-            axes = metadata.get("Axes", {})
-            ch = axes.get("channel")
-            z_um = metadata.get("ZPosition_um_Intended")
-            meta = make_meta(
-                t=int(axes.get("time", 0)),
-                c=names.index(ch) if ch in names else 0,
-                z=int(axes.get("z", 0)),
-                exposure_ms=float(metadata.get("Exposure", 0.0) or 0.0),
-                stage_z_um=None if z_um is None else float(z_um),
-                source=self.kind,
-            )
+            try:
+                meta = frame_meta_from_pycromanager(metadata, names, source=self.kind)
+            except SourceError as e:  # never written at another channel's place
+                self._error = self._error or e
+                self.stop()
+                return None
             sink(image, meta)
             self.received += 1
             return (image, metadata) if keep else None

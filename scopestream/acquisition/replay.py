@@ -12,7 +12,7 @@ import numpy as np
 from scopestream.acquisition.base import SourceError, ThreadedSource
 from scopestream.streaming.frame import make_meta
 from scopestream.streaming.layout import StreamInfo
-from scopestream.streaming.zarr_sink import complete_frames
+from scopestream.streaming.saved_run import complete_frames
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -246,6 +246,18 @@ class ReplaySource(ThreadedSource):
             interval_s=info.interval_s,
         )
         self._n_t_once = info.n_t or 0
+        #: what was recorded per frame (a scopestream run's frames.npy), by (t, c, z)
+        self._recorded = _recorded_meta(self.path) if written is not None else {}
+
+    @property
+    def frames_planned(self) -> int:
+        """Frames this replay will emit: a cut recording's complete frames, not its plan's."""
+        per = (
+            int(self._written.sum())
+            if self._written is not None
+            else self._n_t_once * self.info.n_c * self.info.n_z
+        )
+        return per * self.loop
 
     def describe(self) -> dict[str, Any]:
         """Where the frames come from."""
@@ -276,15 +288,35 @@ class ReplaySource(ThreadedSource):
                         if self._written is not None and not self._written[t, c, z]:
                             continue
                         frame = self._data.frame(t, c, z)
-                        yield (
-                            frame,
-                            make_meta(
-                                t=rep * self._n_t_once + t,
-                                c=c,
-                                z=z,
-                                source=f"replay:{self.path.name}",
-                            ),
+                        meta = make_meta(
+                            t=rep * self._n_t_once + t,
+                            c=c,
+                            z=z,
+                            source=f"replay:{self.path.name}",
                         )
+                        rec = self._recorded.get((t, c, z))
+                        if rec is not None:  # what the microscope said of this frame
+                            for key in (
+                                "exposure_ms",
+                                "stage_x_um",
+                                "stage_y_um",
+                                "stage_z_um",
+                                "engine_time_ms",
+                                "image_number",
+                            ):
+                                meta[key] = rec[key]  # type: ignore[literal-required]
+                        yield frame, meta
+
+
+def _recorded_meta(path: Path) -> dict[tuple[int, int, int], FrameMeta]:
+    """The raw image's per-frame metadata of a scopestream run, by (t, c, z)."""
+    from scopestream.streaming.frame_index import read_frame_index, to_meta
+
+    out: dict[tuple[int, int, int], FrameMeta] = {}
+    for rec in read_frame_index(path):
+        m = to_meta(rec)
+        out[(m["t"], m["c"], m["z"])] = m
+    return out
 
 
 class ArraySource(ThreadedSource):

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from scopestream.streaming.frame import FrameMeta
+    from scopestream.streaming.seams import FrameCallback, SpaceWaiter
 
 #: what ``--source sim`` acquires without a plan: a low-light nuclei time-lapse
 DEFAULT_SIM_CHANNEL = ChannelSpec("nuclei", exposure_ms=10.0)
@@ -98,6 +99,26 @@ class SimulatedSource(MMCoreSource):
             on_event=self._on_mda_event,
             teardown=teardown_core,
         )
+
+    def start(self, sink: FrameCallback, wait_for_space: SpaceWaiter | None = None) -> None:
+        """Start the MDA; the simulated camera waits for ring-buffer space before each frame.
+
+        A real camera cannot wait, and one that outruns the recording still fails
+        the run loudly; the simulator can, so "as fast as possible" means as fast
+        as the lossless recording takes frames, never a buffer overrun.
+        """
+        if wait_for_space is not None:
+
+            def in_flight() -> int:  # rendered, not yet handed to the ring
+                return self.scope.frames - self.received
+
+            def pace() -> None:
+                while not wait_for_space(0.1, ahead=in_flight):
+                    if self._cancelled:
+                        return
+
+            self.scope.pace = pace
+        super().start(sink, wait_for_space)
 
     def _on_mda_event(self, event: Any) -> None:
         self.scope.schedule(event)

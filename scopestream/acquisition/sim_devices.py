@@ -70,6 +70,9 @@ class ScopeState:
     failure: str | None = None
     t0: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: called before each frame is rendered: a simulated camera may wait for the pipeline
+    #: (a real one never does); set by `SimulatedSource.start`
+    pace: Callable[[], None] | None = None
 
     @property
     def channel_names(self) -> list[str]:
@@ -134,6 +137,8 @@ class SimCamera(SimpleCameraDevice):
     def snap(self, buffer: np.ndarray) -> Mapping[str, Any]:
         """Render one frame into ``buffer``."""
         st = self._state
+        if st.pace is not None:
+            st.pace()
         with st.lock:
             st.frames += 1
             n = st.frames

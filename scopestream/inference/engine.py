@@ -22,18 +22,19 @@ boundary, and the image's attributes record from which frame each version ran.
 from __future__ import annotations
 
 import threading
-import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from scopestream.streaming.assembler import StackAssembler
 from scopestream.streaming.metrics import StageMetrics
+from scopestream.streaming.seams import InputContract
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
     from scopestream.inference.predictor import Predictor
+    from scopestream.streaming.assembler import Stack
     from scopestream.streaming.frame import FrameMeta
 
 
@@ -93,10 +94,13 @@ class InferenceEngine:
         n_z: int = 1,
         on_prediction: Callable[[np.ndarray, FrameMeta], None] | None = None,
         calibrate: int = 0,
+        policy: Literal["latest", "every"] = "latest",
     ) -> None:
         self.predictor = predictor
         self.calibrate = max(0, calibrate)
+        self.policy = policy
         self._burst: list[tuple[np.ndarray, FrameMeta]] = []
+        self._held_stacks: list[Stack] = []
         self.writer = writer
         self.source_channels = source_channels
         self.targets = set(check_channels(predictor, source_channels))
@@ -106,20 +110,43 @@ class InferenceEngine:
         self.metrics = StageMetrics(f"predict:{predictor.manifest.name}")
         self.predicted = 0
         self.ignored = 0
+        #: stacks / windows with a missing plane or time point: counted, never predicted
         self.incomplete_stacks = 0
-        self.latest: tuple[np.ndarray, FrameMeta] | None = None
         self.versions: list[dict[str, Any]] = [
             {**predictor.describe(), "from_seq": 0, "from_t": 0}
         ]
         self._pending: Predictor | None = None
         self._swap_lock = threading.Lock()
+        #: called on the inference thread when a version takes over / is refused there
+        self.on_swapped: Callable[[dict[str, Any]], None] | None = None
+        self.on_swap_refused: Callable[[dict[str, Any], str], None] | None = None
+        self.swaps_refused: list[str] = []
         self._assembler = self._make_assembler()
-        self.predict_ms: list[float] = []
 
     @property
     def frames_written(self) -> int:
         """Frames (or planes) predicted."""
         return self.predicted
+
+    @property
+    def contract(self) -> InputContract:
+        """What the runner feeds this model: stack and window models get complete input only.
+
+        A 2D model on the ``latest`` policy takes the newest frame (it may skip);
+        on ``every`` it predicts every frame. A ``2.5d-z`` / ``3d`` model gets
+        complete z-stacks and a ``2.5d-t`` model gap-free windows, whatever the
+        policy: a prediction from a zero-filled or gapped stack is never written.
+        """
+        m = self.predictor.manifest
+        if m.spatial in ("2.5d-z", "3d"):
+            return InputContract.complete_stack(self.n_z)
+        if m.spatial == "2.5d-t":
+            return InputContract.window(m.window)
+        return InputContract.latest() if self.policy == "latest" else InputContract.every()
+
+    def accepts_channel(self, c: int) -> bool:
+        """Whether frames of channel index ``c`` go into this model."""
+        return c in self.targets
 
     def _make_assembler(self) -> StackAssembler | None:
         m = self.predictor.manifest
@@ -148,82 +175,111 @@ class InferenceEngine:
         with self._swap_lock:
             self._pending = predictor
 
-    def _apply_swap(self, meta: FrameMeta) -> None:
+    def _apply_swap(self, meta: FrameMeta, sample: np.ndarray) -> None:
+        """At a frame boundary, on this (the inference) thread: warm the pending model on
+        an input like ``sample`` (live dtype and shape: compiled kernels and CUDA graphs
+        are made here, never on a background thread), then let it take over. A model
+        that fails here is refused and the running one goes on."""
         with self._swap_lock:
             new, self._pending = self._pending, None
         if new is None:
             return
+        try:
+            new.predict(np.zeros_like(sample))
+        except Exception as e:
+            reason = f"{new.package.name} v{new.package.version} failed to run: {e}"
+            self.swaps_refused.append(reason)
+            if self.on_swap_refused is not None:
+                self.on_swap_refused(new.package.identity, reason)
+            return
         self.predictor = new
         self.versions.append({**new.describe(), "from_seq": meta["seq"], "from_t": meta["t"]})
         self.writer.update_attrs(versions=self.versions)
+        if self.on_swapped is not None:
+            self.on_swapped({**new.package.identity, **new.backend.describe()})
 
-    # -- FrameSink -----------------------------------------------------------------
+    # -- Stage -------------------------------------------------------------------------
     def write(self, data: np.ndarray, meta: FrameMeta) -> None:
-        """Predict one frame (or feed it to the window/stack being assembled)."""
-        self._apply_swap(meta)
+        """Predict one frame (offline, stack models assemble complete stacks themselves)."""
+        self._apply_swap(meta, data)
         if meta["c"] not in self.targets:
             self.ignored += 1
             return
+        if self._assembler is not None:
+            if self._assembler.frame_shape != data.shape:
+                self._assembler = StackAssembler(
+                    data.shape, "float32", mode=self._assembler.mode, size=self._assembler.size
+                )
+            for stack in self._assembler.add(data, meta):
+                self._take_stack(stack)
+            return
         if self.calibrate and len(self._burst) < self.calibrate:
             self._burst.append((np.array(data, copy=True), dict(meta)))  # type: ignore[arg-type]
-            if len(self._burst) < self.calibrate:
-                return
-            self._freeze_calibration()
+            if len(self._burst) >= self.calibrate:
+                self._freeze_calibration()
             return
-        self._predict_frame(data, meta)
+        self._emit(self._predict(data), meta, meta["z"])
+
+    def write_stack(self, stack: Stack) -> None:
+        """Predict one complete z-stack or window (handed over by the runner)."""
+        m = self.predictor.manifest
+        live = stack.data if m.spatial != "2.5d-z" else stack.data[:1].repeat(m.window, 0)
+        self._apply_swap(stack.newest, live)
+        self._take_stack(stack)
+
+    def _take_stack(self, stack: Stack) -> None:
+        if not stack.complete:  # never a prediction from made-up planes
+            self.incomplete_stacks += 1
+            return
+        if self.calibrate and sum(len(s.metas) for s in self._held_stacks) < self.calibrate:
+            self._held_stacks.append(stack)
+            if sum(len(s.metas) for s in self._held_stacks) >= self.calibrate:
+                self._freeze_calibration()
+            return
+        self._predict_stack(stack)
 
     def _freeze_calibration(self) -> None:
         burst, self._burst = self._burst, []
+        held, self._held_stacks = self._held_stacks, []
         self.calibrate = 0
-        self.predictor = self.predictor.calibrated(np.stack([b[0] for b in burst]))
+        planes = [b[0] for b in burst]
+        for st in held:
+            planes.extend(st.data if self.predictor.manifest.spatial != "2.5d-t" else st.data[-1:])
+        if not planes:
+            return
+        self.predictor = self.predictor.calibrated(np.stack(planes))
         norm = self.predictor.input_norm.model_dump(mode="json")
         self.versions[-1]["input_norm"] = norm
-        self.writer.update_attrs(calibration={"frames": len(burst), "input_norm": norm})
+        self.writer.update_attrs(calibration={"frames": len(planes), "input_norm": norm})
         for data, meta in burst:
-            self._predict_frame(data, meta)
-
-    def _predict_frame(self, data: np.ndarray, meta: FrameMeta) -> None:
-        m = self.predictor.manifest
-        if self._assembler is None:
             self._emit(self._predict(data), meta, meta["z"])
-            return
-        if self._assembler.frame_shape != data.shape:
-            self._assembler = StackAssembler(
-                data.shape, "float32", mode=self._assembler.mode, size=self._assembler.size
-            )
-        for stack in self._assembler.add(data, meta):
-            if m.spatial == "2.5d-t":
-                self._emit(self._predict(stack.data), stack.newest, stack.newest["z"])
-            else:
-                self._predict_stack(stack.data, stack.metas)
+        for st in held:
+            self._predict_stack(st)
 
     def _predict(self, x: np.ndarray) -> np.ndarray:
-        t0 = time.perf_counter()
-        y = self.predictor.predict(x)
-        self.predict_ms.append((time.perf_counter() - t0) * 1e3)
-        if len(self.predict_ms) > 4096:
-            del self.predict_ms[:2048]
-        return y
+        return self.predictor.predict(x)
 
-    def _predict_stack(self, stack: np.ndarray, metas: tuple[FrameMeta | None, ...]) -> None:
+    def _predict_stack(self, stack: Stack) -> None:
         m = self.predictor.manifest
-        present = [i for i, mm in enumerate(metas) if mm is not None]
-        if len(present) < len(metas):
-            self.incomplete_stacks += 1
+        data = stack.data  # in the camera's dtype: the GPU path uploads raw pixels
+        if m.spatial == "2.5d-t":
+            newest = stack.newest
+            self._emit(self._predict(data), newest, newest["z"])
+            return
+        metas = stack.metas
         if m.spatial == "3d":
-            y = self._predict(stack)  # (C_out, Z, Y, X)
-            for z in present:
-                meta = metas[z]
+            y = self._predict(data)  # (C_out, Z, Y, X)
+            for z, meta in enumerate(metas):
                 assert meta is not None
                 self._emit(y[:, z], meta, z)
             return
         k = m.window
-        n = stack.shape[0]
-        for z in present:
-            idx = np.clip(np.arange(z - k // 2, z - k // 2 + k), 0, n - 1)
-            meta = metas[z]
+        n = data.shape[0]
+        for z, meta in enumerate(metas):
             assert meta is not None
-            self._emit(self._predict(stack[idx]), meta, z)
+            # planes beyond the stack's ends repeat its first/last plane (the stack is whole)
+            idx = np.clip(np.arange(z - k // 2, z - k // 2 + k), 0, n - 1)
+            self._emit(self._predict(data[idx]), meta, z)
 
     def _emit(self, y: np.ndarray, meta: FrameMeta, z: int) -> None:
         for j in range(y.shape[0]):
@@ -232,8 +288,7 @@ class InferenceEngine:
             out_meta.update(c=c_out, z=z)
             self.writer.write(y[j], out_meta)
         self.predicted += 1
-        self.metrics.record(meta["timestamp_ns"])
-        self.latest = (y, meta)
+        self.metrics.record(meta["timestamp_ns"])  # latency: acquisition → prediction written
         if self.on_prediction is not None:
             self.on_prediction(y, meta)
 
@@ -243,14 +298,13 @@ class InferenceEngine:
         error: str | None = None,
         summary: Mapping[str, Any] | None = None,
     ) -> None:
-        """Predict stacks left incomplete at the end (missing planes stay unwritten); close."""
-        if self._burst and status == "complete":  # a run shorter than the burst
-            self._freeze_calibration()
-        if self._assembler is not None and status == "complete":
+        """Close the output; stacks still incomplete at the end are counted, never predicted."""
+        if (self._burst or self._held_stacks) and status != "failed":
+            self._freeze_calibration()  # a run shorter than the burst
+        if self._assembler is not None:
             for stack in self._assembler.flush():
-                if self.predictor.manifest.spatial == "2.5d-t":
-                    continue  # windows are emitted as frames arrive; nothing is pending
-                self._predict_stack(stack.data, stack.metas)
+                if not stack.complete:
+                    self.incomplete_stacks += 1
         self.writer.close(
             status,
             versions=self.versions,

@@ -9,17 +9,22 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from scopestream.inference.backends import make_backend
-from scopestream.inference.engine import InferenceEngine, output_names
+from scopestream.inference.engine import InferenceEngine, check_channels, output_names
 from scopestream.inference.package import Registry
 from scopestream.inference.predictor import Predictor, tile_from_string
 from scopestream.streaming.layout import StreamInfo
-from scopestream.streaming.zarr_sink import ImageWriter, prepare_output_path
+from scopestream.streaming.store_lock import prepare_output_path
+from scopestream.streaming.zarr_sink import ImageWriter
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from scopestream.acquisition.base import ThreadedSource
     from scopestream.streaming.frame import FrameMeta
+    from scopestream.streaming.seams import FrameReader
+
+
+class PredictionFailed(RuntimeError):
+    """Prediction failed after the output was created (what was written is kept)."""
 
 
 class TiffPlaneWriter:
@@ -72,7 +77,7 @@ class TiffPlaneWriter:
 
 
 def predict_file(
-    src: ThreadedSource,
+    src: FrameReader,
     model: str,
     output: str,
     *,
@@ -88,6 +93,7 @@ def predict_file(
         pkg, make_backend(pkg, backend), tile=tile_from_string(tile, pkg.manifest.n_spatial)
     )
     info = src.info
+    check_channels(predictor, info.channel_names)  # bad input: before anything is written
     names = output_names(predictor, info.channel_names)
     out = Path(output)
     prepare_output_path(out, overwrite)
@@ -113,7 +119,9 @@ def predict_file(
             dtype="float32",
             attrs={"prediction": {**predictor.describe(), "input": src.describe()}},
         )
-    engine = InferenceEngine(predictor, writer, source_channels=info.channel_names, n_z=info.n_z)
+    engine = InferenceEngine(
+        predictor, writer, source_channels=info.channel_names, n_z=info.n_z, policy="every"
+    )
     total = info.expected_frames
     t0 = time.perf_counter()
     n = 0
@@ -129,6 +137,10 @@ def predict_file(
                 n += 1
                 bar.update(task, completed=n)
         status = "complete"
+    except Exception as e:  # after writing began: what was written is kept, exit 1
+        raise PredictionFailed(
+            f"prediction failed after {n} frames ({engine.predicted} written to {out}): {e}"
+        ) from e
     finally:
         engine.close(status)
     return {

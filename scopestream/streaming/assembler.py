@@ -11,7 +11,9 @@
     A causal sliding window of the last ``size`` time points for each
     ``(p, c, z)``: every frame yields the window that ends at it, so a live
     model predicts the newest frame. The first ``size - 1`` windows of a series
-    are padded by repeating its first frame and flagged ``padded``.
+    are padded by repeating its first frame and flagged ``padded``; a window
+    whose time points are not consecutive names them in ``missing``. Either is
+    not `complete`, and the runner never hands it to a model.
 
 Stacks are frozen work items (STYLE.md 8); their arrays are owned by the stack.
 """
@@ -160,10 +162,15 @@ class StackAssembler:
         window[pad:] = ring[order]
         window[:pad] = ring[order[0]]
         wmetas = tuple([metas[order[0]]] * pad + [metas[i] for i in order])
+        ts = [metas[i]["t"] for i in order]
+        # a window is consecutive time points: a skipped or lost one is a gap, never hidden
+        gaps = tuple(sorted(set(range(ts[0], ts[-1] + 1)) - set(ts))) if ts[-1] >= ts[0] else ()
+        if ts != sorted(ts):
+            gaps = gaps or (ts[-1],)
         self.emitted += 1
-        if pad:
+        if pad or gaps:
             self.incomplete += 1
-        return Stack(key, window, wmetas, padded=pad)
+        return Stack(key, window, wmetas, missing=gaps, padded=pad)
 
     def flush(self) -> list[Stack]:
         """Emit every open z-stack (incomplete, missing planes named); reset windows."""

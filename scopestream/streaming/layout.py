@@ -25,7 +25,9 @@ class StreamInfo:
     n_z
         Z planes per stack.
     pixel_size_um, z_step_um, interval_s
-        Physical scales written into the OME-Zarr axes.
+        Physical scales written into the OME-Zarr axes. ``interval_s`` 0 means the
+        plan has none ("as fast as possible"): the recording measures it from the
+        frames' acquisition times instead of claiming one.
     """
 
     frame_shape: tuple[int, int]
@@ -35,7 +37,7 @@ class StreamInfo:
     n_z: int = 1
     pixel_size_um: float = 1.0
     z_step_um: float = 1.0
-    interval_s: float = 1.0
+    interval_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -88,5 +90,5 @@ class StreamInfo:
             n_z=int(d.get("n_z", 1)),
             pixel_size_um=float(d.get("pixel_size_um", 1.0)),
             z_step_um=float(d.get("z_step_um", 1.0)),
-            interval_s=float(d.get("interval_s", 1.0)),
+            interval_s=float(d.get("interval_s", 0.0)),
         )

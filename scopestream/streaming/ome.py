@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -14,24 +15,45 @@ if TYPE_CHECKING:
 OME_VERSION = "0.5"
 AXES = ("t", "c", "z", "y", "x")
 
-#: colours for channels by common name; others cycle through `_CYCLE`.
-_COLOURS = {
-    "nuclei": "0080FF",
-    "dapi": "0080FF",
-    "hoechst": "0080FF",
-    "membrane": "FF00FF",
-    "actin": "00FF00",
-    "gfp": "00FF00",
-    "brightfield": "FFFFFF",
-    "bf": "FFFFFF",
-    "raw": "FFFFFF",
-}
-_CYCLE = ("00FF00", "FF00FF", "00FFFF", "FFFF00", "FF8000", "0080FF")
+#: the one colour table (OME-Zarr omero colours here, napari colormaps in the viewer):
+#: what a channel name says → (napari colormap, hex RGB); the first match wins
+STAIN_COLOURS: tuple[tuple[tuple[str, ...], str, str], ...] = (
+    (("brightfield", "bf", "phase", "dic", "transmitted", "trans", "raw"), "gray", "FFFFFF"),
+    (("nucle", "dapi", "hoechst", "h2b", "dna"), "cyan", "00FFFF"),
+    (("membrane", "cellmask", "wga", "actin", "cell"), "magenta", "FF00FF"),
+    (("gfp", "green", "488", "fitc"), "green", "00FF00"),
+    (("mcherry", "rfp", "red", "561", "594", "rhodamine"), "red", "FF0000"),
+    (("far", "640", "647", "cy5"), "yellow", "FFFF00"),
+)
+_DEFAULT = ("green", "00FF00")
 
 
-def channel_colour(name: str, index: int) -> str:
-    """A display colour (hex RGB) for a channel."""
-    return _COLOURS.get(name.lower(), _CYCLE[index % len(_CYCLE)])
+def stain_colour(name: str) -> tuple[str, str]:
+    """(napari colormap, hex RGB) for a channel, by the tokens of its name."""
+    tokens = [t for t in re.split(r"[^a-z0-9]+", name.lower()) if t]
+    for keys, cmap, hexrgb in STAIN_COLOURS:
+        if any(t.startswith(k) for t in tokens for k in keys):
+            return cmap, hexrgb
+    return _DEFAULT
+
+
+def channel_colour(name: str, index: int = 0) -> str:
+    """The display colour (hex RGB) of a channel, the same one the viewer uses."""
+    return stain_colour(name)[1]
+
+
+def estimate_limits(data: np.ndarray, low: float = 1.0, high: float = 99.8) -> tuple[float, float]:
+    """Contrast limits from percentiles of (a subsample of) the data."""
+    flat = np.asarray(data).ravel()
+    if flat.size > 262144:
+        flat = flat[:: flat.size // 262144]
+    finite = flat[np.isfinite(flat)]
+    if finite.size == 0:
+        return (0.0, 1.0)
+    lo, hi = np.percentile(finite, [low, high])
+    if hi <= lo:
+        hi = lo + 1.0
+    return (float(lo), float(hi))
 
 
 def image_attrs(

@@ -18,6 +18,7 @@ and byte count: a malformed or truncated message is counted and described in
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections import deque
@@ -106,17 +107,29 @@ def _parse_meta(raw: object) -> FrameMeta:
         p=_check_int(raw.get("p", 0), "meta.p", 0, big),
         c=_check_int(raw.get("c", 0), "meta.c", 0, big),
         z=_check_int(raw.get("z", 0), "meta.z", 0, big),
-        timestamp_ns=time.monotonic_ns(),  # the sender's clock means nothing here
+        timestamp_ns=time.monotonic_ns(),  # the sender's monotonic clock means nothing here
+        wall_ns=time.time_ns(),
         exposure_ms=0.0,
+        stage_x_um=None,
+        stage_y_um=None,
         stage_z_um=None,
+        engine_time_ms=None,
+        image_number=-1,
         source=str(raw.get("source", "")),
     )
     exp = raw.get("exposure_ms", 0.0)
-    if isinstance(exp, (int, float)) and not isinstance(exp, bool):
+    if isinstance(exp, (int, float)) and not isinstance(exp, bool) and math.isfinite(exp):
         meta["exposure_ms"] = float(exp)
-    sz = raw.get("stage_z_um")
-    if isinstance(sz, (int, float)) and not isinstance(sz, bool):
-        meta["stage_z_um"] = float(sz)
+    for key in ("stage_x_um", "stage_y_um", "stage_z_um", "engine_time_ms"):
+        v = raw.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            meta[key] = float(v)  # type: ignore[literal-required]
+    wall = raw.get("wall_ns")
+    if isinstance(wall, int) and not isinstance(wall, bool) and 0 < wall < 2**63:
+        meta["wall_ns"] = wall  # the acquisition's wall-clock time, as the sender saw it
+    num = raw.get("image_number")
+    if isinstance(num, int) and not isinstance(num, bool) and -1 <= num < 2**62:
+        meta["image_number"] = num
     assert set(meta) == set(META_KEYS)
     return meta
 
@@ -207,13 +220,24 @@ class FramePublisher:
         self.stream = dict(stream or {})
         self.sent = 0
 
-    def send(self, data: np.ndarray, meta: Mapping[str, Any], timeout_ms: int = -1) -> bool:
-        """Send one frame (zero-copy). Returns False if not sent within ``timeout_ms``."""
+    def send(
+        self,
+        data: np.ndarray,
+        meta: Mapping[str, Any],
+        timeout_ms: int = -1,
+        *,
+        copy: bool = False,
+    ) -> bool:
+        """Send one frame. Returns False if not sent within ``timeout_ms``.
+
+        ``copy=False`` lets libzmq read ``data`` after this returns: only for memory
+        nobody writes to afterwards (an adopted frame); a reused buffer needs ``copy``.
+        """
         data = np.ascontiguousarray(data)
         header = encode_header(data, meta, self.stream)
         if timeout_ms >= 0 and not self._sock.poll(timeout_ms, zmq.POLLOUT):
             return False
-        self._sock.send_multipart([header, data], copy=False)
+        self._sock.send_multipart([header, data], copy=copy)
         self.sent += 1
         return True
 
@@ -299,9 +323,14 @@ class FrameReceiver:
 class PublisherSink:
     """A `FrameSink` that publishes every frame it gets (the microscope side of a remote run)."""
 
-    def __init__(self, publisher: FramePublisher, receivers: int = 1) -> None:
+    def __init__(
+        self, publisher: FramePublisher, receivers: int = 1, *, zero_copy: bool = False
+    ) -> None:
         self.publisher = publisher
         self.receivers = receivers
+        #: frames are never written again once handed over (the ring adopted them): libzmq
+        #: may send them after `write` returned; otherwise each frame is copied
+        self.zero_copy = zero_copy
 
     @property
     def frames_written(self) -> int:
@@ -310,7 +339,7 @@ class PublisherSink:
 
     def write(self, data: np.ndarray, meta: FrameMeta) -> None:
         """Send one frame; blocks while every receiver is at its high-water mark."""
-        self.publisher.send(data, meta)
+        self.publisher.send(data, meta, copy=not self.zero_copy)
 
     def close(
         self,

@@ -10,8 +10,10 @@ of two overflow policies:
 ``spill``
     Every frame, in order, without holding the producer back (inference on
     every frame): slots are not protected for it; a frame it was lapped on is
-    reported by `FrameLapped` with its indices, so the consumer can read it
-    back from the recording instead.
+    reported by `FrameLapped` with its sequence number, so the consumer can
+    read it (pixels and metadata) back from the recording instead. The buffer
+    keeps nothing per frame beyond its slots: the acquisition thread's work
+    does not grow with the length of the run.
 ``all``
     Lossless (the recording itself). A slot a lossless consumer
     has not released is never overwritten: if the producer would lap it, the new
@@ -48,6 +50,8 @@ import numpy as np
 from scopestream.streaming.frame import Frame
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from scopestream.streaming.frame import FrameMeta
 
 
@@ -73,11 +77,11 @@ class BufferOverrun(RuntimeError):
 
 
 class FrameLapped(LookupError):
-    """A ``spill`` consumer's next frame was overwritten; its indices say where to find it."""
+    """A ``spill`` consumer's next frame was overwritten; the recording has it (by ``seq``)."""
 
-    def __init__(self, seq: int, t: int, c: int, z: int, p: int) -> None:
-        self.seq, self.t, self.c, self.z, self.p = seq, t, c, z, p
-        super().__init__(f"frame {seq} (t={t}, c={c}, z={z}) left the ring buffer")
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+        super().__init__(f"frame {seq} left the ring buffer")
 
 
 class FrameShapeError(ValueError):
@@ -118,8 +122,6 @@ class RingBuffer:
         self._cond = threading.Condition()
         self._put_lock = threading.Lock()
         self._consumers: list[Consumer] = []
-        # (t, c, z, p) of every frame, so a frame that left the ring can be found on disk
-        self._index = np.zeros((1024, 4), np.int32)
         #: frames refused because a lossless consumer would have been lapped
         self.refused = 0
         self.first_refused: BufferOverrun | None = None
@@ -213,9 +215,6 @@ class RingBuffer:
                 self._refs[slot] = data
             else:
                 np.copyto(self._data[slot], data, casting="no")
-            if seq >= len(self._index):
-                self._index = np.concatenate([self._index, np.zeros_like(self._index)])
-            self._index[seq] = (meta["t"], meta["c"], meta["z"], meta["p"])
             meta["seq"] = seq
             self._meta[slot] = meta
             self._stamp[slot] = seq
@@ -230,16 +229,24 @@ class RingBuffer:
             cursors = [c._cursor for c in self._consumers if c.policy is OverflowPolicy.ALL]
             return self._head - min(cursors) if cursors else 0
 
-    def wait_for_space(self, timeout: float | None = None) -> bool:
+    def wait_for_space(
+        self, timeout: float | None = None, ahead: int | Callable[[], int] = 0
+    ) -> bool:
         """Block until the next put overruns no lossless consumer.
 
         Only for sources that may be paced by the pipeline (replay or simulation at
-        "as fast as possible"); a camera never calls this.
+        "as fast as possible"); a camera never calls this. ``ahead`` counts frames
+        the source has produced but not yet put (in its own buffer); a callable is
+        asked again each time the buffer changes.
         """
+        room = self.n_slots - 1
+
+        def fits() -> bool:
+            n = ahead() if callable(ahead) else ahead
+            return self._closed or self._lag_locked() + max(0, n) < room
+
         with self._cond:
-            return self._cond.wait_for(
-                lambda: self._closed or self._lag_locked() < self.n_slots, timeout
-            )
+            return self._cond.wait_for(fits, timeout)
 
     def _lag_locked(self) -> int:
         cursors = [c._cursor for c in self._consumers if c.policy is OverflowPolicy.ALL]
@@ -357,8 +364,7 @@ class Consumer:
         return True
 
     def _lapped(self, seq: int) -> FrameLapped:
-        t, c, z, p = (int(v) for v in self.ring._index[seq])
-        return FrameLapped(seq, t, c, z, p)
+        return FrameLapped(seq)
 
     def _check_overrun(self) -> None:
         if self._overrun is not None:

@@ -20,22 +20,46 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import itertools
 import json
 import os
 import re
-import shutil
 import socket
+import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tensorstore as ts
 
+from scopestream.streaming.frame_index import FrameIndexWriter, to_meta
 from scopestream.streaming.metrics import StageMetrics
 from scopestream.streaming.ome import image_attrs
+from scopestream.streaming.saved_run import (  # the reader of saved runs; re-exported here
+    TIMELINE_FILE,
+    ImageReport,
+    RunReport,
+    complete_frames,
+    inspect_run,
+    read_group_attrs,
+)
+from scopestream.streaming.store_lock import StoreLock, cleanup_empty, prepare_output_path
+
+__all__ = [
+    "TIMELINE_FILE",
+    "ImageReport",
+    "ImageWriter",
+    "RunReport",
+    "SinkError",
+    "ZarrSink",
+    "complete_frames",
+    "inspect_run",
+    "prepare_output_path",
+    "read_group_attrs",
+]
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -67,22 +91,14 @@ def _now_iso() -> str:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to ``path`` through a temporary file and a rename (never half-written)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # per process and thread: the recorder and an abort may write the same file at once
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     data = json.dumps(obj, indent=1, allow_nan=False).encode()
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def read_group_attrs(path: Path) -> dict[str, Any]:
-    """Attributes of the zarr v3 group at ``path``."""
-    meta = json.loads((path / "zarr.json").read_text())
-    if meta.get("node_type") != "group":
-        raise ValueError(f"{path} is not a zarr group")
-    attrs: dict[str, Any] = meta.get("attributes", {})
-    return attrs
 
 
 def _blosc_codecs(itemsize: int) -> list[dict[str, Any]]:
@@ -134,6 +150,7 @@ class ImageWriter:
         attrs: Mapping[str, Any] | None = None,
         max_in_flight: int = 8,
         windows: Sequence[tuple[float, float]] | None = None,
+        exist_ok: bool = False,
     ) -> None:
         self.group = group
         self.name = name
@@ -152,7 +169,13 @@ class ImageWriter:
         self._closed = False
         n_c, n_z = len(self.channel_names), info.n_z
         fy, fx = info.frame_shape
-        group.mkdir(parents=True, exist_ok=False)
+        # which (t, c, z) were written: a second write to one is an error, never an overwrite
+        self._written = np.zeros((self._t_cap, n_c, n_z), bool)
+        #: the interval between time points measured from the frames (plans without one)
+        self.measured_interval_s: float | None = None
+        self._t_starts: dict[int, int] = {}
+        group.mkdir(parents=True, exist_ok=exist_ok)
+        self.index = FrameIndexWriter(group)
         self._write_attrs(status="acquiring")
         self._arr = ts.open(
             {
@@ -189,20 +212,34 @@ class ImageWriter:
             **self._extra_attrs,
             **extra,
         }
+        info = self.info
+        if not info.interval_s:
+            # no interval in the plan: the time scale is what the frames measured, never made up
+            sc["interval_s"] = (
+                {"measured": self.measured_interval_s}
+                if self.measured_interval_s
+                else {"unknown": "fewer than two time points so far; the t scale is 1"}
+            )
+            info = replace(info, interval_s=self.measured_interval_s or 1.0)
         attrs = {
-            "ome": image_attrs(
-                self.name, self.info, self.channel_names, self.dtype, self._windows
-            ),
+            "ome": image_attrs(self.name, info, self.channel_names, self.dtype, self._windows),
             "scopestream": sc,
         }
         write_json_atomic(
             self.group / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": attrs}
         )
 
-    def read_frame(self, t: int, c: int, z: int) -> np.ndarray:
+    def read_frame(self, t: int, c: int, z: int, p: int = 0) -> np.ndarray:
         """A frame that is already written (for consumers that fell behind the ring buffer)."""
+        if p != 0:
+            raise SinkError(f"image {self.name!r} holds one position, not p={p}")
         out: np.ndarray = np.asarray(self._arr[t, c, z].read().result())
         return out
+
+    def frame_meta(self, seq: int) -> FrameMeta | None:
+        """The persisted metadata of the frame with sequence number ``seq``."""
+        rec = self.index.find_seq(seq)
+        return None if rec is None else to_meta(rec)
 
     def update_attrs(self, status: str = "acquiring", **extra: Any) -> None:
         """Rewrite this group's attributes with current counts."""
@@ -224,6 +261,9 @@ class ImageWriter:
         self._arr = self._arr.resize(
             exclusive_max=[new_cap, n_c, n_z, fy, fx], resize_metadata_only=True
         ).result()
+        grown = np.zeros((new_cap, n_c, n_z), bool)
+        grown[: self._t_cap] = self._written
+        self._written = grown
         self._t_cap = new_cap
 
     def write(self, data: np.ndarray, meta: FrameMeta, *, reference: bool = False) -> None:
@@ -251,6 +291,19 @@ class ImageWriter:
                 f"{self.info.frame_shape}"
             )
         self._ensure_t(t)
+        if self._written[t, c, z]:
+            raise SinkError(
+                f"frame {meta['seq']} is a second frame at t={t}, c={c}, z={z} of image "
+                f"{self.name!r}; the first one is kept (a stream may not write a frame twice)"
+            )
+        self._written[t, c, z] = True
+        self._note_time(t, meta["timestamp_ns"])
+        try:
+            self.index.append(meta)  # the metadata is on disk before the pixels
+        except OSError as e:
+            raise SinkError(
+                f"writing the frame index of {self.group} failed: {_explain(e)}"
+            ) from e
         try:
             if reference:
                 futures = self._arr[t, c, z].write(
@@ -268,6 +321,22 @@ class ImageWriter:
         self.frames_submitted += 1
         self._t_max = max(self._t_max, t)
         self.reap(block=len(self._pending) >= self.max_in_flight)
+
+    def _note_time(self, t: int, ts_ns: int) -> None:
+        """Measure the interval between time points (median of the first frames' spacing)."""
+        if self.info.interval_s or t in self._t_starts or len(self._t_starts) > 64:
+            return
+        self._t_starts[t] = ts_ns
+        if len(self._t_starts) >= 2:
+            ts = sorted(self._t_starts.items())
+            steps = [(b - a) / 1e9 / (tb - ta) for (ta, a), (tb, b) in itertools.pairwise(ts)]
+            if steps:
+                self.measured_interval_s = round(float(np.median(steps)), 6) or None
+
+    @property
+    def frames_committed(self) -> int:
+        """Frames completely on disk."""
+        return self.frames_written
 
     def reap(self, block: bool = False) -> None:
         """Count the frames whose chunks are on disk (in order); wait for one if ``block``."""
@@ -308,6 +377,8 @@ class ImageWriter:
         finally:
             self._closed = True
             with contextlib.suppress(OSError):
+                self.index.close()
+            with contextlib.suppress(OSError):
                 self._write_attrs(status, finished=_now_iso(), **extra)
 
 
@@ -340,6 +411,11 @@ class ZarrSink:
         self.path = Path(path)
         self.info = info
         prepare_output_path(self.path, overwrite)
+        try:
+            # held for the writer's lifetime: no --overwrite or second writer while we write
+            self.lock: StoreLock | None = StoreLock.acquire(self.path, create=True)
+        except OSError as e:
+            raise SinkError(f"cannot create the run store at {self.path}: {e}") from e
         self.attrs_interval_s = attrs_interval_s
         self._last_attrs = 0.0
         self.outputs: dict[str, ImageWriter] = {}
@@ -356,9 +432,16 @@ class ZarrSink:
         }
         try:
             self.raw = ImageWriter(
-                self.path, "raw", info, attrs=run_attrs, max_in_flight=max_in_flight
+                self.path,
+                "raw",
+                info,
+                attrs=run_attrs,
+                max_in_flight=max_in_flight,
+                exist_ok=True,
             )
         except (OSError, ValueError) as e:
+            cleanup_empty(self.path, self.lock)  # exit 2 "nothing written" leaves nothing
+            self.lock = None
             raise SinkError(f"cannot create the run store at {self.path}: {e}") from e
 
     @property
@@ -405,9 +488,18 @@ class ZarrSink:
         for w in self.outputs.values():
             w.flush()
 
-    def read_frame(self, t: int, c: int, z: int) -> np.ndarray:
+    def read_frame(self, t: int, c: int, z: int, p: int = 0) -> np.ndarray:
         """A raw frame already written."""
-        return self.raw.read_frame(t, c, z)
+        return self.raw.read_frame(t, c, z, p)
+
+    def frame_meta(self, seq: int) -> FrameMeta | None:
+        """The persisted metadata of raw frame ``seq`` (from ``frames.npy``)."""
+        return self.raw.frame_meta(seq)
+
+    @property
+    def frames_committed(self) -> int:
+        """Raw frames completely on disk."""
+        return self.raw.frames_written
 
     @property
     def max_outstanding(self) -> int:
@@ -443,10 +535,21 @@ class ZarrSink:
         except OSError as e:
             raise SinkError(f"updating the attributes of {self.path} failed: {e}") from e
 
+    def mark(self, status: str, error: str | None = None) -> None:
+        """Record ``status`` in the run's attributes now (an abort: the process exits next)."""
+        with contextlib.suppress(SinkError, OSError):
+            self._write_root(status, error=error)
+
     def close(
         self, status: str = "complete", error: str | None = None, summary: Any = None
     ) -> None:
-        """Finish every image and record the final status (``complete`` or ``failed``)."""
+        """Finish every image and record the final status (``complete``, ``stopped``, ``failed``).
+
+        The raw image is closed last, after every output: if an output fails to
+        close, the run is recorded as ``failed``, never as complete. The
+        per-second timeline goes to ``timeline.json`` beside the images (the
+        root ``zarr.json`` stays small however long the run).
+        """
         errors: list[str] = []
         for w in self.outputs.values():
             try:
@@ -456,132 +559,21 @@ class ZarrSink:
                 status = "failed"
         extra: dict[str, Any] = {"error": error or ("; ".join(errors) or None)}
         if summary is not None:
+            summary = dict(summary)
+            timeline = summary.pop("timeline", None)
+            if timeline is not None:
+                try:
+                    write_json_atomic(self.path / TIMELINE_FILE, timeline)
+                except (OSError, ValueError) as e:
+                    errors.append(f"writing {TIMELINE_FILE} failed: {e}")
+            if errors:
+                summary["status"] = "failed"
             extra["summary"] = summary
-        self.raw.close(status, outputs=self._provenance, **extra)
+        try:
+            self.raw.close(status, outputs=self._provenance, **extra)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
         if errors:
             raise SinkError("; ".join(errors))
-
-
-def prepare_output_path(path: Path, overwrite: bool) -> None:
-    """Refuse to clobber an existing path unless asked; never delete a non-zarr directory."""
-    if path.exists() or path.is_symlink():
-        if not overwrite:
-            raise FileExistsError(
-                f"{path} already exists; choose another --out or pass --overwrite to replace it"
-            )
-        if path.is_dir() and ((path / "zarr.json").exists() or not any(path.iterdir())):
-            shutil.rmtree(path)
-        else:
-            raise FileExistsError(
-                f"{path} exists and is not a zarr store; "
-                "refusing to delete it even with --overwrite"
-            )
-    parent = path.parent
-    if parent.exists() and not parent.is_dir():
-        raise SinkError(f"cannot create {path}: {parent} is not a directory")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SinkError(f"cannot create {path}: {e}") from e
-    if not os.access(parent, os.W_OK):
-        raise SinkError(f"cannot create {path}: {parent} is not writable")
-
-
-@dataclass
-class ImageReport:
-    """What one image of a saved run holds."""
-
-    name: str
-    shape: tuple[int, ...]
-    frames_complete: int
-    status: str
-
-
-@dataclass
-class RunReport:
-    """What a saved (or interrupted) run holds; see `inspect_run`."""
-
-    path: str
-    status: str
-    interrupted: bool
-    frames_expected: int | None
-    frames_complete: int
-    images: list[ImageReport] = field(default_factory=list)
-    error: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-able form."""
-        return {
-            "path": self.path,
-            "status": self.status,
-            "interrupted": self.interrupted,
-            "frames_expected": self.frames_expected,
-            "frames_complete": self.frames_complete,
-            "images": [vars(i) | {"shape": list(i.shape)} for i in self.images],
-            "error": self.error,
-        }
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def complete_frames(group: str | os.PathLike[str]) -> np.ndarray:
-    """Which frames (t, c, z) of an image group are completely on disk.
-
-    A frame is complete when every chunk file of it exists (chunks are renamed
-    into place whole, and every frame is stored, dark ones too).
-    """
-    arr_dir = Path(group) / "0"
-    meta = json.loads((arr_dir / "zarr.json").read_text())
-    shape = meta["shape"]
-    chunk = meta["chunk_grid"]["configuration"]["chunk_shape"]
-    tiles = -(-shape[3] // chunk[3]) * -(-shape[4] // chunk[4])
-    counts = np.zeros(shape[:3], dtype=np.int64)
-    base = arr_dir / "c"
-    for dirpath, _dirs, files in os.walk(base):
-        rel = Path(dirpath).relative_to(base).parts
-        if len(rel) != 4:
-            continue
-        for f in files:
-            if f.isdigit():  # skip tensorstore's temporary '*.__lock' files
-                t, c, z = int(rel[0]), int(rel[1]), int(rel[2])
-                if t < shape[0] and c < shape[1] and z < shape[2]:
-                    counts[t, c, z] += 1
-    complete: np.ndarray = counts == tiles
-    return complete
-
-
-def inspect_run(path: str | os.PathLike[str]) -> RunReport:
-    """Open a run store (finished, failed, or cut off by a crash) and count complete frames."""
-    root = Path(path)
-    attrs = read_group_attrs(root).get("scopestream", {})
-    status = str(attrs.get("status", "unknown"))
-    writer = attrs.get("writer", {})
-    interrupted = (
-        status == "acquiring"
-        and writer.get("host") == socket.gethostname()
-        and not _pid_alive(int(writer.get("pid", -1)))
-    )
-    images = []
-    for name in ["raw", *attrs.get("outputs", {})]:
-        group = root if name == "raw" else root / name
-        flags = complete_frames(group)
-        arr = ts.open({"driver": "zarr3", "kvstore": _ts_file(group / "0")}).result()
-        g_status = str(read_group_attrs(group).get("scopestream", {}).get("status", "unknown"))
-        images.append(ImageReport(name, tuple(arr.shape), int(flags.sum()), g_status))
-    return RunReport(
-        path=str(root),
-        status="interrupted" if interrupted else status,
-        interrupted=interrupted,
-        frames_expected=attrs.get("frames_expected"),
-        frames_complete=images[0].frames_complete,
-        images=images,
-        error=attrs.get("error"),
-    )

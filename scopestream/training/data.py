@@ -146,7 +146,7 @@ def _channel_index(names: list[str], wanted: str, where: str) -> int:
 
 
 def _complete_mask(run: Path, image: str | None) -> np.ndarray | None:
-    from scopestream.streaming.zarr_sink import complete_frames
+    from scopestream.streaming.saved_run import complete_frames
 
     group = run if image is None else run / image
     try:

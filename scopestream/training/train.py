@@ -429,7 +429,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
 
     pkg = add_files(staging, final, ["report.json", "report.png", "losses.csv", "losses.png"])
     root, name = Path(cfg.out).parent, Path(cfg.out).name
-    published = Registry(root, bundled=False).publish(pkg, name)
+    # numbered above every root's newest (the bundled models too): a retrained 'denoise'
+    # is v2 over the bundled v1, never a second v1 that hides it
+    published = Registry(root).publish(pkg, name)
     return {
         "model": published.name,
         "version": published.version,

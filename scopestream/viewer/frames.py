@@ -20,6 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from scopestream.streaming.saved_run import layer_name, output_kind
+
+__all__ = ["LatestFrames", "Shown", "layer_name", "output_kind"]
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
@@ -39,16 +43,8 @@ class Shown:
     version: int = 0
     t: int = 0
     seq: int = -1
-
-
-def output_kind(task: str) -> str:
-    """How a model's output is labelled: ``denoised`` or ``predicted`` (a stain)."""
-    return "denoised" if task == "denoise" else "predicted"
-
-
-def layer_name(kind: str, channel: str) -> str:
-    """``nuclei (raw)``, ``nuclei (denoised)``, ``membrane (predicted)``."""
-    return f"{channel} ({kind})"
+    #: the GUI holds ``data`` (a stack): the next plane goes into a fresh copy
+    shared: bool = False
 
 
 class LatestFrames:
@@ -58,6 +54,9 @@ class LatestFrames:
         self.info = info
         self.n_z = int(info.n_z)
         self.min_interval_ns = int(1e9 / max_hz) if max_hz > 0 else 0
+        #: the runner hands this stage at most this many raw frames a second (0: every
+        #: newest frame): each channel's newest frame at ``max_hz``; stacks show every plane
+        self.max_hz = max_hz * info.n_c if self.n_z == 1 and max_hz > 0 else 0.0
         self._lock = threading.Lock()
         self._images: dict[str, Shown] = {}
         self._last_copy: dict[str, int] = {}
@@ -96,6 +95,9 @@ class LatestFrames:
                 if shown is None:
                     buf = np.zeros((self.n_z, *plane.shape), plane.dtype)
                     shown = self._images[key] = Shown(key, kind, channel, model, buf)
+                elif shown.shared:  # copy on write: the GUI thread never copies under the lock
+                    shown.data = shown.data.copy()
+                    shown.shared = False
                 shown.data[z] = plane
             else:
                 data = plane if owned else np.array(plane, copy=True)
@@ -142,7 +144,8 @@ class LatestFrames:
             for key, shown in self._images.items():
                 if seen.get(key) != shown.version:
                     seen[key] = shown.version
-                    data = shown.data.copy() if self.n_z > 1 else shown.data
+                    data = shown.data
+                    shown.shared = self.n_z > 1  # stacks are filled in place: copy on write
                     out.append(
                         Shown(
                             key,

@@ -31,6 +31,7 @@ from scopestream.viewer.window import grid_shape, open_window, save_canvas
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from scopestream.pipeline import Pipeline
     from scopestream.viewer.frames import LatestFrames
 
 
@@ -386,3 +387,92 @@ class StatusWidget(_qt_widgets().QWidget):  # type: ignore[misc]
             return
         swap(model, int(version))
         self.message.setText(f"{model}: loading v{version}; it takes over at a frame boundary")
+
+
+def open_live_viewer(
+    pipeline: Pipeline,
+    screenshot: Path | None = None,
+    on_swap_error: Callable[[str], None] | None = None,
+) -> LiveViewer:
+    """The napari window on a built pipeline: layers, contrast from the models, the dock.
+
+    Contrast of a raw channel a model was trained on, and of the model's outputs,
+    comes from the model's fixed normalization constants (never per frame);
+    other layers are estimated from their first frame.
+    """
+    import threading
+
+    from scopestream.viewer.frames import layer_name, output_kind
+
+    runner, frames = pipeline.runner, pipeline.display
+    if runner is None or frames is None:
+        raise RuntimeError("the pipeline needs viewer: true and build() before a live viewer")
+    info = runner.source.info
+    limits: dict[str, tuple[float, float]] = {}
+    engines = {m.stage: m.engine for m in pipeline.models}
+    for e in engines.values():
+        m = e.predictor.manifest
+        kind = output_kind(m.task)
+        inorm, onorm = e.predictor.input_norm, e.predictor.output_norm
+        if e.wildcard:
+            continue  # constants of whatever it was trained on: estimated from the frames
+        for ch in m.inputs:  # a model trained on this channel knows its range
+            if ch in info.channel_names and inorm.source != "identity":
+                limits.setdefault(
+                    layer_name("raw", ch), (inorm.offset[0], inorm.offset[0] + inorm.scale[0])
+                )
+        for j, ch in enumerate(e.writer.channel_names):
+            k = min(j, len(onorm.offset) - 1)
+            if onorm.source != "identity":
+                limits[layer_name(kind, ch)] = (onorm.offset[k], onorm.offset[k] + onorm.scale[k])
+
+    by_name = {m.stage: m for m in pipeline.models if m.by_name}
+
+    def versions() -> dict[str, list[int]]:
+        return {
+            name: [v for v, _ in m.registry.versions(m.spec)] for name, m in by_name.items()
+        }
+
+    def current() -> dict[str, int]:
+        return {name: e.predictor.package.version for name, e in engines.items()}
+
+    def swap(name: str, version: int) -> None:
+        m = by_name[name]
+
+        def load() -> None:
+            try:
+                m.engine.swap(pipeline.make_predictor(m.registry.resolve(f"{m.spec}@{version}")))
+            except Exception as e:  # reported, never fatal to the run
+                if on_swap_error is not None:
+                    on_swap_error(f"model swap to {m.spec}@{version} failed: {e}")
+
+        threading.Thread(target=load, name=f"swap-{m.spec}", daemon=True).start()
+
+    px = float(info.pixel_size_um)
+    out = pipeline.out or ""
+    controls = RunControls(
+        status=pipeline.live_summary,
+        finished=lambda: runner.summary is not None,
+        stop=runner.stop,
+        pause=runner.set_paused if runner.can_pause else None,
+        versions=versions,
+        current=current,
+        swap=swap,
+        store=Path(out),
+        scales=(float(info.z_step_um or 1.0), px, px),
+    )
+    live = LiveViewer(
+        frames, controls, limits=limits, title=f"scopestream — {out}", screenshot=screenshot
+    )
+    planned: list[tuple[str, str, str, str | None]] = [
+        (layer_name("raw", ch), "raw", ch, None) for ch in info.channel_names
+    ]
+    for e in engines.values():
+        m = e.predictor.manifest
+        kind = output_kind(m.task)
+        names = list(e.writer.channel_names)
+        if e.wildcard:  # one output per source channel the model takes
+            names = [ch for ch in info.channel_names if m.accepts(ch)]
+        planned += [(layer_name(kind, ch), kind, ch, e.writer.name) for ch in names]
+    live.prepare(planned)
+    return live

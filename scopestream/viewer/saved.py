@@ -8,13 +8,13 @@ follows the newest time point until the run's status says it ended).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from scopestream.streaming.saved_run import SavedRun, complete_frames, read_group_attrs
 from scopestream.viewer.frames import layer_name, output_kind
 from scopestream.viewer.style import colormap_for, estimate_limits
 
@@ -40,32 +40,14 @@ class LayerSpec:
     complete_t: list[int]
 
 
-def _attrs(group: Path) -> dict[str, Any]:
-    doc = json.loads((group / "zarr.json").read_text())
-    attrs: dict[str, Any] = doc.get("attributes", {})
-    return attrs
-
-
 def _kind(prov: dict[str, Any]) -> str:
     if prov.get("kind") == "ground truth":
         return "truth"
     return output_kind(str(prov.get("task", "stain")))
 
 
-def _images(path: Path) -> list[tuple[str, Path]]:
-    """("", root) for the raw image, then every output group (name, path)."""
-    out = [("", path)]
-    for d in sorted(p for p in path.iterdir() if p.is_dir()):
-        zj = d / "zarr.json"
-        if zj.exists() and "ome" in _attrs(d):
-            out.append((d.name, d))
-    return out
-
-
 def _complete_t(group: Path) -> list[list[int]]:
     """Per channel, the time points with at least one complete plane (one listing)."""
-    from scopestream.streaming.zarr_sink import complete_frames
-
     try:
         flags = complete_frames(group)  # (t, c, z)
     except (OSError, KeyError, ValueError):
@@ -74,36 +56,50 @@ def _complete_t(group: Path) -> list[list[int]]:
     return [[int(t) for t in np.flatnonzero(per_c[:, c])] for c in range(per_c.shape[1])]
 
 
-def run_layers(path: str | Path, *, contrast: bool = True) -> list[LayerSpec]:
+def _indexed_t(group: Path, channels: int) -> list[list[int]] | None:
+    """Per channel, the time points in the image's frame index (no chunk listing), or None
+    for images without one."""
+    from scopestream.streaming.frame_index import read_frame_index
+
+    if not (group / "frames.npy").exists():
+        return None
+    table = read_frame_index(group)
+    out: list[list[int]] = []
+    for c in range(channels):
+        out.append(sorted({int(t) for t in table["t"][table["c"] == c]}))
+    return out
+
+
+def run_layers(
+    path: str | Path, *, contrast: bool = True, listing: bool = True
+) -> list[LayerSpec]:
     """Every channel of the raw image and of each output, as layer specs.
 
+    ``listing=False`` takes the time points from each image's frame index
+    (``frames.npy``, read in one go) instead of listing every chunk file: what a
+    viewer following a growing run does every second.
     ``contrast=False`` reads no pixels (limits stay (0, 1)): for re-reading the
     time axis of a run that is still written.
     """
     import dask.array as da
     import zarr
 
-    root = Path(path)
-    if not (root / "zarr.json").exists():
-        raise FileNotFoundError(f"{root} is not an OME-Zarr store (no zarr.json)")
-    raw_attrs = _attrs(root)
-    if "ome" not in raw_attrs:
-        raise ValueError(f"{root} has no OME-Zarr image at its root")
-    provenance = (raw_attrs.get("scopestream") or {}).get("outputs") or {}
+    run = SavedRun(path)
     specs: list[LayerSpec] = []
-    for image, group in _images(root):
-        attrs = _attrs(group)
+    for im in run.images:
+        group = im.path
+        image = "" if im.name == "raw" else im.name
+        attrs = read_group_attrs(group)
         ms = attrs["ome"]["multiscales"][0]
         scale = ms["datasets"][0]["coordinateTransformations"][0]["scale"]
-        channels = [c["label"] for c in attrs["ome"]["omero"]["channels"]]
-        sc = attrs.get("scopestream") or {}
-        prov = provenance.get(image) or sc.get("provenance") or {}
-        kind = "raw" if image == "" else _kind(prov)
+        channels = list(im.channels)
+        kind = "raw" if im.kind == "raw" else _kind(im.provenance)
         arr: Any = zarr.open_array(str(group / "0"), mode="r")
         lazy = da.from_zarr(arr)  # type: ignore[no-untyped-call]
         n_z = int(arr.shape[2])
         t_scale = float(scale[0]) or 1.0
-        complete = _complete_t(group)
+        indexed = None if listing else _indexed_t(group, len(channels))
+        complete = indexed if indexed is not None else _complete_t(group)
         for c, ch in enumerate(channels):
             data = lazy[:, c] if n_z > 1 else lazy[:, c, 0]
             sp = (t_scale, *scale[2:]) if n_z > 1 else (t_scale, *scale[3:])
@@ -171,8 +167,7 @@ def best_time_point(specs: list[LayerSpec]) -> int:
 
 def run_status(path: str | Path) -> str:
     """The run's recorded status (acquiring, complete, failed, …)."""
-    sc = _attrs(Path(path)).get("scopestream") or {}
-    return str(sc.get("status", "unknown"))
+    return SavedRun(path).status
 
 
 class RunFollower:
@@ -191,7 +186,8 @@ class RunFollower:
     def refresh(self) -> None:
         """Re-read the time axis; grow the layers; follow the newest time point."""
         status = run_status(self.path)
-        specs = {s.name: s for s in run_layers(self.path, contrast=False)}
+        # the frame index, not a walk over every chunk file, on the GUI thread each second
+        specs = {s.name: s for s in run_layers(self.path, contrast=False, listing=False)}
         for layer in self.viewer.layers:
             spec = specs.get(layer.name)
             if spec is None:

@@ -102,8 +102,37 @@ def test_temporal_window_is_causal(
     pkg = make_package(name="dn_t", params={"in_channels": 3}, spatial="2.5d-t", window=3)
     info = StreamInfo(frame_shape=SHAPE, n_t=5, channel_names=("nuclei",))
     eng, store = run_engine(tmp_path, pkg, info)
-    assert eng.predicted == 5  # one prediction per frame, as it arrives
-    assert complete_frames(store / "dn_t").all()
+    # only full windows: t=0 and t=1 have no two earlier frames and are never predicted
+    assert eng.predicted == 3
+    assert eng.incomplete_stacks == 2
+    assert complete_frames(store / "dn_t")[:, 0, 0].tolist() == [False, False, True, True, True]
+    raw = zarr.open_array(str(store / "0"), mode="r")[:, 0, 0]
+    out = zarr.open_array(str(store / "dn_t" / "0"), mode="r")[:, 0, 0]
+    ref = Predictor(pkg, OnnxBackend(pkg, threads=2))
+    for t in (2, 3, 4):  # the window that ends at t: t-2, t-1, t (never a later frame)
+        np.testing.assert_allclose(
+            out[t], ref.predict(raw[t - 2 : t + 1])[0], rtol=1e-5, atol=1e-4
+        )
+
+
+def test_temporal_window_with_a_gap_is_never_predicted(
+    tmp_path: Path, make_package: Callable[..., ModelPackage]
+) -> None:
+    pkg = make_package(name="dn_t", params={"in_channels": 3}, spatial="2.5d-t", window=3)
+    info = StreamInfo(frame_shape=SHAPE, n_t=6, channel_names=("nuclei",))
+    sink = ZarrSink(tmp_path / "r.ome.zarr", info)
+    pred = Predictor(pkg, OnnxBackend(pkg, threads=2))
+    writer = sink.add_output("dn_t", channel_names=("nuclei",), provenance=pred.describe())
+    eng = InferenceEngine(pred, writer, source_channels=info.channel_names)
+    for data, meta in frames(info):
+        if meta["t"] != 3:  # t=3 was never acquired
+            eng.write(data, meta)
+    eng.close()
+    sink.close()
+    done = complete_frames(tmp_path / "r.ome.zarr" / "dn_t")[:, 0, 0].tolist()
+    # t=2 (0,1,2) is whole; t=4 (2,4) and t=5 (2,4,5) would span the gap
+    assert done == [False, False, True, False, False, False]
+    assert eng.incomplete_stacks == 4
 
 
 @pytest.mark.parametrize("spatial", ["2.5d-z", "3d"])
@@ -134,6 +163,15 @@ def test_z_models_predict_every_plane_of_each_stack(
     eng, store = run_engine(tmp_path, pkg, info)
     assert eng.predicted == 8
     assert complete_frames(store / pkg.name).all()
+    raw = zarr.open_array(str(store / "0"), mode="r")[1, 0]  # the second stack (Z, Y, X)
+    out = zarr.open_array(str(store / pkg.name / "0"), mode="r")[1, 0]
+    ref = Predictor(pkg, OnnxBackend(pkg, threads=2))
+    if spatial == "3d":
+        np.testing.assert_allclose(out, ref.predict(raw)[0], rtol=1e-5, atol=1e-4)
+    else:  # plane z from the planes z-1, z, z+1 of its own stack (edges repeat the end plane)
+        for z in range(4):
+            idx = np.clip([z - 1, z, z + 1], 0, 3)
+            np.testing.assert_allclose(out[z], ref.predict(raw[idx])[0], rtol=1e-5, atol=1e-4)
 
 
 def test_hot_swap_takes_over_at_a_frame_boundary(

@@ -81,14 +81,15 @@ def test_state_machine_and_signals(tmp_path: Path) -> None:
     ready: list[int] = []
     finished: list[dict[str, Any]] = []
     runner.stateChanged.connect(states.append)
-    runner.frameReady.connect(lambda name, meta: ready.append(meta["seq"]))
+    runner.frameReady.connect(lambda name, ev: ready.append(ev.seq))
     runner.runFinished.connect(finished.append)
     assert runner.state is RunState.IDLE
     summary = runner.run(timeout=30)
     assert states == [RunState.RUNNING, RunState.STOPPING, RunState.FINISHED]
     assert ready == list(range(20))
-    assert finished == [summary]
-    assert summary["status"] == "complete"
+    assert len(finished) == 1
+    assert finished[0].status == summary["status"] == "complete"
+    assert finished[0].frames_written == 20
     assert summary["frames_acquired"] == summary["frames_written"] == 20
     assert summary["frames_lost"] == 0
     for key in ("frames_skipped", "malformed", "fps", "latency_ms", "out", "callback_us"):
@@ -117,10 +118,12 @@ def test_stop_mid_run_writes_everything_acquired(tmp_path: Path) -> None:
     runner.stop()
     assert runner.wait(30)
     s = runner.summary
-    assert s is not None and s["status"] == "complete"
+    assert s is not None and s["status"] == "stopped"  # never 'complete' for a cut run
     assert 0 < s["frames_acquired"] < 100_000
     assert s["frames_written"] == s["frames_acquired"]
-    assert inspect_run(tmp_path / "r.ome.zarr").frames_complete == s["frames_acquired"]
+    report = inspect_run(tmp_path / "r.ome.zarr")
+    assert report.frames_complete == s["frames_acquired"]
+    assert report.status == "stopped"
 
 
 def test_wrong_shape_frame_fails_the_run_and_keeps_earlier_frames(tmp_path: Path) -> None:

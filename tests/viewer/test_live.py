@@ -192,7 +192,7 @@ def test_saved_run_layers_grow_while_it_is_written(tmp_path: Path) -> None:
     try:
         assert five_written.wait(60), "the first frames were not written"
         spec = run_layers(out)[0]
-        assert spec.name == "raw (raw)" and spec.colormap == "green"
+        assert spec.name == "raw (raw)" and spec.colormap == "gray"  # as in the omero colours
         px = src.info.pixel_size_um
         np.testing.assert_allclose(spec.scale[-2:], [px, px])
         viewer = napari.Viewer(show=False)

@@ -1,0 +1,206 @@
+"""The per-frame index of an image: every frame's metadata, on disk beside its pixels.
+
+Each image group of a run (``RUN.ome.zarr`` for raw, ``RUN.ome.zarr/<output>``)
+holds ``frames.npy``: a NumPy ``.npy`` file of fixed-size records, one per frame
+in the order they were written (`FRAME_DTYPE`: seq, t/c/z/p, monotonic and
+wall-clock acquisition time, exposure, stage x/y/z, the engine's elapsed time and
+image number). Read it with ``numpy.load(path)`` (or ``pandas.DataFrame(numpy.load(path))``),
+or with `read_frame_index`.
+
+A record is written (one ``write`` of ``itemsize`` bytes, no buffering) before the
+frame's pixels are submitted, so after a crash — even ``kill -9`` — every frame
+whose chunk is on disk has its record. The ``.npy`` header's row count is
+rewritten every second and at close; `read_frame_index` trusts the file size
+instead, so it also sees the records written after the header's last update.
+The writer keeps nothing per frame in memory: looking a frame up by ``seq``
+reads its record back from the file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from scopestream.streaming.frame import FRAME_META_VERSION
+
+if TYPE_CHECKING:
+    from scopestream.streaming.frame import FrameMeta
+
+FILE_NAME = "frames.npy"
+#: one record per frame (little-endian, 96 bytes); NaN / -1 where the engine said nothing
+FRAME_DTYPE = np.dtype(
+    [
+        ("seq", "<i8"),
+        ("t", "<i8"),
+        ("c", "<i4"),
+        ("z", "<i4"),
+        ("p", "<i4"),
+        ("_pad", "<i4"),
+        ("timestamp_ns", "<i8"),
+        ("wall_ns", "<i8"),
+        ("exposure_ms", "<f8"),
+        ("stage_x_um", "<f8"),
+        ("stage_y_um", "<f8"),
+        ("stage_z_um", "<f8"),
+        ("engine_time_ms", "<f8"),
+        ("image_number", "<i8"),
+    ]
+)
+_HEADER_BYTES = 1024  # fixed, so the row count can be rewritten in place
+
+
+def _header(rows: int) -> bytes:
+    """An .npy v1 header for ``rows`` records, padded to `_HEADER_BYTES`."""
+    d = {"descr": np.lib.format.dtype_to_descr(FRAME_DTYPE), "fortran_order": False,
+         "shape": (rows,)}
+    text = repr(d).encode("latin1")
+    magic = b"\x93NUMPY\x01\x00"
+    pad = _HEADER_BYTES - len(magic) - 2 - len(text) - 1
+    body = text + b" " * pad + b"\n"
+    return magic + len(body).to_bytes(2, "little") + body
+
+
+def _opt(v: float | None) -> float:
+    return math.nan if v is None else float(v)
+
+
+def to_record(meta: FrameMeta) -> np.ndarray:
+    """One `FRAME_DTYPE` record of ``meta``."""
+    rec = np.zeros(1, FRAME_DTYPE)
+    r = rec[0]
+    r["seq"], r["t"], r["c"], r["z"], r["p"] = (
+        meta["seq"], meta["t"], meta["c"], meta["z"], meta["p"],
+    )
+    r["timestamp_ns"], r["wall_ns"] = meta["timestamp_ns"], meta.get("wall_ns", 0)
+    r["exposure_ms"] = meta["exposure_ms"]
+    r["stage_x_um"] = _opt(meta.get("stage_x_um"))
+    r["stage_y_um"] = _opt(meta.get("stage_y_um"))
+    r["stage_z_um"] = _opt(meta.get("stage_z_um"))
+    r["engine_time_ms"] = _opt(meta.get("engine_time_ms"))
+    r["image_number"] = meta.get("image_number", -1)
+    return rec
+
+
+def _none_if_nan(v: Any) -> float | None:
+    f = float(v)
+    return None if math.isnan(f) else f
+
+
+def to_meta(rec: np.void, source: str = "recording") -> FrameMeta:
+    """The `FrameMeta` a record holds (what a frame read back from disk carries)."""
+    from scopestream.streaming.frame import FrameMeta
+
+    return FrameMeta(
+        version=FRAME_META_VERSION,
+        seq=int(rec["seq"]),
+        t=int(rec["t"]),
+        p=int(rec["p"]),
+        c=int(rec["c"]),
+        z=int(rec["z"]),
+        timestamp_ns=int(rec["timestamp_ns"]),
+        wall_ns=int(rec["wall_ns"]),
+        exposure_ms=float(rec["exposure_ms"]),
+        stage_x_um=_none_if_nan(rec["stage_x_um"]),
+        stage_y_um=_none_if_nan(rec["stage_y_um"]),
+        stage_z_um=_none_if_nan(rec["stage_z_um"]),
+        engine_time_ms=_none_if_nan(rec["engine_time_ms"]),
+        image_number=int(rec["image_number"]),
+        source=source,
+    )
+
+
+class FrameIndexWriter:
+    """Appends one record per frame to ``GROUP/frames.npy`` (see the module docstring)."""
+
+    def __init__(self, group: Path, header_interval_s: float = 1.0) -> None:
+        self.path = Path(group) / FILE_NAME
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(self._fd, _header(0))
+        self.rows = 0
+        self._interval = header_interval_s
+        self._last_header = time.monotonic()
+        self._lock = threading.Lock()  # appends (one writer thread) vs reads (others)
+
+    def append(self, meta: FrameMeta) -> None:
+        """Persist one frame's metadata (before its pixels are submitted)."""
+        data = to_record(meta).tobytes()
+        with self._lock:
+            os.pwrite(self._fd, data, _HEADER_BYTES + self.rows * FRAME_DTYPE.itemsize)
+            self.rows += 1
+        now = time.monotonic()
+        if now - self._last_header >= self._interval:
+            self._last_header = now
+            self._write_header()
+
+    def _write_header(self) -> None:
+        os.pwrite(self._fd, _header(self.rows), 0)
+
+    def read(self, row: int) -> np.void | None:
+        """Record ``row`` (0-based, in write order), or None past the end."""
+        if not 0 <= row < self.rows:
+            return None
+        offset = _HEADER_BYTES + row * FRAME_DTYPE.itemsize
+        if self._fd >= 0:
+            raw = os.pread(self._fd, FRAME_DTYPE.itemsize, offset)
+        else:  # closed: the file is still there
+            with open(self.path, "rb") as f:
+                f.seek(offset)
+                raw = f.read(FRAME_DTYPE.itemsize)
+        if len(raw) < FRAME_DTYPE.itemsize:
+            return None
+        rec: np.void = np.frombuffer(raw, FRAME_DTYPE)[0]
+        return rec
+
+    def find_seq(self, seq: int) -> np.void | None:
+        """The record of frame ``seq`` (records are written in seq order, possibly with gaps)."""
+        lo, hi = 0, self.rows
+        guess = self.read(min(max(seq, 0), hi - 1)) if hi else None
+        if guess is not None and int(guess["seq"]) == seq:
+            return guess
+        while lo < hi:  # binary search: seq increases with the row
+            mid = (lo + hi) // 2
+            rec = self.read(mid)
+            if rec is None:
+                return None
+            s = int(rec["seq"])
+            if s == seq:
+                return rec
+            if s < seq:
+                lo = mid + 1
+            else:
+                hi = mid
+        return None
+
+    def close(self) -> None:
+        """Write the final row count and close the file."""
+        if self._fd < 0:
+            return
+        try:
+            self._write_header()
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def read_frame_index(group: str | os.PathLike[str]) -> np.ndarray:
+    """Every record of an image group's ``frames.npy`` (all of them, even after a crash).
+
+    Returns an empty `FRAME_DTYPE` array for images without an index (runs
+    recorded before per-frame metadata was kept, or other OME-Zarr stores).
+    """
+    path = Path(group) / FILE_NAME
+    if not path.exists():
+        return np.zeros(0, FRAME_DTYPE)
+    size = path.stat().st_size
+    rows = max(0, (size - _HEADER_BYTES) // FRAME_DTYPE.itemsize)
+    with open(path, "rb") as f:
+        f.seek(_HEADER_BYTES)
+        out = np.fromfile(f, FRAME_DTYPE, count=rows)
+    return out

@@ -1,0 +1,331 @@
+"""One reader of saved runs: images, channels, complete frames, per-frame metadata, status.
+
+`SavedRun` is what ``scopestream view``, ``report``, ``inspect``, ``replay:``,
+``predict`` and training read a run through (a run finished, failed, stopped,
+or cut off by a crash). It reads the store's own files only (``zarr.json``,
+chunk file names, ``frames.npy``, ``timeline.json``) and never imports the
+packages above the core.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scopestream.streaming.frame_index import read_frame_index
+from scopestream.streaming.store_lock import is_locked, read_lock_info
+
+#: the per-second timeline of a finished run (written by the run's store at its end)
+TIMELINE_FILE = "timeline.json"
+
+
+def read_group_attrs(path: Path) -> dict[str, Any]:
+    """Attributes of the zarr v3 group at ``path``."""
+    meta = json.loads((path / "zarr.json").read_text())
+    if meta.get("node_type") != "group":
+        raise ValueError(f"{path} is not a zarr group")
+    attrs: dict[str, Any] = meta.get("attributes", {})
+    return attrs
+
+
+
+
+@dataclass(frozen=True)
+class SavedImage:
+    """One image of a run: the raw image (``name`` ``"raw"``) or a model output / truth."""
+
+    name: str
+    path: Path
+    channels: tuple[str, ...]
+    shape: tuple[int, ...]  # (t, c, z, y, x)
+    kind: str  # raw | prediction | ground truth
+    provenance: dict[str, Any]
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The image group's ``scopestream`` attributes (re-read: a run may be growing)."""
+        sc: dict[str, Any] = read_group_attrs(self.path).get("scopestream") or {}
+        return sc
+
+    @property
+    def status(self) -> str:
+        """The image's recorded status."""
+        return str(self.attrs.get("status", "unknown"))
+
+    def complete(self) -> np.ndarray:
+        """Which frames (t, c, z) are completely on disk."""
+        return complete_frames(self.path)
+
+    def frame_index(self) -> np.ndarray:
+        """Every frame's recorded metadata (``frames.npy``; empty for older runs)."""
+        return read_frame_index(self.path)
+
+    def array(self) -> Any:
+        """The pixels, (t, c, z, y, x), as a read-only zarr array."""
+        import zarr
+
+        return zarr.open_array(str(self.path / "0"), mode="r")
+
+
+def output_kind(task: str) -> str:
+    """How a model's output is labelled: ``denoised`` or ``predicted`` (a stain)."""
+    return "denoised" if task == "denoise" else "predicted"
+
+
+def layer_name(kind: str, channel: str) -> str:
+    """``nuclei (raw)``, ``nuclei (denoised)``, ``membrane (predicted)``, ``nuclei (truth)``."""
+    return f"{channel} ({kind})"
+
+
+def display_kind(image: SavedImage) -> str:
+    """``raw``, ``truth``, ``denoised`` or ``predicted``: what an image's layers are called."""
+    if image.kind == "raw":
+        return "raw"
+    if image.provenance.get("kind") == "ground truth":
+        return "truth"
+    return output_kind(str(image.provenance.get("task", "stain")))
+
+
+@dataclass(frozen=True)
+class SavedChannel:
+    """One channel of one image: what a viewer layer or a report panel shows."""
+
+    name: str  # the layer name, e.g. "nuclei (denoised)"
+    kind: str
+    channel: str
+    image: SavedImage
+    c: int
+    complete_t: list[int]  # time points with at least one complete plane
+
+    def plane(self, t: int) -> np.ndarray:
+        """The (middle z-plane of the) frame at time point ``t``, float32."""
+        arr = self.image.array()
+        n_z = int(arr.shape[2])
+        return np.asarray(arr[t, self.c, n_z // 2], np.float32)
+
+
+class SavedRun:
+    """A scopestream run on disk (see the module docstring).
+
+    Raises `FileNotFoundError` / `ValueError` for a path that is not a run store.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if not (self.path / "zarr.json").exists():
+            raise FileNotFoundError(f"{self.path} is not an OME-Zarr store (no zarr.json)")
+        root = read_group_attrs(self.path)
+        if "ome" not in root:
+            raise ValueError(f"{self.path} has no OME-Zarr image at its root")
+        self.root_attrs = root
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The run's ``scopestream`` attributes ({} for other OME-Zarr stores)."""
+        sc: dict[str, Any] = self.root_attrs.get("scopestream") or {}
+        return sc
+
+    @property
+    def is_scopestream(self) -> bool:
+        """Whether scopestream wrote it (else a plain OME-Zarr image)."""
+        return bool(self.attrs)
+
+    @property
+    def status(self) -> str:
+        """The run's recorded status (acquiring, complete, stopped, failed, aborted)."""
+        return str(self.attrs.get("status", "unknown"))
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """The final run summary ({} while acquiring or after a crash)."""
+        out: dict[str, Any] = self.attrs.get("summary") or {}
+        return out
+
+    @property
+    def timeline(self) -> dict[str, Any] | None:
+        """The per-second timeline, if the run ended cleanly."""
+        old = self.summary.get("timeline")  # runs recorded before it had its own file
+        if old is not None:
+            return dict(old)
+        path = self.path / TIMELINE_FILE
+        if path.is_file():
+            out: dict[str, Any] = json.loads(path.read_text())
+            return out
+        return None
+
+    @cached_property
+    def images(self) -> list[SavedImage]:
+        """The raw image first, then every output image found in the store."""
+        provenance = self.attrs.get("outputs") or {}
+        out = [self._image("raw", self.path, {"kind": "raw"})]
+        names = list(provenance)
+        for d in sorted(p for p in self.path.iterdir() if p.is_dir()):
+            if d.name not in names and (d / "zarr.json").exists():
+                names.append(d.name)
+        for name in names:
+            group = self.path / name
+            zj = group / "zarr.json"
+            if not zj.exists():
+                continue
+            node = json.loads(zj.read_text())
+            if node.get("node_type") != "group":  # the raw image's own array ("0")
+                continue
+            attrs = node.get("attributes", {})
+            if "ome" not in attrs:
+                continue
+            prov = provenance.get(name) or (attrs.get("scopestream") or {}).get("prediction")
+            out.append(self._image(name, group, dict(prov or {"kind": "prediction"})))
+        return out
+
+    def _image(self, name: str, group: Path, prov: dict[str, Any]) -> SavedImage:
+        attrs = read_group_attrs(group)
+        ome = attrs.get("ome", attrs)
+        channels = tuple(
+            str(c.get("label", f"c{i}"))
+            for i, c in enumerate((ome.get("omero") or {}).get("channels", []))
+        )
+        meta = json.loads((group / "0" / "zarr.json").read_text())
+        kind = "raw" if name == "raw" else str(prov.get("kind", "prediction"))
+        return SavedImage(
+            name, group, channels, tuple(int(n) for n in meta["shape"]), kind, prov
+        )
+
+    def image(self, name: str) -> SavedImage:
+        """The image called ``name`` (``raw`` for the raw image)."""
+        for im in self.images:
+            if im.name == name:
+                return im
+        have = [i.name for i in self.images]
+        raise KeyError(f"{self.path} has no image {name!r}; it has {have}")
+
+    @property
+    def raw(self) -> SavedImage:
+        """The raw image."""
+        return self.images[0]
+
+    def channels(self) -> list[SavedChannel]:
+        """Every channel of every image, raw first (one chunk listing per image)."""
+        out = []
+        for im in self.images:
+            try:
+                flags = im.complete()
+            except (OSError, KeyError, ValueError):
+                flags = np.zeros((0, len(im.channels), 1), bool)
+            per_c = np.any(flags, axis=-1) if flags.size else np.zeros((0, len(im.channels)))
+            kind = display_kind(im)
+            for c, ch in enumerate(im.channels):
+                done = [int(t) for t in np.flatnonzero(per_c[:, c])] if c < per_c.shape[1] else []
+                out.append(SavedChannel(layer_name(kind, ch), kind, ch, im, c, done))
+        return out
+
+
+@dataclass
+class ImageReport:
+    """What one image of a saved run holds."""
+
+    name: str
+    shape: tuple[int, ...]
+    frames_complete: int
+    status: str
+
+
+@dataclass
+class RunReport:
+    """What a saved (or interrupted) run holds; see `inspect_run`."""
+
+    path: str
+    status: str
+    interrupted: bool
+    frames_expected: int | None
+    frames_complete: int
+    images: list[ImageReport] = field(default_factory=list)
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return {
+            "path": self.path,
+            "status": self.status,
+            "interrupted": self.interrupted,
+            "frames_expected": self.frames_expected,
+            "frames_complete": self.frames_complete,
+            "images": [vars(i) | {"shape": list(i.shape)} for i in self.images],
+            "error": self.error,
+        }
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def complete_frames(group: str | os.PathLike[str]) -> np.ndarray:
+    """Which frames (t, c, z) of an image group are completely on disk.
+
+    A frame is complete when every chunk file of it exists (chunks are renamed
+    into place whole, and every frame is stored, dark ones too).
+    """
+    arr_dir = Path(group) / "0"
+    meta = json.loads((arr_dir / "zarr.json").read_text())
+    shape = meta["shape"]
+    chunk = meta["chunk_grid"]["configuration"]["chunk_shape"]
+    tiles = -(-shape[3] // chunk[3]) * -(-shape[4] // chunk[4])
+    counts = np.zeros(shape[:3], dtype=np.int64)
+    base = arr_dir / "c"
+    for dirpath, _dirs, files in os.walk(base):
+        rel = Path(dirpath).relative_to(base).parts
+        if len(rel) != 4:
+            continue
+        for f in files:
+            if f.isdigit():  # skip tensorstore's temporary '*.__lock' files
+                t, c, z = int(rel[0]), int(rel[1]), int(rel[2])
+                if t < shape[0] and c < shape[1] and z < shape[2]:
+                    counts[t, c, z] += 1
+    complete: np.ndarray = counts == tiles
+    return complete
+
+
+def inspect_run(path: str | os.PathLike[str]) -> RunReport:
+    """Open a run store (finished, failed, or cut off by a crash) and count complete frames."""
+    root = Path(path)
+    attrs = SavedRun(root).attrs
+    status = str(attrs.get("status", "unknown"))
+    writer = attrs.get("writer", {})
+    if status != "acquiring":
+        interrupted = False
+    elif read_lock_info(root) is not None:  # a writer holds its flock for its lifetime
+        interrupted = is_locked(root) is None
+    else:  # stores written before the lock: the recorded pid (fooled by pid reuse)
+        interrupted = writer.get("host") == socket.gethostname() and not _pid_alive(
+            int(writer.get("pid", -1))
+        )
+    images = []
+    for name in ["raw", *attrs.get("outputs", {})]:
+        group = root if name == "raw" else root / name
+        flags = complete_frames(group)
+        arr_meta = json.loads((group / "0" / "zarr.json").read_text())
+        g_status = str(read_group_attrs(group).get("scopestream", {}).get("status", "unknown"))
+        images.append(
+            ImageReport(name, tuple(int(n) for n in arr_meta["shape"]), int(flags.sum()), g_status)
+        )
+    return RunReport(
+        path=str(root),
+        status="interrupted" if interrupted else status,
+        interrupted=interrupted,
+        frames_expected=attrs.get("frames_expected"),
+        frames_complete=images[0].frames_complete,
+        images=images,
+        error=attrs.get("error"),
+    )
