@@ -1,22 +1,26 @@
 """`InferenceEngine`: live prediction as a frame sink, and hot model swaps.
 
-The runner gives the engine its own thread and a ring-buffer consumer with
-one of two policies: ``latest`` (live: always the newest frame, skipped frames
-counted) or ``all`` (every frame; if the model falls behind the ring buffer,
-the frames it missed are read back from the recording, so raw data is never
-held hostage and the run reports how far behind the model is).
+The engine is a `Stage`: its `InputContract` tells the runner what to feed it.
+A 2D model takes the newest frame (``latest``: skipped frames counted) or
+every frame (``every``: frames it missed are read back from the recording with
+their recorded metadata, so raw data is never held hostage); a stack model
+gets complete z-stacks (``complete_stack``) and a temporal model gap-free
+windows (``window``), whatever the policy: no prediction is ever made from a
+zero-filled or padded stack.
 
 Per the model's spatial mode the engine predicts each frame (``2d``), each
-causal window of the last k time points (``2.5d-t``, via the
-`StackAssembler`), or each complete z-stack (``2.5d-z``: a window of k planes
-around every plane; ``3d``: the whole stack). Each output is written to its
-own image of the run (e.g. ``RUN.ome.zarr/stain`` with channels ``nuclei``,
-``membrane``) with the model's identity; the newest prediction is kept for the
-viewer.
+causal window of the last k time points (``2.5d-t``), or each complete z-stack
+(``2.5d-z``: a window of k planes around every plane; ``3d``: the whole
+stack). Each output is written to its own image of the run (e.g.
+``RUN.ome.zarr/stain`` with channels ``nuclei``, ``membrane``) with the model's
+identity; ``on_prediction`` hands each prediction to the viewer.
 
-Hot swap: `swap` hands over a new `Predictor` (loaded and compiled elsewhere,
-e.g. by `RegistryWatcher` in the background); it takes over at the next frame
-boundary, and the image's attributes record from which frame each version ran.
+Hot swap: `swap` hands over a new `Predictor` (loaded elsewhere, e.g. by
+`RegistryWatcher` in the background); at the next frame boundary it is warmed
+on this thread with the live frame's dtype and shape (CUDA graphs are captured
+here, never in the background) and takes over; the image's attributes record
+from which frame each version ran. A version that fails there is refused and
+the running one goes on.
 """
 
 from __future__ import annotations

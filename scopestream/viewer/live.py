@@ -79,6 +79,15 @@ def format_status(s: dict[str, Any]) -> dict[str, str]:
             f"v{v.get('version', '?')} on {v.get('backend', '?')}/{v.get('device', '?')}, "
             f"{m.get('predicted', 0)} predicted"
         )
+        watch = (m.get("registry_watcher") or {}).get("counters") or {}
+        refused = len(m.get("swaps_refused") or []) + int(watch.get("refused", 0))
+        if watch.get("errors") or refused:  # a registry that cannot be read, a bad version
+            rows[f"{name} registry"] = f"{watch.get('errors', 0)} errors, {refused} refused"
+        not_fed = m.get("incomplete_stacks", 0)
+        if not_fed:
+            rows[f"{name} not predicted"] = f"{not_fed} incomplete stacks/windows"
+    if s.get("stopped"):
+        rows["stopped"] = str(s["stopped"])
     if s.get("error"):
         rows["error"] = str(s["error"])
     return rows

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -193,6 +194,52 @@ def test_hot_swap_takes_over_at_a_frame_boundary(
         "scopestream"
     ]["versions"]
     assert [(v["sha256"], v["from_seq"]) for v in versions] == [(v1.sha256, 0), (v2.sha256, 4)]
+
+
+class _Watched(Predictor):
+    """A predictor that records where and on what it was first run (or fails there)."""
+
+    def __init__(self, *a: object, fail: bool = False, **kw: object) -> None:
+        super().__init__(*a, **kw)  # type: ignore[arg-type]
+        self.fail = fail
+        self.calls: list[tuple[str, str, tuple[int, ...]]] = []
+
+    def predict(self, data: np.ndarray) -> np.ndarray:
+        self.calls.append((threading.current_thread().name, data.dtype.name, data.shape))
+        if self.fail:
+            raise RuntimeError("CUDA error: an illegal memory access")
+        return super().predict(data)
+
+
+def test_a_swap_is_warmed_on_the_inference_thread_with_the_live_input_or_refused(
+    tmp_path: Path, make_package: Callable[..., ModelPackage]
+) -> None:
+    info = StreamInfo(frame_shape=SHAPE, n_t=8, channel_names=("nuclei",))
+    v1, v2, v3 = make_package(seed=1), make_package(seed=2), make_package(seed=3)
+    sink = ZarrSink(tmp_path / "r.ome.zarr", info)
+    writer = sink.add_output("denoise", channel_names=("nuclei",))
+    eng = InferenceEngine(
+        Predictor(v1, OnnxBackend(v1, threads=2)), writer, source_channels=info.channel_names
+    )
+    refused: list[str] = []
+    eng.on_swap_refused = lambda ident, why: refused.append(why)
+    good = _Watched(v2, OnnxBackend(v2, threads=2))
+    bad = _Watched(v3, OnnxBackend(v3, threads=2), fail=True)
+    handed_over = threading.Thread(target=eng.swap, args=(bad,), name="watcher")
+    handed_over.start()  # handed over from another thread, like the registry watcher
+    handed_over.join()
+    for i, (data, meta) in enumerate(frames(info)):
+        if i == 4:
+            eng.swap(good)
+        eng.write(data, meta)
+    eng.close()
+    sink.close()
+    inference = threading.current_thread().name
+    assert bad.calls == [(inference, "uint16", SHAPE)]  # warmed here, on the live dtype
+    assert refused and "failed to run" in refused[0] and "illegal memory access" in refused[0]
+    assert good.calls[0] == (inference, "uint16", SHAPE)
+    assert [v["sha256"] for v in eng.versions] == [v1.sha256, v2.sha256]  # v3 never ran
+    assert eng.predicted == 8  # the running model went on
 
 
 def test_registry_watcher_swaps_in_a_new_version(
