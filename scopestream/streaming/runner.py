@@ -44,10 +44,12 @@ from scopestream.streaming.ringbuffer import (
     RingBuffer,
 )
 from scopestream.streaming.seams import (
+    Display,
     InputContract,
     PausableSource,
     PlannedSource,
     Recorder,
+    Stage,
 )
 from scopestream.streaming.signals import FrameEvent, RunResult, RunSignals, RunState
 
@@ -96,9 +98,8 @@ class SinkSpec:
 
     def contract(self) -> InputContract:
         """What this stage is fed."""
-        declared = getattr(self.sink, "contract", None)
-        if isinstance(declared, InputContract):
-            return declared
+        if isinstance(self.sink, Stage):
+            return self.sink.contract
         if self.policy is OverflowPolicy.LATEST:
             return InputContract.latest()
         return InputContract.every()
@@ -531,10 +532,7 @@ class StreamRunner:
             info.frame_shape, info.dtype, mode=mode, size=contract.size, max_open=4
         )
         stage = spec.sink
-        write_stack = getattr(stage, "write_stack", None)
-        if write_stack is None:
-            raise TypeError(f"stage {spec.name!r} declares {contract.describe()} but has no "
-                            "write_stack")
+        assert isinstance(stage, Stage)  # only a Stage declares a stack contract
 
         def hand_over(stacks: list[Any]) -> None:
             for st in stacks:
@@ -549,21 +547,16 @@ class StreamRunner:
                     per[key] = per.get(key, 0) + 1
                     self._emit(self.frameDropped, spec.name, 1, why)
                     continue
-                write_stack(st)
+                stage.write_stack(st)
                 for m in st.metas:  # latency at the moment the prediction is written
                     if m is not None and (mode == "z" or m is st.newest):
                         self._done(spec, m)
 
         for data, meta in self._every(spec, consumer):
-            if self._wanted(stage, meta):
+            if stage.accepts_channel(meta["c"]):
                 hand_over(asm.add(data, meta))
         if not self._errors:
             hand_over(asm.flush())
-
-    @staticmethod
-    def _wanted(stage: Any, meta: FrameMeta) -> bool:
-        accepts = getattr(stage, "accepts_channel", None)
-        return True if accepts is None else bool(accepts(meta["c"]))
 
     @staticmethod
     def _copy_out(
@@ -584,7 +577,7 @@ class StreamRunner:
         """
         scratch: np.ndarray | None = None
         reported = 0
-        max_hz = float(getattr(spec.sink, "max_hz", 0.0) or 0.0)
+        max_hz = float(spec.sink.max_hz) if isinstance(spec.sink, Display) else 0.0
         period = 1.0 / max_hz if max_hz > 0 else 0.0
         for frame in self._frames(consumer):
             assert isinstance(frame, Frame)  # a latest consumer skips, it is never lapped

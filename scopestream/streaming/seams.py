@@ -176,6 +176,10 @@ class Stage(Protocol):
     def contract(self) -> InputContract:
         """What this stage is fed."""
 
+    def accepts_channel(self, c: int) -> bool:
+        """Whether frames of channel index ``c`` go into this stage (stacks are built for
+        those only)."""
+
     def write(self, data: np.ndarray, meta: FrameMeta) -> None:
         """Handle one frame; ``data`` is only valid during the call."""
 
@@ -243,7 +247,13 @@ class Recorder(Protocol):
 
 @runtime_checkable
 class Display(Protocol):
-    """The live view's side: newest raw frames (``latest``) and predictions, never Qt here."""
+    """The live view's side: newest raw frames (``latest``) and predictions, never Qt here.
+
+    ``max_hz``: raw frames a second it wants at most (0: every newest frame); the
+    runner does not even copy frames out of the ring faster than that.
+    """
+
+    max_hz: float
 
     def write(self, data: np.ndarray, meta: FrameMeta) -> None:
         """A raw frame (borrowed: copy what is kept)."""

@@ -81,6 +81,9 @@ class SlowStage:
         self.stacks: list[Stack] = []
         self.closed: str | None = None
 
+    def accepts_channel(self, c: int) -> bool:
+        return True
+
     def write(self, data: np.ndarray, meta: FrameMeta) -> None:
         self.delay.wait(self.delay_s)
         self.frames.append((int(data[0, 0]), dict(meta)))  # type: ignore[arg-type]
