@@ -64,7 +64,11 @@ def test_a_notebook_run_of_the_simulator_with_live_denoising(tmp_path: Path) -> 
     ]
     assert complete_frames(tmp_path / "nb.ome.zarr" / "denoise").all()
     stored = zarr.open_group(str(tmp_path / "nb.ome.zarr"), mode="r").attrs["scopestream"]
-    assert stored["summary"]["models"]["model:denoise"]["predicted"] == 12  # in the run too
+    model = stored["summary"]["models"]["model:denoise"]  # in the run's attributes too
+    assert model["predicted"] == 12
+    assert model["contract"] == "every"
+    # the registry watcher's errors and refusals are reported, not swallowed
+    assert model["registry_watcher"]["counters"]["errors"] == 0
 
 
 def test_bad_input_is_refused_before_anything_is_written(tmp_path: Path) -> None:
