@@ -1,4 +1,7 @@
-"""``scopestream bench viewer``: the live display under a fast stream.
+"""The viewer benchmark's Qt half (``scopestream bench viewer``, see `scopestream.bench.viewer`).
+
+It lives under ``scopestream.viewer`` because only the viewer imports Qt or napari;
+`scopestream.bench.viewer` imports it when the benchmark runs.
 
 Frames (``realistic_frames``) stream from memory at the camera rate through the
 real pipeline (ring buffer, OME-Zarr recording, `LatestFrames`) into the real
@@ -11,7 +14,6 @@ it can, the ceiling any live display on this machine can reach.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -19,35 +21,7 @@ from typing import Any
 
 import numpy as np
 
-
-def ensure_display() -> Any:
-    """A display for the benchmark: the user's, or an Xvfb started here (returned to stop)."""
-    import shutil
-    import subprocess
-
-    if os.environ.get("DISPLAY") or os.environ.get("QT_QPA_PLATFORM") == "offscreen":
-        return None
-    xvfb = shutil.which("Xvfb")
-    if xvfb is None:
-        raise RuntimeError("no display and no Xvfb: run under xvfb-run or install xvfb")
-    for n in range(90, 120):
-        if not Path(f"/tmp/.X11-unix/X{n}").exists() and not Path(f"/tmp/.X{n}-lock").exists():
-            proc = subprocess.Popen(
-                [xvfb, f":{n}", "-screen", "0", "1920x1080x24", "-nolisten", "tcp"],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            os.environ["DISPLAY"] = f":{n}"
-            os.environ.setdefault("QT_QPA_PLATFORM", "xcb")
-            time.sleep(1.0)
-            return proc
-    raise RuntimeError("no free X display number for Xvfb")
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+from scopestream.bench.common import rss_mb
 
 
 def _napari_ceiling(frames: np.ndarray, seconds: float = 3.0) -> float:
@@ -75,11 +49,14 @@ def _napari_ceiling(frames: np.ndarray, seconds: float = 3.0) -> float:
 def bench_viewer(
     n_frames: int = 1000, shape: tuple[int, int] = (1024, 1024), fps: float = 100.0
 ) -> dict[str, Any]:
-    """Stream ``n_frames`` into the live viewer; JSON-able results (see the module docstring)."""
+    """Stream ``n_frames`` into the live viewer; JSON-able results (see the module docstring).
+
+    Needs a display (see `scopestream.bench.viewer.ensure_display`).
+    """
     from qtpy.QtCore import QTimer
 
     from scopestream.acquisition.replay import ArraySource
-    from scopestream.bench import realistic_frames
+    from scopestream.bench.common import realistic_frames
     from scopestream.streaming.ringbuffer import OverflowPolicy
     from scopestream.streaming.runner import SinkSpec, StreamRunner
     from scopestream.streaming.zarr_sink import ZarrSink
@@ -118,7 +95,7 @@ def bench_viewer(
         sampler = QTimer()
         sampler.setInterval(250)
         sampler.timeout.connect(
-            lambda: samples.append((time.monotonic(), _rss_mb(), runner.status.frames_acquired))
+            lambda: samples.append((time.monotonic(), rss_mb(), runner.status.frames_acquired))
         )
         sampler.start()
         updates_at: list[tuple[float, int]] = []

@@ -1,0 +1,63 @@
+"""Smoke test of ``scopestream bench long-run``: it runs and reports every field, finite.
+
+Benchmarks are not tests (STYLE 12): nothing here asserts a rate or a memory
+figure, only that the JSON is complete and well-formed and the temp dir is gone.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from pathlib import Path
+
+    from tests.conftest import CliResult
+
+
+def _numbers(obj: Any) -> Iterator[float]:
+    """Every number in a JSON value (booleans excluded)."""
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _numbers(v)
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield float(obj)
+
+
+def test_bench_long_run_reports_every_field(cli: Callable[..., CliResult], tmp_path: Path) -> None:
+    r = cli("bench", "long-run", "--frames", "2000", "--workdir", str(tmp_path), "--json")
+    assert r.code == 0, r.stderr
+    b = r.json
+    assert b["benchmark"] == "long_run"
+    assert b["frames"] == b["frames_written"] == 2000
+    assert b["shape"] == [64, 64]
+    assert set(b["fps"]) == {"pipeline", "tensorstore"}
+    assert b["ratio_pipeline_vs_tensorstore"] is not None
+    assert {
+        "warmup_frames",
+        "after_warmup",
+        "end",
+        "growth",
+        "max_excursion",
+        "peak",
+        "samples",
+        "series",
+    } <= set(b["rss_mb"])
+    assert b["rss_mb"]["warmup_frames"] == 200
+    assert b["rss_mb"]["series"][-1][0] == 2000  # the last sample is taken at the end
+    assert {"root_zarr_json", "root_zarr_json_max", "frames_npy"} <= set(b["bytes"])
+    assert b["bytes"]["root_zarr_json"] > 0
+    assert b["bytes"]["frames_npy"] >= 2000 * 96  # one 96-byte record a frame
+    assert set(b["ok"]) == {"rss_flat", "root_zarr_json_small", "all"}
+    assert all(isinstance(v, bool) for v in b["ok"].values())
+    assert all(math.isfinite(x) for x in _numbers(b))
+    assert not list(tmp_path.iterdir())  # cleaned up
+
+
+def test_bench_long_run_refuses_bad_arguments(cli: Callable[..., CliResult]) -> None:
+    assert cli("bench", "long-run", "--frames", "0", "--json").code == 2
+    assert cli("bench", "long-run", "--shape", "axb", "--json").code == 2
