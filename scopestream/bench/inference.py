@@ -71,7 +71,9 @@ def _end_to_end(pkg: Any, backend: Any, frames: np.ndarray, n: int, out: Path) -
     writer = sink.add_output(
         pkg.name, channel_names=output_names(predictor, src.info.channel_names)
     )
-    engine = InferenceEngine(predictor, writer, source_channels=src.info.channel_names)
+    engine = InferenceEngine(
+        predictor, writer, source_channels=src.info.channel_names, policy="every"
+    )
     runner = StreamRunner(
         src,
         [SinkSpec("zarr", sink, records=True), SinkSpec("model", engine, OverflowPolicy.SPILL)],

@@ -239,11 +239,9 @@ class RingBuffer:
         the source has produced but not yet put (in its own buffer); a callable is
         asked again each time the buffer changes.
         """
-        room = self.n_slots - 1
-
         def fits() -> bool:
             n = ahead() if callable(ahead) else ahead
-            return self._closed or self._lag_locked() + max(0, n) < room
+            return self._closed or self._lag_locked() + max(0, n) < self.n_slots
 
         with self._cond:
             return self._cond.wait_for(fits, timeout)

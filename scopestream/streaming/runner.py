@@ -93,13 +93,20 @@ class SinkSpec:
 
     name: str
     sink: FrameSink
-    policy: OverflowPolicy = OverflowPolicy.ALL
+    policy: OverflowPolicy | None = None
     records: bool = False
 
     def contract(self) -> InputContract:
-        """What this stage is fed."""
+        """What this stage is fed (a `Stage` says so itself; a ``policy`` must agree)."""
         if isinstance(self.sink, Stage):
-            return self.sink.contract
+            declared = self.sink.contract
+            latest = declared.kind == "latest"
+            if self.policy is not None and (self.policy is OverflowPolicy.LATEST) != latest:
+                raise ValueError(
+                    f"stage {self.name!r} declares {declared.describe()}, "
+                    f"but its spec asks for {self.policy.value!r}"
+                )
+            return declared
         if self.policy is OverflowPolicy.LATEST:
             return InputContract.latest()
         return InputContract.every()

@@ -406,16 +406,21 @@ def test_cleanup_empty_removes_only_what_holds_nothing(
 def test_a_real_run_store_with_its_lock_file_still_reads(tmp_path: Path) -> None:
     out = tmp_path / "run.ome.zarr"
     info = StreamInfo(frame_shape=(16, 16), n_t=3)
-    sink = ZarrSink(out, info)
-    with StoreLock.acquire(out):
-        for t in range(3):
-            sink.write(np.full((16, 16), t + 1, np.uint16), make_meta(t=t))
-        sink.flush()
-        # While held: readers are unaffected, an overwrite is refused.
-        assert inspect_run(out).frames_complete == 3
-        with pytest.raises(StoreLocked):
-            prepare_output_path(out, overwrite=True)
-        sink.close()
+    sink = ZarrSink(out, info)  # the writer holds the store's lock from here to close()
+    assert is_locked(out) is not None
+    with pytest.raises(StoreLocked):  # a second writer in this process too
+        StoreLock.acquire(out)
+    for t in range(3):
+        meta = make_meta(t=t)
+        meta["seq"] = t
+        sink.write(np.full((16, 16), t + 1, np.uint16), meta)
+    sink.flush()
+    # While held: readers are unaffected, an overwrite is refused.
+    assert inspect_run(out).frames_complete == 3
+    with pytest.raises(StoreLocked):
+        prepare_output_path(out, overwrite=True)
+    sink.close()
+    assert is_locked(out) is None
     Image.from_zarr(zarr.open_group(str(out), mode="r"))
     assert np.asarray(zarr.open_array(str(out / "0"), mode="r"))[2, 0, 0, 0, 0] == 3
     assert inspect_run(out).status == "complete"

@@ -3,6 +3,7 @@ and import (our own round trip, and another tool's ONNX/TorchScript export)."""
 
 from __future__ import annotations
 
+import gc
 import io
 import warnings
 import zipfile
@@ -21,10 +22,22 @@ from scopestream.inference.package import Registry
 from scopestream.inference.predictor import Predictor
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
     from pathlib import Path
 
     from tests.conftest import CliResult
+
+
+# bioimageio.spec opens a package's zip and files (cover.png) without closing them
+# (`bioimageio.spec._io.open_bioimageio_yaml`): a third-party leak, filtered for this module
+# only, and collected inside each test so it cannot surface in another one
+pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
+
+
+@pytest.fixture(autouse=True)
+def _collect_bioimageio_leftovers() -> Iterator[None]:
+    yield
+    gc.collect()
 
 
 @pytest.mark.parametrize("model", ["denoise", "stain"])
