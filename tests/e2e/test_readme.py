@@ -513,14 +513,6 @@ class Case:
 
 
 LOOPBACK = "tcp://127.0.0.1:{port}"
-BENCH_E2E_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="production bug: scopestream/bench/inference.py _end_to_end builds its "
-    "InferenceEngine with the default policy 'latest' but needs every frame predicted "
-    "(engine.predicted == n): the engine skips frames (frames_skipped model > 0) and the "
-    "command dies with a traceback, RuntimeError 'end-to-end run failed: None', exit 1",
-)
-
 CASE_LIST = [
     # ## Using it
     Case("run-sim-json(200 frames shrunk to 20: the last flag wins)",
@@ -571,7 +563,7 @@ CASE_LIST = [
          check=check_versions),
     Case("predict-offline", "scopestream predict", after=("run-denoise-and-stain",),
          check=check_predict),
-    Case("bench-inference", "bench inference", "--sizes 64", marks=(*SLOW, BENCH_E2E_BUG),
+    Case("bench-inference", "bench inference", "--sizes 64", marks=SLOW,
          check=json_keys("results", "speedup_vs_eager_cpu")),
     # ## Watching it
     Case("demo-viewer(closed by --screenshot)", "scopestream demo --viewer",
