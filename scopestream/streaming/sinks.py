@@ -1,4 +1,4 @@
-"""The `FrameSink` protocol: where frames go (the zarr store, the viewer, the network)."""
+"""The `FrameSink` protocol: the least a consumer is (a `Stage` declares more; see seams)."""
 
 from __future__ import annotations
 
@@ -26,24 +26,3 @@ class FrameSink(Protocol):
         summary: Mapping[str, Any] | None = None,
     ) -> None:
         """Finish: ``status`` is ``complete`` or ``failed`` (with ``error``)."""
-
-
-@runtime_checkable
-class DeferredFrameSink(FrameSink, Protocol):
-    """A sink that can keep a view of the frame while it writes (no copy).
-
-    The runner lends it the ring-buffer slot: ``submit`` starts the write and
-    returns; ``collect`` says how many submitted frames are finished, in
-    submission order, and only then are their slots released. At most
-    ``max_outstanding`` frames are held before the runner asks ``collect`` to wait.
-    """
-
-    @property
-    def max_outstanding(self) -> int:
-        """Frames that may be held at once."""
-
-    def submit(self, data: np.ndarray, meta: FrameMeta) -> None:
-        """Start writing ``data``; it stays valid until collected."""
-
-    def collect(self, block: bool = False) -> int:
-        """Frames finished since the last call; with ``block``, wait for at least one."""
