@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
     from pathlib import Path
 
 
@@ -80,3 +81,11 @@ def record_sim(out: Path, *args: str, timeout: float = 120) -> Path:
         timeout=timeout,
     )
     return out
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_after_each_test() -> Iterator[None]:
+    """An object a test leaks (an unclosed file or socket) is collected in that test, so its
+    ResourceWarning fails the test that leaked it, not whichever test runs next."""
+    yield
+    gc.collect()

@@ -155,17 +155,17 @@ CHILD = textwrap.dedent(
 
 def test_kill_9_mid_run_leaves_an_openable_store(tmp_path: Path) -> None:
     out = tmp_path / "crash.ome.zarr"
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-c", CHILD, str(out)], stdout=subprocess.PIPE, text=True
-    )
-    assert proc.stdout is not None
-    done = 0
-    for line in proc.stdout:
-        done = int(line)
-        if done >= 40:
-            break
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    ) as proc:  # the pipe is closed on the way out
+        assert proc.stdout is not None
+        done = 0
+        for line in proc.stdout:
+            done = int(line)
+            if done >= 40:
+                break
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
     assert proc.returncode == -signal.SIGKILL
 
     report = inspect_run(out)
