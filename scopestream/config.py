@@ -21,6 +21,12 @@ from pydantic import (
     model_validator,
 )
 
+# The plan's bounds are the config's too (``scopestream.config.MAX_...``): re-exported.
+from scopestream.acquisition.plan import MAX_CHANNELS as MAX_CHANNELS
+from scopestream.acquisition.plan import MAX_TIME_POINTS as MAX_TIME_POINTS
+from scopestream.acquisition.plan import MAX_Z_PLANES as MAX_Z_PLANES
+from scopestream.acquisition.plan import AcquisitionPlan
+
 CONFIG_VERSION = 1
 
 # Upper bounds no real microscope reaches. They turn a typo (an extra zero, ``1e11``)
@@ -29,12 +35,6 @@ MAX_FRAME_SIDE = 16384
 """Pixels per side of a frame: the largest scientific cameras are about 14k wide."""
 MAX_FRAMES = 100_000_000
 """Frames of one run: 100 frames/s for more than 11 days."""
-MAX_TIME_POINTS = 10_000_000
-"""Time points of a plan: one a second for 115 days."""
-MAX_Z_PLANES = 10_000
-"""Planes of one z-stack: 1 mm at 0.1 µm, beyond light-sheet stacks."""
-MAX_CHANNELS = 64
-"""Channels of a plan: spectral imaging uses a few dozen at most."""
 MAX_BUFFER_MB = 1_048_576.0
 """Ring buffer memory (1 TiB)."""
 MAX_CONFIG_BYTES = 1_000_000
@@ -42,8 +42,6 @@ MAX_CONFIG_BYTES = 1_000_000
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-
-    from scopestream.acquisition.plan import AcquisitionPlan
 
 
 class ConfigError(ValueError):
@@ -93,98 +91,6 @@ def _bytes(n: int) -> str:
     return f"{size:.1f} TiB"
 
 
-class ChannelConfig(BaseModel):
-    """One channel of a plan.
-
-    Shorthand: ``nuclei:20`` (name and preset nuclei, 20 ms), ``nuclei_hi=nuclei:50``
-    (a channel named nuclei_hi on the preset nuclei: the high half of a pair).
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-
-    name: str = Field(min_length=1)
-    exposure_ms: float = Field(10.0, gt=0)
-    config: str | None = Field(None, description="Micro-Manager preset (default: the name)")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _shorthand(cls, v: object) -> object:
-        if isinstance(v, str):
-            name, _, exp = v.partition(":")
-            name, _, preset = name.partition("=")
-            out: dict[str, object] = {"name": name.strip()}
-            if preset.strip():
-                out["config"] = preset.strip()
-            if exp.strip():
-                out["exposure_ms"] = float(exp.strip().removesuffix("ms"))
-            return out
-        return v
-
-
-_PAIR_KEYS = ("input", "target", "targets")
-
-
-class PlanConfig(BaseModel):
-    """What to acquire: time points × channels × z-planes (t, c, z order)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-
-    time_points: int | None = Field(
-        None,
-        gt=0,
-        le=MAX_TIME_POINTS,
-        description=f"default: enough for --frames; at most {MAX_TIME_POINTS:,}",
-    )
-    interval_s: float = Field(0.0, ge=0)
-    z_planes: int = Field(
-        1, gt=0, le=MAX_Z_PLANES, description=f"planes per z-stack, at most {MAX_Z_PLANES:,}"
-    )
-    z_step_um: float = Field(1.0, gt=0)
-    channels: tuple[ChannelConfig, ...] = Field(
-        (), max_length=MAX_CHANNELS, description=f"at most {MAX_CHANNELS} channels"
-    )
-    channel_group: str = "Channel"
-    pairs: dict[str, Any] = Field(
-        default_factory=dict,
-        description="which channels the trainer pairs, e.g. {denoise: {input: low, target: high}}"
-        f" (keys {', '.join(_PAIR_KEYS)})",
-    )
-
-    @field_validator("channels", mode="before")
-    @classmethod
-    def _channels(cls, v: object) -> object:
-        if isinstance(v, str):
-            return [c for c in v.split(",") if c.strip()]
-        return v
-
-    @model_validator(mode="after")
-    def _pairs_name_channels(self) -> PlanConfig:
-        names = {c.name for c in self.channels}
-        for kind, pair in self.pairs.items():
-            if not isinstance(pair, dict):
-                raise ValueError(f"pairs.{kind} must map input/target(s) to channel names")
-            # `pairs` is saved with every run: only channel names go in, so nothing
-            # else (a stray sub-tree, a non-finite number) reaches the run's attributes.
-            extra = sorted(str(k) for k in pair if k not in _PAIR_KEYS)
-            if extra:
-                raise ValueError(
-                    f"pairs.{kind}: unknown key(s) {extra} (allowed: {', '.join(_PAIR_KEYS)})"
-                )
-            targets = pair.get("targets", [])
-            if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
-                raise ValueError(f"pairs.{kind}.targets must be a list of channel names")
-            for key in ("input", "target"):
-                if key in pair and not isinstance(pair[key], str):
-                    raise ValueError(f"pairs.{kind}.{key} must be a channel name")
-            used = [pair.get("input"), pair.get("target"), *targets]
-            unknown = [u for u in used if u is not None and u not in names]
-            if unknown:
-                raise ValueError(
-                    f"pairs.{kind} names channels {unknown} that the plan does not have"
-                )
-        return self
-
-
 class RunConfig(BaseModel):
     """Everything a run needs; the flags of ``scopestream run`` map onto these fields.
 
@@ -219,7 +125,7 @@ class RunConfig(BaseModel):
         description=f"ring buffer memory (MiB, at most {MAX_BUFFER_MB:,.0f})",
     )
     seed: int = 0
-    plan: PlanConfig = PlanConfig()
+    plan: AcquisitionPlan = AcquisitionPlan()
     mda: str | None = Field(None, description="a useq-schema MDASequence YAML (instead of plan)")
     mm_dir: str | None = Field(None, description="Micro-Manager folder with device adapters")
     mm_save_dir: str | None = Field(None, description="let Micro-Manager save its own copy there")
@@ -280,8 +186,8 @@ class RunConfig(BaseModel):
 
 
 def build_plan(cfg: RunConfig) -> AcquisitionPlan:
-    """The run's acquisition plan: from ``mda`` (useq YAML) or ``plan``, capped by ``frames``."""
-    from scopestream.acquisition.plan import AcquisitionPlan, ChannelSpec, PlanError, mda_sizes
+    """The plan the run acquires: ``mda`` (useq YAML) or ``plan``, resolved for ``frames``."""
+    from scopestream.acquisition.plan import PlanError, mda_sizes
 
     try:
         if cfg.mda:
@@ -301,25 +207,7 @@ def build_plan(cfg: RunConfig) -> AcquisitionPlan:
                 frames=cfg.frames,
             )
             return AcquisitionPlan.from_mda_sequence(seq).limited_to(cfg.frames)
-        p = cfg.plan
-        channels = tuple(ChannelSpec(c.name, c.exposure_ms, c.config) for c in p.channels)
-        per_t = max(1, len(channels)) * p.z_planes
-        if p.time_points is not None:
-            t = p.time_points
-        elif cfg.frames is not None:
-            t = -(-cfg.frames // per_t)
-        else:
-            t = 100
-        interval = p.interval_s or (1.0 / cfg.fps if cfg.fps else 0.0)
-        zs = (0.0,) if p.z_planes == 1 else AcquisitionPlan.z_range(p.z_planes, p.z_step_um)
-        return AcquisitionPlan(
-            time_points=t,
-            interval_s=interval,
-            z_offsets_um=zs,
-            channels=channels,
-            channel_group=p.channel_group,
-            pairs=dict(p.pairs),
-        ).limited_to(cfg.frames)
+        return cfg.plan.resolved(frames=cfg.frames, fps=cfg.fps)
     except PlanError as e:
         raise ConfigError(f"invalid plan: {e}") from None
 
@@ -515,12 +403,32 @@ def merge(cfg: RunConfig, overrides: Mapping[str, Any]) -> RunConfig:
     """Apply command-line overrides field by field.
 
     Nested mappings merge key by key, so ``{"plan": {"z_planes": 5}}`` changes the
-    plan's z-planes and keeps its channels, pairs and time points. Lists, tuples and
-    scalars replace the value whole. Keys whose value is None are left alone, at
-    every level: that is how a flag that was not given arrives.
+    plan's z-planes and keeps its channels, pairs and time points (and replaces
+    explicit ``z_offsets_um``, see `_z_flags_replace`). Lists, tuples and scalars
+    replace the value whole. Keys whose value is None are left alone, at every
+    level: that is how a flag that was not given arrives.
     """
     data = _deep_merge(cfg.model_dump(), overrides)
+    plan_flags = overrides.get("plan")
+    if isinstance(plan_flags, Mapping) and isinstance(data.get("plan"), dict):
+        data["plan"] = _z_flags_replace(data["plan"], plan_flags)
     return validate_config(data, where="flags")
+
+
+def _z_flags_replace(plan: dict[str, Any], flags: Mapping[str, Any]) -> dict[str, Any]:
+    """A z-stack given by flags replaces the file's, whichever form each uses.
+
+    ``z_planes`` / ``z_step_um`` flags over explicit ``z_offsets_um`` drop the
+    offsets (the stack is planes × step again); ``z_offsets_um`` over ``z_planes``
+    drops the planes (they are counted from the offsets).
+    """
+    given = {k for k, v in flags.items() if v is not None}
+    out = dict(plan)
+    if given & {"z_planes", "z_step_um"} and "z_offsets_um" not in given:
+        out.pop("z_offsets_um", None)
+    elif "z_offsets_um" in given and "z_planes" not in given:
+        out.pop("z_planes", None)
+    return out
 
 
 def _deep_merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:

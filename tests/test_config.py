@@ -16,6 +16,7 @@ from scopestream.config import (
     ConfigError,
     RunConfig,
     build_plan,
+    dump_config,
     load_config,
     merge,
     parse_shape,
@@ -61,6 +62,29 @@ def test_flags_replace_sequences_whole_and_none_leaves_a_field_alone() -> None:
     assert [(c.name, c.exposure_ms) for c in cfg.plan.channels] == [("z", 4.0)]
     assert cfg.plan.z_planes == 3
     assert cfg.plan.time_points is None
+
+
+def test_z_flags_replace_the_explicit_z_offsets_of_the_file() -> None:
+    base = validate_config({"plan": {**FILE_PLAN, "z_offsets_um": [-1.0, 0.0, 2.5]}})
+    assert (base.plan.z_planes, base.plan.z_offsets) == (3, (-1.0, 0.0, 2.5))
+    cfg = merge(base, {"plan": {"z_planes": 5}})
+    assert (cfg.plan.z_planes, cfg.plan.z_offsets_um) == (5, None)
+    assert cfg.plan.z_offsets == (-2.0, -1.0, 0.0, 1.0, 2.0)
+    cfg = merge(base, {"plan": {"z_step_um": 0.5}})
+    assert cfg.plan.z_offsets == (-0.5, 0.0, 0.5)  # the file's 3 planes, the flag's step
+    assert cfg.plan.channels == base.plan.channels
+    # and explicit offsets over a file's planes × step count their own planes
+    cfg = merge(validate_config({"plan": {"z_planes": 7}}), {"plan": {"z_offsets_um": [0, 1]}})
+    assert (cfg.plan.z_planes, cfg.plan.z_offsets) == (2, (0.0, 1.0))
+    # a flag that leaves z alone keeps the offsets
+    assert merge(base, {"plan": {"time_points": 2}}).plan.z_offsets == (-1.0, 0.0, 2.5)
+
+
+def test_explicit_z_offsets_round_trip_through_the_saved_config(tmp_path: Path) -> None:
+    cfg = validate_config({"plan": {"z_offsets_um": [-1.0, 0.0, 2.5], "channels": "a:3"}})
+    assert _load(tmp_path, dump_config(cfg)) == cfg
+    # a plan without them saves the form it always had
+    assert "z_offsets_um" not in dump_config(validate_config({"plan": {"z_planes": 3}}))
 
 
 def test_flags_that_break_the_file_plan_are_an_error() -> None:

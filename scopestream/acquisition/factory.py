@@ -37,7 +37,8 @@ def make_source(
     """The source a spec names; raises `SourceError` with the valid forms otherwise.
 
     ``plan`` is what Micro-Manager-driven sources (``sim``, ``mmcore``,
-    ``pycromanager``) acquire; without one, a time-lapse of ``frames`` frames.
+    ``pycromanager``) acquire (resolved for ``frames`` and ``fps`` if its time
+    points are open); without one, a time-lapse of ``frames`` frames.
     """
     spec = spec.strip()
     kind, _, arg = spec.partition(":")
@@ -49,14 +50,16 @@ def make_source(
         plan = (
             default_sim_plan(frames, fps)
             if kind == "sim" or arg == "sim"
-            else AcquisitionPlan.timelapse(frames or 100, interval_s=1.0 / fps if fps else 0.0)
+            else AcquisitionPlan().resolved(frames=frames, fps=fps)
         )
+    if plan is not None and plan.time_points is None:  # a config's plan, not yet resolved
+        plan = plan.resolved(frames=frames, fps=fps)
     if (kind == "sim" or (kind == "pycromanager" and arg == "sim")) and plan and not plan.channels:
-        from dataclasses import replace
-
         from scopestream.acquisition.sim import DEFAULT_SIM_CHANNEL
 
-        plan = replace(plan, channels=(DEFAULT_SIM_CHANNEL,))  # the sim needs a light path
+        # The sim needs a light path. Not validated again: one channel added to a
+        # plan with none cannot break its (channel-free) pairs or bounds.
+        plan = plan.model_copy(update={"channels": (DEFAULT_SIM_CHANNEL,)})
     match kind:
         case "sim":
             from scopestream.acquisition.sim import SimulatedSource

@@ -181,7 +181,7 @@ def check_plan(core: Any, plan: AcquisitionPlan) -> None:
                 f"channel presets {missing} are not in group {group!r}; "
                 f"available: {sorted(presets)}"
             )
-    if plan.z_offsets_um != (0.0,) and not core.getFocusDevice():
+    if plan.z_offsets != (0.0,) and not core.getFocusDevice():
         raise SourceError("the plan has a z-stack but the configuration has no focus device")
 
 

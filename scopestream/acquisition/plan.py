@@ -1,39 +1,87 @@
-"""An acquisition plan (time × channel × z), and its forms for each engine.
+"""The acquisition plan (time × channel × z): what a config names and every engine runs.
 
-One `AcquisitionPlan` becomes a useq-schema ``MDASequence`` for pymmcore-plus
-(`to_mda_sequence`) or a list of pycromanager events (`to_pycromanager_events`),
-so both engines acquire the same frames in the same order: for each time
-point, for each channel, a z-stack (``tcz``).
+`AcquisitionPlan` is the one form of a plan. A run config's ``plan`` is one (YAML
+and flags fill it), `AcquisitionPlan.resolved` settles what the config left open
+(time points from ``frames``, the interval from ``fps``), and the sources run it:
+as a useq-schema ``MDASequence`` for pymmcore-plus (`to_mda_sequence`) or a list
+of pycromanager events (`to_pycromanager_events`), so both engines acquire the
+same frames in the same order: for each time point, for each channel, a z-stack
+(``tcz``). `from_mda_sequence` reads a user's ``MDASequence`` as a plan.
 
 Channels have a *name* (what the run calls them, unique) and a Micro-Manager
 *config* preset (defaults to the name). Two channels may share a preset with
 different exposures: that is a denoising pair (low and high exposure of the
 same field), recorded as two channels with their exposures.
+
+useq is imported only by the methods that need it.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from scopestream.streaming.layout import StreamInfo
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+    from scopestream.streaming.layout import StreamInfo
+
+# Upper bounds no real microscope reaches (see `scopestream.config` for the others).
+MAX_TIME_POINTS = 10_000_000
+"""Time points of a plan: one a second for 115 days."""
+MAX_Z_PLANES = 10_000
+"""Planes of one z-stack: 1 mm at 0.1 µm, beyond light-sheet stacks."""
+MAX_CHANNELS = 64
+"""Channels of a plan: spectral imaging uses a few dozen at most."""
+DEFAULT_TIME_POINTS = 100
+"""Time points of a plan that names neither its time points nor the run's frames."""
+DEFAULT_EXPOSURE_MS = 10.0
+"""Exposure of a channel that names none (also a useq channel without an exposure)."""
+
+_PAIR_KEYS = ("input", "target", "targets")
 
 
 class PlanError(ValueError):
     """A plan that cannot be run as asked."""
 
 
-@dataclass(frozen=True)
-class ChannelSpec:
-    """One channel of a plan."""
+class ChannelSpec(BaseModel):
+    """One channel of a plan.
 
-    name: str
-    exposure_ms: float = 10.0
-    config: str | None = None
+    Shorthand: ``nuclei:20`` (name and preset nuclei, 20 ms), ``nuclei_hi=nuclei:50``
+    (a channel named nuclei_hi on the preset nuclei: the high half of a pair).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    name: str = Field(min_length=1)
+    exposure_ms: float = Field(DEFAULT_EXPOSURE_MS, gt=0)
+    config: str | None = Field(None, description="Micro-Manager preset (default: the name)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: object) -> object:
+        if isinstance(v, str):
+            name, _, exp = v.partition(":")
+            name, _, preset = name.partition("=")
+            out: dict[str, object] = {"name": name.strip()}
+            if preset.strip():
+                out["config"] = preset.strip()
+            if exp.strip():
+                out["exposure_ms"] = float(exp.strip().removesuffix("ms"))
+            return out
+        return v
 
     @property
     def preset(self) -> str:
@@ -41,35 +89,85 @@ class ChannelSpec:
         return self.config or self.name
 
 
-@dataclass(frozen=True)
-class AcquisitionPlan:
+class AcquisitionPlan(BaseModel):
     """Time points × channels × z-offsets, acquired in ``tcz`` order.
 
-    ``z_offsets_um`` are relative to the focus when the run starts. With no
+    The z-stack is ``z_planes`` planes ``z_step_um`` apart centred on the focus, or
+    the explicit ``z_offsets_um`` (relative to the focus when the run starts; read
+    from an ``MDASequence``, possibly uneven); `z_offsets` gives them in either case.
+    ``time_points`` None means "as many as the run's ``frames`` need" until
+    `resolved`, or open-ended for an acquisition someone else runs. With no
     channels, the camera's current setting is used as one channel named ``raw``.
     ``pairs`` tells the trainer which channels belong together (saved with the run).
     """
 
-    time_points: int = 1
-    interval_s: float = 0.0
-    z_offsets_um: tuple[float, ...] = (0.0,)
-    channels: tuple[ChannelSpec, ...] = ()
-    channel_group: str = "Channel"
-    pairs: dict[str, Any] = field(default_factory=dict, compare=False)
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    def __post_init__(self) -> None:
-        if self.time_points < 1:
-            raise PlanError(f"time_points must be at least 1, got {self.time_points}")
-        if self.interval_s < 0:
-            raise PlanError(f"interval_s must be >= 0, got {self.interval_s}")
-        if not self.z_offsets_um:
-            raise PlanError("a plan needs at least one z position")
+    time_points: int | None = Field(
+        None,
+        gt=0,
+        le=MAX_TIME_POINTS,
+        description=f"default: enough for --frames; at most {MAX_TIME_POINTS:,}",
+    )
+    interval_s: float = Field(0.0, ge=0, description="0: none (as fast as possible)")
+    z_planes: int = Field(
+        1, gt=0, le=MAX_Z_PLANES, description=f"planes per z-stack, at most {MAX_Z_PLANES:,}"
+    )
+    z_step_um: float = Field(1.0, gt=0)
+    z_offsets_um: tuple[float, ...] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_Z_PLANES,
+        description="explicit z positions around the focus, instead of z_planes × z_step_um",
+    )
+    channels: tuple[ChannelSpec, ...] = Field(
+        (), max_length=MAX_CHANNELS, description=f"at most {MAX_CHANNELS} channels"
+    )
+    channel_group: str = "Channel"
+    pairs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="which channels the trainer pairs, e.g. {denoise: {input: low, target: high}}"
+        f" (keys {', '.join(_PAIR_KEYS)})",
+    )
+
+    @field_validator("channels", mode="before")
+    @classmethod
+    def _channels(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [c for c in v.split(",") if c.strip()]
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _z_planes_from_offsets(cls, v: object) -> object:
+        # Explicit offsets alone say how many planes there are.
+        if isinstance(v, Mapping) and "z_planes" not in v:
+            offsets = v.get("z_offsets_um")
+            if isinstance(offsets, (list, tuple)) and offsets:
+                return {**v, "z_planes": len(offsets)}
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AcquisitionPlan:
+        if self.z_offsets_um is not None and len(self.z_offsets_um) != self.z_planes:
+            raise ValueError(
+                f"z_planes {self.z_planes} does not match the {len(self.z_offsets_um)} "
+                "z_offsets_um; give one of them"
+            )
         names = [c.name for c in self.channels]
         if len(set(names)) != len(names):
-            raise PlanError(f"channel names must be unique, got {names}")
-        for c in self.channels:
-            if c.exposure_ms <= 0:
-                raise PlanError(f"channel {c.name!r}: exposure must be positive")
+            raise ValueError(f"channel names must be unique, got {names}")
+        _check_pairs(self.pairs, set(names))
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_offsets(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Saved configs (and their golden files) keep the form they had before
+        # explicit offsets existed; an absent key reads back as None.
+        data: dict[str, Any] = handler(self)
+        if data.get("z_offsets_um", 0) is None:
+            del data["z_offsets_um"]
+        return data
 
     @classmethod
     def timelapse(cls, frames: int, interval_s: float = 0.0, **kw: Any) -> AcquisitionPlan:
@@ -85,35 +183,49 @@ class AcquisitionPlan:
         return tuple(round((i - mid) * step_um, 6) for i in range(n_planes))
 
     @property
+    def z_offsets(self) -> tuple[float, ...]:
+        """The z positions of a stack, relative to the focus (``(0.0,)``: no stack)."""
+        if self.z_offsets_um is not None:
+            return self.z_offsets_um
+        return self.z_range(self.z_planes, self.z_step_um)
+
+    @property
     def channel_names(self) -> tuple[str, ...]:
         """Names of the run's channels."""
         return tuple(c.name for c in self.channels) or ("raw",)
 
     @property
     def n_frames(self) -> int:
-        """Frames the whole plan acquires."""
-        return self.time_points * len(self.channel_names) * len(self.z_offsets_um)
+        """Frames the whole plan acquires (`PlanError` while ``time_points`` is open)."""
+        return self._time_points() * len(self.channel_names) * self.z_planes
+
+    def resolved(self, frames: int | None = None, fps: float | None = None) -> AcquisitionPlan:
+        """The plan a run acquires: every time point and the interval settled.
+
+        Time points not given become enough for ``frames`` (else
+        `DEFAULT_TIME_POINTS`); a plan without an interval gets ``1 / fps``; then
+        `limited_to` ``frames``.
+        """
+        t = self.time_points
+        if t is None:
+            t = self._per_time_point_ceil(frames) if frames is not None else DEFAULT_TIME_POINTS
+        interval = self.interval_s or (1.0 / fps if fps else 0.0)
+        return self._derived(time_points=t, interval_s=interval).limited_to(frames)
 
     def limited_to(self, frames: int | None) -> AcquisitionPlan:
         """The same plan with just enough time points for ``frames`` frames."""
         if frames is None:
             return self
-        per_t = len(self.channel_names) * len(self.z_offsets_um)
-        t = max(1, math.ceil(frames / per_t))
-        return AcquisitionPlan(
-            time_points=min(t, self.time_points) if self.time_points else t,
-            interval_s=self.interval_s,
-            z_offsets_um=self.z_offsets_um,
-            channels=self.channels,
-            channel_group=self.channel_group,
-            pairs=self.pairs,
-        )
+        t = self._per_time_point_ceil(frames)
+        return self._derived(time_points=min(t, self.time_points) if self.time_points else t)
 
     def stream_info(
         self, frame_shape: tuple[int, int], dtype: str, pixel_size_um: float
     ) -> StreamInfo:
-        """The stream this plan produces on a camera of ``frame_shape``."""
-        zs = self.z_offsets_um
+        """The stream this plan produces on a camera of ``frame_shape`` (open: ``n_t`` None)."""
+        from scopestream.streaming.layout import StreamInfo
+
+        zs = self.z_offsets
         step = abs(zs[1] - zs[0]) if len(zs) > 1 else 1.0
         return StreamInfo(
             frame_shape=frame_shape,
@@ -131,7 +243,7 @@ class AcquisitionPlan:
         return {
             "time_points": self.time_points,
             "interval_s": self.interval_s,
-            "z_offsets_um": list(self.z_offsets_um),
+            "z_offsets_um": list(self.z_offsets),
             "channels": [
                 {"name": c.name, "config": c.preset, "exposure_ms": c.exposure_ms}
                 for c in self.channels
@@ -140,15 +252,44 @@ class AcquisitionPlan:
             "pairs": self.pairs,
         }
 
+    def _time_points(self) -> int:
+        if self.time_points is None:
+            raise PlanError(
+                "the plan's time points are open: resolve it first (plan.resolved(frames=...))"
+            )
+        return self.time_points
+
+    def _per_time_point_ceil(self, frames: int) -> int:
+        """Time points that hold ``frames`` frames (at least one)."""
+        return max(1, -(-frames // (len(self.channel_names) * self.z_planes)))  # exact ceil
+
+    def _derived(
+        self, *, time_points: int | None = None, interval_s: float | None = None
+    ) -> AcquisitionPlan:
+        """A copy with time points or interval worked out from already validated values.
+
+        Not validated again on purpose: time points derived from a run's ``frames``
+        (bounded by ``MAX_FRAMES``) or an MDA sequence's loops (checked by
+        ``scopestream.config.build_plan``) may exceed ``MAX_TIME_POINTS``, the bound
+        on what a plan *writes*.
+        """
+        changes: dict[str, Any] = {}
+        if time_points is not None:
+            changes["time_points"] = time_points
+        if interval_s is not None:
+            changes["interval_s"] = interval_s
+        return self.model_copy(update=changes)
+
     # -- engines ---------------------------------------------------------------
     def to_mda_sequence(self) -> Any:
         """The plan as a useq ``MDASequence`` (pymmcore-plus), ``tpcz`` order."""
         import useq
 
+        zs = self.z_offsets
         kw: dict[str, Any] = {"axis_order": "tpcz"}
-        kw["time_plan"] = {"interval": self.interval_s, "loops": self.time_points}
-        if self.z_offsets_um != (0.0,):
-            kw["z_plan"] = {"relative": list(self.z_offsets_um)}
+        kw["time_plan"] = {"interval": self.interval_s, "loops": self._time_points()}
+        if zs != (0.0,):
+            kw["z_plan"] = {"relative": list(zs)}
         if self.channels:
             kw["channels"] = [
                 {"config": c.preset, "group": self.channel_group, "exposure": c.exposure_ms}
@@ -158,17 +299,18 @@ class AcquisitionPlan:
 
     def to_pycromanager_events(self, z_origin_um: float = 0.0) -> list[dict[str, Any]]:
         """The plan as pycromanager acquisition events, same order as the MDA sequence."""
+        zs = self.z_offsets
         events: list[dict[str, Any]] = []
-        for t in range(self.time_points):
+        for t in range(self._time_points()):
             for c in self.channels or (None,):
-                for zi, dz in enumerate(self.z_offsets_um):
+                for zi, dz in enumerate(zs):
                     axes: dict[str, Any] = {"time": t}
                     ev: dict[str, Any] = {"axes": axes}
                     if c is not None:
                         axes["channel"] = c.name
                         ev["config_group"] = [self.channel_group, c.preset]
                         ev["exposure"] = c.exposure_ms
-                    if self.z_offsets_um != (0.0,):
+                    if zs != (0.0,):
                         axes["z"] = zi
                         ev["z"] = z_origin_um + dz
                     if self.interval_s > 0:
@@ -180,14 +322,19 @@ class AcquisitionPlan:
     def from_mda_sequence(cls, seq: Any) -> AcquisitionPlan:
         """Read a useq ``MDASequence`` (e.g. from a YAML file) as a plan.
 
-        What the plan can hold is kept: time points and interval, a relative z plan,
-        channels with their exposures. A channel without an exposure gets the default
-        10 ms. Anything that would make the run differ from the sequence as written
-        is refused with a `PlanError` naming it, rather than dropped: several or
-        placed stage positions, grids, autofocus, ``keep_shutter_open_across``,
-        per-channel ``z_offset`` / ``camera``, ``do_stack: false`` with a z-stack,
-        ``acquire_every`` with a time series, channels in different groups,
-        multi-phase time plans, and axis orders other than ``tcz``.
+        What the plan can hold is kept: time points and interval, a relative z plan
+        (as explicit ``z_offsets_um``), channels with their exposures; the plan's
+        `to_mda_sequence` acquires the same frames in the same order. A channel
+        without an exposure gets `DEFAULT_EXPOSURE_MS`; a one-plane z plan at the
+        focus is no z-stack; a sequence of no axes (which lists no events) is one
+        frame with the camera's current settings. Anything that would make the run differ from the
+        sequence as written is refused with a `PlanError` naming it, rather than
+        dropped: several or placed stage positions, grids, autofocus,
+        ``keep_shutter_open_across``, per-channel ``z_offset`` / ``camera``,
+        ``do_stack: false`` with a z-stack, ``acquire_every`` with a time series,
+        channels in different groups, multi-phase time plans, and axis orders other
+        than ``tcz``. The time points are not bounded here (``build_plan`` checks
+        the sizes of a sequence it reads).
 
         Raises
         ------
@@ -215,11 +362,11 @@ class AcquisitionPlan:
             raise PlanError(
                 f"axis order {''.join(seq.axis_order)!r}: scopestream records in t, c, z order"
             )
-        zs: Sequence[float] = (0.0,)
+        zs: tuple[float, ...] = (0.0,)
         if seq.z_plan is not None:
             if not getattr(seq.z_plan, "is_relative", True):
                 raise PlanError("use a relative z plan (offsets around the focus)")
-            zs = [float(z) for z in seq.z_plan]
+            zs = tuple(float(z) for z in seq.z_plan)
         loops = max(1, sizes.get("t", 1))
         _refuse_channel_features(seq.channels, n_z=len(zs), n_t=loops)
         interval = 0.0
@@ -234,13 +381,16 @@ class AcquisitionPlan:
                 step = None
             interval = float(step.total_seconds()) if step is not None else 0.0
         group = seq.channels[0].group if seq.channels else "Channel"
-        return cls(
-            time_points=loops,
-            interval_s=interval,
-            z_offsets_um=tuple(zs),
-            channels=_channel_specs(seq.channels),
-            channel_group=group,
-        )
+        try:
+            plan = cls(
+                interval_s=interval,
+                z_offsets_um=None if zs == (0.0,) else zs,
+                channels=_channel_specs(seq.channels),
+                channel_group=group,
+            )
+        except ValidationError as e:
+            raise PlanError(_first_error(e)) from None
+        return plan._derived(time_points=loops)
 
 
 def mda_sizes(seq: Any) -> dict[str, int]:
@@ -255,11 +405,6 @@ def mda_sizes(seq: Any) -> dict[str, int]:
         t = int(seq.time_plan.num_timepoints())
     z = 0 if seq.z_plan is None else int(seq.z_plan.num_positions())
     return {"t": t, "p": len(seq.stage_positions), "c": len(seq.channels), "z": z}
-
-
-# useq's default for a channel without an exposure is "the camera's current one";
-# a plan needs a number, so it gets the same default as `ChannelSpec`.
-_DEFAULT_EXPOSURE_MS = ChannelSpec.exposure_ms
 
 
 def _refuse_placement(seq: Any) -> None:
@@ -307,7 +452,7 @@ def _refuse_channel_features(channels: Sequence[Any], *, n_z: int, n_t: int) -> 
 
 def _channel_specs(channels: Sequence[Any]) -> tuple[ChannelSpec, ...]:
     """Name useq channels uniquely: the preset, then preset@exposure, then a running number."""
-    exposures = [float(ch.exposure or _DEFAULT_EXPOSURE_MS) for ch in channels]
+    exposures = [float(ch.exposure or DEFAULT_EXPOSURE_MS) for ch in channels]
     names = [
         ch.config
         if sum(c.config == ch.config for c in channels) == 1
@@ -326,3 +471,34 @@ def _channel_specs(channels: Sequence[Any]) -> tuple[ChannelSpec, ...]:
         ChannelSpec(name=n, exposure_ms=exp, config=ch.config)
         for n, ch, exp in zip(names, channels, exposures, strict=True)
     )
+
+
+def _check_pairs(pairs: Mapping[str, Any], names: set[str]) -> None:
+    """``pairs`` maps kinds to input/target(s) that name the plan's channels, and nothing else."""
+    for kind, pair in pairs.items():
+        if not isinstance(pair, dict):
+            raise ValueError(f"pairs.{kind} must map input/target(s) to channel names")
+        # `pairs` is saved with every run: only channel names go in, so nothing
+        # else (a stray sub-tree, a non-finite number) reaches the run's attributes.
+        extra = sorted(str(k) for k in pair if k not in _PAIR_KEYS)
+        if extra:
+            raise ValueError(
+                f"pairs.{kind}: unknown key(s) {extra} (allowed: {', '.join(_PAIR_KEYS)})"
+            )
+        targets = pair.get("targets", [])
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+            raise ValueError(f"pairs.{kind}.targets must be a list of channel names")
+        for key in ("input", "target"):
+            if key in pair and not isinstance(pair[key], str):
+                raise ValueError(f"pairs.{kind}.{key} must be a channel name")
+        used = [pair.get("input"), pair.get("target"), *targets]
+        unknown = [u for u in used if u is not None and u not in names]
+        if unknown:
+            raise ValueError(f"pairs.{kind} names channels {unknown} that the plan does not have")
+
+
+def _first_error(e: ValidationError) -> str:
+    """One line for the first error of a plan built from a sequence."""
+    err = e.errors()[0]
+    where = ".".join(str(x) for x in (e.title, *err["loc"]))
+    return f"the sequence does not make a valid plan: {where}: {err['msg']}"

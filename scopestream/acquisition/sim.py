@@ -22,16 +22,12 @@ if TYPE_CHECKING:
     from scopestream.streaming.seams import FrameCallback, SpaceWaiter
 
 #: what ``--source sim`` acquires without a plan: a low-light nuclei time-lapse
-DEFAULT_SIM_CHANNEL = ChannelSpec("nuclei", exposure_ms=10.0)
+DEFAULT_SIM_CHANNEL = ChannelSpec(name="nuclei", exposure_ms=10.0)
 
 
 def default_sim_plan(frames: int | None, fps: float | None = None) -> AcquisitionPlan:
     """A single-channel time-lapse of ``frames`` frames (100 if not given)."""
-    return AcquisitionPlan.timelapse(
-        frames or 100,
-        interval_s=1.0 / fps if fps else 0.0,
-        channels=(DEFAULT_SIM_CHANNEL,),
-    )
+    return AcquisitionPlan(channels=(DEFAULT_SIM_CHANNEL,)).resolved(frames=frames, fps=fps)
 
 
 class SimulatedSource(MMCoreSource):

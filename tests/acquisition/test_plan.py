@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import pytest
 import useq
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from scopestream.acquisition.plan import AcquisitionPlan, ChannelSpec, PlanError
 from scopestream.config import ConfigError, RunConfig, build_plan, validate_config
@@ -10,7 +13,10 @@ PLAN = AcquisitionPlan(
     time_points=2,
     interval_s=1.5,
     z_offsets_um=AcquisitionPlan.z_range(3, 0.5),
-    channels=(ChannelSpec("brightfield", 5), ChannelSpec("nuclei", 20)),
+    channels=(
+        ChannelSpec(name="brightfield", exposure_ms=5),
+        ChannelSpec(name="nuclei", exposure_ms=20),
+    ),
 )
 
 
@@ -52,9 +58,10 @@ def test_stream_info_follows_the_plan() -> None:
 
 def test_paired_channels_share_a_preset_with_different_exposures() -> None:
     plan = AcquisitionPlan(
+        time_points=1,  # the one plan type's default is None: "as many as frames need"
         channels=(
-            ChannelSpec("nuclei_low", 2, "nuclei"),
-            ChannelSpec("nuclei_high", 50, "nuclei"),
+            ChannelSpec(name="nuclei_low", exposure_ms=2, config="nuclei"),
+            ChannelSpec(name="nuclei_high", exposure_ms=50, config="nuclei"),
         ),
         pairs={"denoise": {"input": "nuclei_low", "target": "nuclei_high"}},
     )
@@ -86,10 +93,11 @@ def test_unsupported_plans_are_refused_with_a_reason() -> None:
     multi = useq.MDASequence(stage_positions=[(0, 0, 0), (10, 10, 0)])
     with pytest.raises(PlanError, match="several stage positions"):
         AcquisitionPlan.from_mda_sequence(multi)
-    with pytest.raises(PlanError, match="unique"):
-        AcquisitionPlan(channels=(ChannelSpec("a"), ChannelSpec("a")))
-    with pytest.raises(PlanError, match="exposure must be positive"):
-        AcquisitionPlan(channels=(ChannelSpec("a", 0),))
+    # the plan is a pydantic model: what it refuses on construction is a ValidationError
+    with pytest.raises(ValidationError, match="unique"):
+        AcquisitionPlan(channels=(ChannelSpec(name="a"), ChannelSpec(name="a")))
+    with pytest.raises(ValidationError, match="exposure_ms\n  Input should be greater than 0"):
+        AcquisitionPlan(channels=(ChannelSpec(name="a", exposure_ms=0),))
 
 
 def test_frames_cap_the_plan() -> None:
@@ -187,3 +195,188 @@ def test_duration_over_one_loop_has_no_interval() -> None:
     seq = useq.MDASequence(time_plan={"duration": 10, "loops": 1})
     plan = AcquisitionPlan.from_mda_sequence(seq)
     assert (plan.time_points, plan.interval_s) == (1, 0.0)
+
+
+# -- one plan type: what a config writes is what the sources run ------------------
+def test_the_config_plan_is_the_acquisition_plan() -> None:
+    cfg = validate_config({"plan": {"channels": "low=nuclei:2,high=nuclei:50ms", "z_planes": 3}})
+    assert isinstance(cfg.plan, AcquisitionPlan)
+    assert [(c.name, c.preset, c.exposure_ms) for c in cfg.plan.channels] == [
+        ("low", "nuclei", 2.0),
+        ("high", "nuclei", 50.0),
+    ]
+    assert ChannelSpec.model_validate("brightfield:5") == ChannelSpec(
+        name="brightfield", exposure_ms=5
+    )
+    assert cfg.plan.z_offsets == AcquisitionPlan.z_range(3, 1.0)
+    assert build_plan(cfg).channels == cfg.plan.channels
+
+
+def test_explicit_z_offsets_count_the_planes_and_must_agree_with_them() -> None:
+    plan = AcquisitionPlan(time_points=1, z_offsets_um=(-2.0, 0.0, 0.5, 1.0))
+    assert plan.z_planes == 4
+    assert plan.z_offsets == (-2.0, 0.0, 0.5, 1.0)  # uneven, as an MDASequence may hold
+    assert [e.z_pos for e in plan.to_mda_sequence()] == [-2.0, 0.0, 0.5, 1.0]
+    assert [e["z"] for e in plan.to_pycromanager_events(10.0)] == [8.0, 10.0, 10.5, 11.0]
+    assert plan.to_json()["z_offsets_um"] == [-2.0, 0.0, 0.5, 1.0]
+    assert AcquisitionPlan(z_planes=2, z_offsets_um=(0.0, 1.0)).z_planes == 2
+    with pytest.raises(ValidationError, match="z_planes 3 does not match the 2 z_offsets_um"):
+        AcquisitionPlan(z_planes=3, z_offsets_um=(0.0, 1.0))
+    with pytest.raises(ValidationError, match="finite"):
+        AcquisitionPlan(z_offsets_um=(0.0, float("nan")))
+
+
+def test_resolving_fills_what_the_config_left_open() -> None:
+    two = AcquisitionPlan(channels="a:1,b:2", z_planes=3)  # 6 frames per time point
+    assert two.resolved().time_points == 100
+    assert two.resolved(frames=50).time_points == 9
+    assert two.resolved(fps=4).interval_s == 0.25
+    fixed = two.model_copy(update={"time_points": 4, "interval_s": 2.0})
+    assert (fixed.resolved(frames=7, fps=4).time_points, fixed.resolved(fps=4).interval_s) == (
+        2,
+        2.0,
+    )
+    assert fixed.resolved(frames=1000).time_points == 4  # frames stop a plan, never extend it
+    assert two.resolved(frames=10**8).time_points == -(-(10**8) // 6)  # frames bound these
+
+
+def test_an_open_plan_streams_open_ended_and_cannot_be_run_before_it_is_resolved() -> None:
+    plan = AcquisitionPlan(channels="nuclei:5")
+    assert plan.stream_info((8, 8), "uint16", 1.0).n_t is None
+    assert plan.to_json()["time_points"] is None
+    for run in (lambda: plan.n_frames, plan.to_mda_sequence, plan.to_pycromanager_events):
+        with pytest.raises(PlanError, match="resolve"):
+            run()
+
+
+def test_the_json_saved_with_a_run_keeps_its_form() -> None:
+    js = PLAN.to_json()
+    assert list(js) == [
+        "time_points",
+        "interval_s",
+        "z_offsets_um",
+        "channels",
+        "channel_group",
+        "pairs",
+    ]
+    assert js["channels"][0] == {"name": "brightfield", "config": "brightfield", "exposure_ms": 5}
+    assert js["z_offsets_um"] == [-0.5, 0.0, 0.5]
+
+
+def test_a_sequence_refused_as_a_plan_says_why_in_a_plan_error() -> None:
+    with pytest.raises(PlanError, match="name"):  # a preset the plan cannot name a channel by
+        AcquisitionPlan.from_mda_sequence(useq.MDASequence(channels=[{"config": ""}]))
+
+
+# -- round trips: config → plan → MDASequence → plan, and MDASequence → plan → MDASequence
+def _frames(seq: useq.MDASequence) -> list[tuple[object, ...]]:
+    """What each event acquires, in order (a missing start time is "now", as useq runs it)."""
+    return [
+        (
+            e.index.get("t", 0),
+            e.index.get("c", 0),
+            e.index.get("z", 0),
+            e.channel.config if e.channel else None,
+            e.channel.group if e.channel else None,
+            e.exposure,
+            e.z_pos,
+            e.min_start_time or 0.0,
+        )
+        for e in seq
+    ]
+
+
+_exposures = st.sampled_from([1.0, 2.5, 5.0, 10.0, 50.0, 0.125])
+_intervals = st.sampled_from([0.0, 0.5, 1.5, 2.0]) | st.floats(0.001, 100.0)
+_channels = st.lists(
+    st.tuples(st.sampled_from(["DAPI", "FITC", "nuclei"]), _exposures), max_size=4
+).map(
+    lambda cs: [
+        {"name": f"c{i}", "config": preset, "exposure_ms": exp}
+        for i, (preset, exp) in enumerate(cs)
+    ]
+)
+_z = st.one_of(
+    st.fixed_dictionaries(
+        {"z_planes": st.integers(1, 5), "z_step_um": st.sampled_from([0.1, 0.5, 1.0, 2.5])}
+    ),
+    st.lists(st.floats(-50, 50).map(lambda z: round(z, 3)), min_size=1, max_size=5).map(
+        lambda zs: {"z_offsets_um": zs}
+    ),
+)
+config_plans = st.builds(
+    lambda t, interval, channels, z, frames, fps: build_plan(
+        validate_config(
+            {
+                "frames": frames,
+                "fps": fps,
+                "plan": {"time_points": t, "interval_s": interval, "channels": channels, **z},
+            }
+        )
+    ),
+    st.none() | st.integers(1, 4),
+    _intervals,
+    _channels,
+    _z,
+    st.none() | st.integers(1, 40),
+    st.none() | st.sampled_from([0.0, 3.0, 30.0]),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(plan=config_plans)
+def test_a_plan_round_trips_through_its_mda_sequence(plan: AcquisitionPlan) -> None:
+    seq = plan.to_mda_sequence()
+    again = AcquisitionPlan.from_mda_sequence(seq)
+    assert _frames(again.to_mda_sequence()) == _frames(seq)
+    assert again.n_frames == plan.n_frames == len(_frames(seq))
+    assert again.z_offsets == plan.z_offsets
+    assert [(c.preset, c.exposure_ms) for c in again.channels] == [
+        (c.preset, c.exposure_ms) for c in plan.channels
+    ]
+    assert again.interval_s == pytest.approx(plan.interval_s, abs=1e-6)  # useq keeps µs
+    # the pycromanager events acquire what the sequence does
+    names = plan.channel_names
+    pm = [
+        (e["axes"]["time"], names.index(e["axes"]["channel"]) if plan.channels else 0)
+        for e in plan.to_pycromanager_events()
+    ]
+    assert pm == [(f[0], f[1]) for f in _frames(seq)]
+
+
+mda_sequences = st.builds(
+    lambda time_plan, z_plan, channels: useq.MDASequence(
+        axis_order="tpcz",
+        **({"time_plan": time_plan} if time_plan else {}),
+        **({"z_plan": z_plan} if z_plan else {}),
+        channels=channels,
+    ),
+    st.none()
+    | st.fixed_dictionaries({"interval": _intervals, "loops": st.integers(1, 4)})
+    | st.fixed_dictionaries({"duration": st.floats(1, 60), "loops": st.integers(2, 4)}),
+    st.none()
+    | st.fixed_dictionaries(
+        {"range": st.sampled_from([1.0, 2.0, 4.5]), "step": st.sampled_from([0.5, 1.0])}
+    )
+    | st.lists(st.floats(-20, 20).map(lambda z: round(z, 3)), min_size=2, max_size=4).map(
+        lambda zs: {"relative": zs}
+    ),
+    st.lists(
+        st.fixed_dictionaries(
+            {"config": st.sampled_from(["DAPI", "FITC"]), "exposure": _exposures}
+        ),
+        max_size=3,
+    ),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seq=mda_sequences)
+def test_an_mda_sequence_read_as_a_plan_acquires_the_same_frames(seq: useq.MDASequence) -> None:
+    # a sequence of no axes lists no events; as a plan it is one frame of the camera
+    assume(seq.time_plan or seq.z_plan or seq.channels)
+    plan = AcquisitionPlan.from_mda_sequence(seq)
+    assert _frames(plan.to_mda_sequence()) == _frames(seq)
+    assert plan.n_frames == len(_frames(seq))
+    # and the plan is a valid config plan as it stands
+    assert AcquisitionPlan.model_validate(plan.model_dump(mode="json")) == plan

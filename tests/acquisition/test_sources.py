@@ -99,7 +99,10 @@ class TestSimulatedSource(SourceConformance):
         plan = AcquisitionPlan(
             time_points=2,
             z_offsets_um=(-2.0, 0.0, 2.0),
-            channels=(ChannelSpec("brightfield", 5), ChannelSpec("nuclei", 30)),
+            channels=(
+                ChannelSpec(name="brightfield", exposure_ms=5),
+                ChannelSpec(name="nuclei", exposure_ms=30),
+            ),
         )
         src = SimulatedSource((96, 96), plan, seed=1, time_step_s=20)
         got = collect(src)
@@ -151,7 +154,7 @@ class TestSimulatedSource(SourceConformance):
         assert time.monotonic() - t0 >= 0.15
 
 
-NUC = ChannelSpec("nuclei", 10)
+NUC = ChannelSpec(name="nuclei", exposure_ms=10)
 
 
 class TestMMCoreDemo(SourceConformance):
@@ -163,7 +166,10 @@ class TestMMCoreDemo(SourceConformance):
         plan = AcquisitionPlan(
             time_points=max(1, -(-frames // 6)),
             z_offsets_um=(-1.0, 0.0, 1.0),
-            channels=(ChannelSpec("DAPI", 5), ChannelSpec("FITC", 10)),
+            channels=(
+                ChannelSpec(name="DAPI", exposure_ms=5),
+                ChannelSpec(name="FITC", exposure_ms=10),
+            ),
         )
         return make_source("mmcore:demo", plan=plan)
 
@@ -186,7 +192,10 @@ class TestPycromanagerDemo(SourceConformance):
         plan = AcquisitionPlan(
             time_points=max(1, -(-frames // 6)),
             z_offsets_um=(-1.0, 0.0, 1.0),
-            channels=(ChannelSpec("DAPI", 5), ChannelSpec("FITC", 10)),
+            channels=(
+                ChannelSpec(name="DAPI", exposure_ms=5),
+                ChannelSpec(name="FITC", exposure_ms=10),
+            ),
         )
         return make_source("pycromanager:demo", plan=plan)
 
@@ -207,7 +216,10 @@ class TestPycromanagerSim(SourceConformance):
         plan = AcquisitionPlan(
             time_points=max(1, -(-frames // 4)),
             z_offsets_um=(0.0, 1.0),
-            channels=(ChannelSpec("brightfield", 5), ChannelSpec("nuclei", 20)),
+            channels=(
+                ChannelSpec(name="brightfield", exposure_ms=5),
+                ChannelSpec(name="nuclei", exposure_ms=20),
+            ),
         )
         return make_source("pycromanager:sim", plan=plan, shape=(64, 96))
 
@@ -391,7 +403,7 @@ def test_micro_manager_errors_are_clear(tmp_path: Path, free_port: int) -> None:
         make_source(f"mmcore:{cfg}", mm_dir=str(tmp_path))
     with pytest.raises(SourceError, match=f"not reachable on port {free_port}"):
         PycromanagerSource(None, AcquisitionPlan(), port=free_port)
-    bad = AcquisitionPlan(channels=(ChannelSpec("GFP-long-pass"),))
+    bad = AcquisitionPlan(channels=(ChannelSpec(name="GFP-long-pass"),))
     with pytest.raises(
         SourceError, match=r"presets \['GFP-long-pass'\] are not in group 'Channel'"
     ):

@@ -160,7 +160,9 @@ class SlowModel:
 
 
 def test_slow_consumer_never_costs_a_raw_frame(tmp_path: Path) -> None:
-    plan = AcquisitionPlan.timelapse(300, interval_s=0.01, channels=(ChannelSpec("nuclei", 5),))
+    plan = AcquisitionPlan.timelapse(
+        300, interval_s=0.01, channels=(ChannelSpec(name="nuclei", exposure_ms=5),)
+    )
     src = SimulatedSource((256, 256), plan)  # a 100 fps camera
     sink = ZarrSink(tmp_path / "r.ome.zarr", src.info)
     model = SlowModel()
@@ -180,7 +182,9 @@ def test_slow_consumer_never_costs_a_raw_frame(tmp_path: Path) -> None:
 
 def test_camera_dying_mid_run_fails_the_run_and_keeps_the_frames(tmp_path: Path) -> None:
     src = SimulatedSource(
-        (64, 64), AcquisitionPlan.timelapse(40, channels=(ChannelSpec("nuclei"),)), die_after=12
+        (64, 64),
+        AcquisitionPlan.timelapse(40, channels=(ChannelSpec(name="nuclei"),)),
+        die_after=12,
     )
     sink = ZarrSink(tmp_path / "r.ome.zarr", src.info)
     s = StreamRunner(src, [SinkSpec("zarr", sink, records=True)], buffer_mb=8).run(timeout=60)

@@ -616,7 +616,7 @@ class TestEngine25dZ(ZStackConformance):
 
 # -- TruthSink ----------------------------------------------------------------------------
 
-NUC = ChannelSpec("nuclei", 20)
+NUC = ChannelSpec(name="nuclei", exposure_ms=20)
 
 
 class TestTruthSink(StageConformance):

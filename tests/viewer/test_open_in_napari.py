@@ -23,7 +23,7 @@ def test_run_opens_in_napari_with_ome_zarr_plugin(tmp_path: Path) -> None:
     os.environ.setdefault("QT_QPA_PLATFORM", "xcb")
     napari = pytest.importorskip("napari")
     out = tmp_path / "run.ome.zarr"
-    plan = AcquisitionPlan.timelapse(12, channels=(ChannelSpec("nuclei", 10),))
+    plan = AcquisitionPlan.timelapse(12, channels=(ChannelSpec(name="nuclei", exposure_ms=10),))
     src = SimulatedSource((128, 96), plan, seed=2)
     summary = StreamRunner(src, [SinkSpec("zarr", ZarrSink(out, src.info), records=True)]).run(30)
     assert summary["frames_written"] == 12
