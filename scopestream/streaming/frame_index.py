@@ -204,3 +204,31 @@ def read_frame_index(group: str | os.PathLike[str]) -> np.ndarray:
         f.seek(_HEADER_BYTES)
         out = np.fromfile(f, FRAME_DTYPE, count=rows)
     return out
+
+
+class FrameIndexTail:
+    """Reads a growing ``frames.npy`` incrementally: each `read_new` returns only the
+    records appended since the last call (whole records; a half-written one waits).
+
+    What a viewer following a run that is still written calls every second: the cost
+    is that of the new records, not of the whole index.
+    """
+
+    def __init__(self, group: str | os.PathLike[str]) -> None:
+        self.path = Path(group) / FILE_NAME
+        self.rows = 0  # records returned so far
+
+    def read_new(self) -> np.ndarray:
+        """The records written since the previous call (empty when there are none)."""
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return np.zeros(0, FRAME_DTYPE)
+        rows = max(0, (size - _HEADER_BYTES) // FRAME_DTYPE.itemsize)
+        if rows <= self.rows:
+            return np.zeros(0, FRAME_DTYPE)
+        with open(self.path, "rb") as f:
+            f.seek(_HEADER_BYTES + self.rows * FRAME_DTYPE.itemsize)
+            out = np.fromfile(f, FRAME_DTYPE, count=rows - self.rows)
+        self.rows += len(out)
+        return out

@@ -51,7 +51,13 @@ from scopestream.streaming.seams import (
     Recorder,
     Stage,
 )
-from scopestream.streaming.signals import FrameEvent, RunResult, RunSignals, RunState
+from scopestream.streaming.signals import (
+    FrameEvent,
+    RunResult,
+    RunSignals,
+    RunState,
+    listener_error,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
@@ -218,7 +224,7 @@ class StreamRunner:
             signal.emit(*args)
         except Exception as e:
             self.listener_errors += 1
-            self.last_listener_error = f"{type(e).__name__}: {e}"
+            self.last_listener_error = listener_error(e)
 
     # -- state ------------------------------------------------------------
     @property
@@ -708,6 +714,7 @@ class StreamRunner:
             "contracts": {n: c.describe() for n, c in self.contracts.items()},
             "malformed": int(counters.get("malformed", 0)),
             "listener_errors": self.listener_errors,
+            "last_listener_error": self.last_listener_error,
             "source_counters": dict(counters),
             "fps": round(fps, 2),
             "acquire_fps": round(self.acquired.fps(), 2),

@@ -95,6 +95,12 @@ class RunSignals:
     runFinished = Signal(RunResult)
 
 
+def listener_error(e: BaseException) -> str:
+    """``"TypeError: ..."`` of what a listener raised (psygnal wraps it in an EmitLoopError)."""
+    cause = e.__cause__ if type(e).__name__ == "EmitLoopError" and e.__cause__ else e
+    return f"{type(cause).__name__}: {cause}"
+
+
 def safe_emit(signal: Any, *args: Any, errors: list[str] | None = None) -> None:
     """Emit ``signal``; a listener that raises never breaks the stage that emitted.
 
@@ -104,4 +110,4 @@ def safe_emit(signal: Any, *args: Any, errors: list[str] | None = None) -> None:
         signal.emit(*args)
     except Exception as e:
         if errors is not None and len(errors) < 100:
-            errors.append(f"{type(e).__name__}: {e}")
+            errors.append(listener_error(e))

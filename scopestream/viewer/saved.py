@@ -8,12 +8,14 @@ follows the newest time point until the run's status says it ended).
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from scopestream.streaming.frame_index import FILE_NAME, FrameIndexTail
 from scopestream.streaming.saved_run import SavedRun, complete_frames, read_group_attrs
 from scopestream.viewer.frames import layer_name, output_kind
 from scopestream.viewer.style import colormap_for, estimate_limits
@@ -56,28 +58,48 @@ def _complete_t(group: Path) -> list[list[int]]:
     return [[int(t) for t in np.flatnonzero(per_c[:, c])] for c in range(per_c.shape[1])]
 
 
-def _indexed_t(group: Path, channels: int) -> list[list[int]] | None:
-    """Per channel, the time points in the image's frame index (no chunk listing), or None
-    for images without one."""
-    from scopestream.streaming.frame_index import read_frame_index
+class IndexedTimes:
+    """Per image and channel, the time points its frame index lists, read incrementally.
 
-    if not (group / "frames.npy").exists():
-        return None
-    table = read_frame_index(group)
-    out: list[list[int]] = []
-    for c in range(channels):
-        out.append(sorted({int(t) for t in table["t"][table["c"] == c]}))
-    return out
+    A viewer following a growing run asks this every second: each image's
+    ``frames.npy`` is read from where the last look stopped (`FrameIndexTail`), so
+    the cost is that of the frames written since, not of the whole run.
+    """
+
+    def __init__(self) -> None:
+        self._tails: dict[Path, FrameIndexTail] = {}
+        self._times: dict[Path, list[list[int]]] = {}
+
+    def times(self, group: Path, channels: int) -> list[list[int]] | None:
+        """Per channel, the sorted time points indexed so far; None without an index."""
+        if group not in self._tails:
+            if not (group / FILE_NAME).exists():
+                return None
+            self._tails[group] = FrameIndexTail(group)
+        seen = self._times.setdefault(group, [])
+        while len(seen) < channels:
+            seen.append([])
+        new = self._tails[group].read_new()
+        for c in range(channels):
+            for t in np.unique(new["t"][new["c"] == c]).tolist():
+                ts = seen[c]
+                if not ts or t > ts[-1]:  # the usual case: time goes forward
+                    ts.append(t)
+                else:
+                    i = bisect.bisect_left(ts, t)
+                    if i == len(ts) or ts[i] != t:
+                        ts.insert(i, t)
+        return [list(ts) for ts in seen[:channels]]
 
 
 def run_layers(
-    path: str | Path, *, contrast: bool = True, listing: bool = True
+    path: str | Path, *, contrast: bool = True, index: IndexedTimes | None = None
 ) -> list[LayerSpec]:
     """Every channel of the raw image and of each output, as layer specs.
 
-    ``listing=False`` takes the time points from each image's frame index
-    (``frames.npy``, read in one go) instead of listing every chunk file: what a
-    viewer following a growing run does every second.
+    With ``index``, the time points come from each image's frame index
+    (``frames.npy``, read on from where ``index`` last stopped) instead of listing
+    every chunk file: what a viewer following a growing run does every second.
     ``contrast=False`` reads no pixels (limits stay (0, 1)): for re-reading the
     time axis of a run that is still written.
     """
@@ -98,7 +120,7 @@ def run_layers(
         lazy = da.from_zarr(arr)  # type: ignore[no-untyped-call]
         n_z = int(arr.shape[2])
         t_scale = float(scale[0]) or 1.0
-        indexed = None if listing else _indexed_t(group, len(channels))
+        indexed = None if index is None else index.times(group, len(channels))
         complete = indexed if indexed is not None else _complete_t(group)
         for c, ch in enumerate(channels):
             data = lazy[:, c] if n_z > 1 else lazy[:, c, 0]
@@ -178,6 +200,7 @@ class RunFollower:
 
         self.viewer, self.path = viewer, Path(path)
         self.refreshes = 0
+        self.index = IndexedTimes()
         self.timer = QTimer()
         self.timer.setInterval(interval_ms)
         self.timer.timeout.connect(self.refresh)
@@ -187,7 +210,7 @@ class RunFollower:
         """Re-read the time axis; grow the layers; follow the newest time point."""
         status = run_status(self.path)
         # the frame index, not a walk over every chunk file, on the GUI thread each second
-        specs = {s.name: s for s in run_layers(self.path, contrast=False, listing=False)}
+        specs = {s.name: s for s in run_layers(self.path, contrast=False, index=self.index)}
         for layer in self.viewer.layers:
             spec = specs.get(layer.name)
             if spec is None:

@@ -100,6 +100,22 @@ def test_state_machine_and_signals(tmp_path: Path) -> None:
         runner.start()
 
 
+def test_a_listener_that_raises_is_counted_and_the_run_goes_on(tmp_path: Path) -> None:
+    src = ArraySource(frames(), 12)
+    sink = ZarrSink(tmp_path / "r.ome.zarr", src.info)
+    runner = StreamRunner(src, [SinkSpec("zarr", sink, records=True)], buffer_mb=1)
+
+    def bad(name: str, event: Any) -> None:
+        raise ValueError(f"listener bug at frame {event.seq}")
+
+    runner.frameReady.connect(bad)
+    summary = runner.run(timeout=30)
+    assert summary["status"] == "complete"
+    assert summary["frames_written"] == 12
+    assert summary["listener_errors"] == 12
+    assert summary["last_listener_error"] == "ValueError: listener bug at frame 11"
+
+
 def test_stop_mid_run_writes_everything_acquired(tmp_path: Path) -> None:
     src = ArraySource(frames(), 100_000, fps=500)
     sink = ZarrSink(tmp_path / "r.ome.zarr", StreamInfo(frame_shape=(32, 32), n_t=None))
