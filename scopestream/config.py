@@ -166,11 +166,12 @@ class RunConfig(BaseModel):
     def _plan_frames_bounded(self) -> RunConfig:
         p = self.plan
         if p.time_points is not None:
-            n = p.time_points * max(1, len(p.channels)) * p.z_planes
+            n = p.time_points * p.n_positions * max(1, len(p.channels)) * p.z_planes
             # `frames` stops the run early, so only what is recorded counts.
             if n > MAX_FRAMES and (self.frames is None or self.frames > MAX_FRAMES):
                 raise ValueError(
-                    f"the plan acquires {n:,} frames (time points × channels × z-planes); "
+                    f"the plan acquires {n:,} frames "
+                    "(time points × positions × channels × z-planes); "
                     f"at most {MAX_FRAMES:,}, or set frames"
                 )
         return self
@@ -202,6 +203,7 @@ def build_plan(cfg: RunConfig) -> AcquisitionPlan:
             _check_plan_size(
                 f"the MDA sequence {cfg.mda}",
                 t=sizes.get("t", 0),
+                p=sizes.get("p", 0),
                 c=sizes.get("c", 0),
                 z=sizes.get("z", 0),
                 frames=cfg.frames,
@@ -212,16 +214,21 @@ def build_plan(cfg: RunConfig) -> AcquisitionPlan:
         raise ConfigError(f"invalid plan: {e}") from None
 
 
-def _check_plan_size(where: str, *, t: int, c: int, z: int, frames: int | None) -> None:
+def _check_plan_size(
+    where: str, *, t: int, c: int, z: int, frames: int | None, p: int = 1
+) -> None:
     """Refuse a plan beyond the documented limits (``frames`` caps the time points)."""
+    from scopestream.acquisition.positions import MAX_POSITIONS
+
     for n, limit, what in (
+        (p, MAX_POSITIONS, "positions"),
         (c, MAX_CHANNELS, "channels"),
         (z, MAX_Z_PLANES, "z-planes"),
         (t, MAX_TIME_POINTS, "time points"),
     ):
         if n > limit and not (what == "time points" and frames is not None):
             raise ConfigError(f"{where} has {n:,} {what}; at most {limit:,}")
-    n_frames = max(1, t) * max(1, c) * max(1, z)
+    n_frames = max(1, t) * max(1, p) * max(1, c) * max(1, z)
     if frames is not None:
         n_frames = min(n_frames, frames)
     if n_frames > MAX_FRAMES:

@@ -87,6 +87,11 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path: Path) -> None
         ss.Pipeline.from_config(
             {"source": "sim", "mm_hooks": {"pre_hardware": "this:s"}, "out": str(out)}
         ).build()
+    four = [{"x_um": 60.0 * i} for i in range(4)]
+    with pytest.raises(ss.PipelineError, match="visits 4 positions"):
+        ss.Pipeline.from_config(
+            {"shape": "64x64", "plan": {"time_points": 1, "positions": four}, "out": str(out)}
+        ).build()
     assert not out.exists()
     assert "this" not in sys.modules  # the hook module was never imported
 

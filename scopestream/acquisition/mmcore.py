@@ -183,6 +183,26 @@ def check_plan(core: Any, plan: AcquisitionPlan) -> None:
             )
     if plan.z_offsets != (0.0,) and not core.getFocusDevice():
         raise SourceError("the plan has a z-stack but the configuration has no focus device")
+    moves = plan.plate is not None or plan.grid is not None or any(
+        p.x_um is not None or p.y_um is not None or p.grid is not None for p in plan.positions
+    )
+    if moves and not core.getXYStageDevice():
+        raise SourceError(
+            f"the plan visits {plan.n_positions} field(s) at stage x/y positions, but the "
+            "configuration has no XY stage"
+        )
+    if any(p.z_um is not None for p in plan.positions) and not core.getFocusDevice():
+        raise SourceError("the plan's positions set z, but the configuration has no focus device")
+
+
+def xy_origin(core: Any) -> tuple[float, float]:
+    """Where the XY stage is now (µm; (0, 0) without one): the centre of a plan's grid."""
+    if not core.getXYStageDevice():
+        return (0.0, 0.0)
+    try:
+        return (float(core.getXPosition()), float(core.getYPosition()))
+    except Exception as e:
+        raise SourceError(f"cannot read the XY stage position: {e}") from e
 
 
 class _SnapFailures(logging.Handler):
@@ -244,8 +264,9 @@ class MMCoreSource:
         self._teardown = teardown
         shape = (int(core.getImageHeight()), int(core.getImageWidth()))
         px = float(core.getPixelSizeUm() or 1.0)
-        self.info: StreamInfo = plan.stream_info(shape, pixel_dtype(core.getBytesPerPixel()), px)
-        self._sequence = plan.to_mda_sequence()
+        dtype = pixel_dtype(core.getBytesPerPixel())
+        self.info: StreamInfo = plan.stream_info(shape, dtype, px, origin_um=xy_origin(core))
+        self._sequence = plan.to_mda_sequence(self.info.positions)
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None

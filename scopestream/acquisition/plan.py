@@ -18,6 +18,7 @@ useq is imported only by the methods that need it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -32,10 +33,20 @@ from pydantic import (
     model_validator,
 )
 
+from scopestream.acquisition.positions import (
+    MAX_POSITIONS,
+    PlanGrid,
+    PlanPlate,
+    PlanPosition,
+    count_fields,
+    expand_fields,
+    well_name,
+)
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from scopestream.streaming.layout import StreamInfo
+    from scopestream.streaming.layout import Position, StreamInfo
 
 # Upper bounds no real microscope reaches (see `scopestream.config` for the others).
 MAX_TIME_POINTS = 10_000_000
@@ -129,6 +140,11 @@ class AcquisitionPlan(BaseModel):
         description="which channels the trainer pairs, e.g. {denoise: {input: low, target: high}}"
         f" (keys {', '.join(_PAIR_KEYS)})",
     )
+    positions: tuple[PlanPosition, ...] = Field(
+        (), max_length=MAX_POSITIONS, description="stage positions (name, x/y/z µm, grid)"
+    )
+    grid: PlanGrid | None = Field(None, description="a grid of fields around each position")
+    plate: PlanPlate | None = Field(None, description="wells of a plate, fields per well")
 
     @field_validator("channels", mode="before")
     @classmethod
@@ -158,6 +174,18 @@ class AcquisitionPlan(BaseModel):
         if len(set(names)) != len(names):
             raise ValueError(f"channel names must be unique, got {names}")
         _check_pairs(self.pairs, set(names))
+        if self.plate is not None and (self.positions or self.grid is not None):
+            raise ValueError(
+                "a plate plan names its fields (wells × fields); leave positions and grid out"
+            )
+        named = [p.name for p in self.positions if p.name is not None]
+        if len(set(named)) != len(named):
+            dup = sorted({n for n in named if named.count(n) > 1})
+            raise ValueError(f"position names must be unique; repeated: {', '.join(dup[:5])}")
+        if self.n_positions > MAX_POSITIONS:
+            raise ValueError(
+                f"the plan visits {self.n_positions:,} fields; at most {MAX_POSITIONS:,}"
+            )
         return self
 
     @model_serializer(mode="wrap")
@@ -167,6 +195,9 @@ class AcquisitionPlan(BaseModel):
         data: dict[str, Any] = handler(self)
         if data.get("z_offsets_um", 0) is None:
             del data["z_offsets_um"]
+        for key in ("positions", "grid", "plate"):  # likewise for where it images
+            if key in data and not data[key]:
+                del data[key]
         return data
 
     @classmethod
@@ -195,9 +226,33 @@ class AcquisitionPlan(BaseModel):
         return tuple(c.name for c in self.channels) or ("raw",)
 
     @property
+    def n_positions(self) -> int:
+        """Fields the plan visits per time point (1: it stays where the stage is)."""
+        return count_fields(self.positions, self.grid, self.plate)
+
+    @property
     def n_frames(self) -> int:
         """Frames the whole plan acquires (`PlanError` while ``time_points`` is open)."""
-        return self._time_points() * len(self.channel_names) * self.z_planes
+        return self._time_points() * self.n_positions * len(self.channel_names) * self.z_planes
+
+    def fields(
+        self,
+        frame_shape: tuple[int, int],
+        pixel_size_um: float,
+        origin_um: tuple[float, float] = (0.0, 0.0),
+    ) -> tuple[Position, ...]:
+        """Every field the plan visits, in ``p`` order (empty: it stays where the stage is).
+
+        Grid steps are the camera's field of view (``frame_shape`` × ``pixel_size_um``);
+        ``origin_um`` is where the stage is when the run starts.
+        """
+        fov = (frame_shape[1] * pixel_size_um, frame_shape[0] * pixel_size_um)
+        try:
+            return expand_fields(
+                self.positions, self.grid, self.plate, fov_um=fov, origin_um=origin_um
+            )
+        except ValueError as e:
+            raise PlanError(str(e)) from None
 
     def resolved(self, frames: int | None = None, fps: float | None = None) -> AcquisitionPlan:
         """The plan a run acquires: every time point and the interval settled.
@@ -220,9 +275,16 @@ class AcquisitionPlan(BaseModel):
         return self._derived(time_points=min(t, self.time_points) if self.time_points else t)
 
     def stream_info(
-        self, frame_shape: tuple[int, int], dtype: str, pixel_size_um: float
+        self,
+        frame_shape: tuple[int, int],
+        dtype: str,
+        pixel_size_um: float,
+        origin_um: tuple[float, float] = (0.0, 0.0),
     ) -> StreamInfo:
-        """The stream this plan produces on a camera of ``frame_shape`` (open: ``n_t`` None)."""
+        """The stream this plan produces on a camera of ``frame_shape`` (open: ``n_t`` None).
+
+        Its ``positions`` are `fields` (``origin_um``: where the stage is at the start).
+        """
         from scopestream.streaming.layout import StreamInfo
 
         zs = self.z_offsets
@@ -236,6 +298,7 @@ class AcquisitionPlan(BaseModel):
             pixel_size_um=pixel_size_um,
             z_step_um=step,
             interval_s=self.interval_s,  # 0: none planned; the recording measures it
+            positions=self.fields(frame_shape, pixel_size_um, origin_um),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -250,6 +313,12 @@ class AcquisitionPlan(BaseModel):
             ],
             "channel_group": self.channel_group,
             "pairs": self.pairs,
+            **{
+                k: v
+                for k, v in self.model_dump(mode="json", include={"positions", "grid", "plate"})
+                .items()
+                if v
+            },
         }
 
     def _time_points(self) -> int:
@@ -261,7 +330,8 @@ class AcquisitionPlan(BaseModel):
 
     def _per_time_point_ceil(self, frames: int) -> int:
         """Time points that hold ``frames`` frames (at least one)."""
-        return max(1, -(-frames // (len(self.channel_names) * self.z_planes)))  # exact ceil
+        per_t = self.n_positions * len(self.channel_names) * self.z_planes
+        return max(1, -(-frames // per_t))  # exact ceil
 
     def _derived(
         self, *, time_points: int | None = None, interval_s: float | None = None
@@ -281,12 +351,21 @@ class AcquisitionPlan(BaseModel):
         return self.model_copy(update=changes)
 
     # -- engines ---------------------------------------------------------------
-    def to_mda_sequence(self) -> Any:
-        """The plan as a useq ``MDASequence`` (pymmcore-plus), ``tpcz`` order."""
+    def to_mda_sequence(self, positions: Sequence[Position] = ()) -> Any:
+        """The plan as a useq ``MDASequence`` (pymmcore-plus), ``tpcz`` order.
+
+        ``positions``: the plan's `fields` for the camera that runs it (grids and
+        plates are expanded by then, so both engines visit the same fields).
+        """
         import useq
 
+        self._check_fields(positions)
         zs = self.z_offsets
         kw: dict[str, Any] = {"axis_order": "tpcz"}
+        if positions:
+            kw["stage_positions"] = [
+                {"x": p.x_um, "y": p.y_um, "z": p.z_um, "name": p.name} for p in positions
+            ]
         kw["time_plan"] = {"interval": self.interval_s, "loops": self._time_points()}
         if zs != (0.0,):
             kw["z_plan"] = {"relative": list(zs)}
@@ -297,26 +376,53 @@ class AcquisitionPlan(BaseModel):
             ]
         return useq.MDASequence(**kw)
 
-    def to_pycromanager_events(self, z_origin_um: float = 0.0) -> list[dict[str, Any]]:
-        """The plan as pycromanager acquisition events, same order as the MDA sequence."""
+    def to_pycromanager_events(
+        self, z_origin_um: float = 0.0, positions: Sequence[Position] = ()
+    ) -> list[dict[str, Any]]:
+        """The plan as pycromanager acquisition events, same order as the MDA sequence.
+
+        ``positions`` as for `to_mda_sequence`; a field's ``z_um`` replaces the focus
+        ``z_origin_um`` that its z-stack is centred on.
+        """
+        self._check_fields(positions)
         zs = self.z_offsets
         events: list[dict[str, Any]] = []
         for t in range(self._time_points()):
-            for c in self.channels or (None,):
-                for zi, dz in enumerate(zs):
-                    axes: dict[str, Any] = {"time": t}
-                    ev: dict[str, Any] = {"axes": axes}
-                    if c is not None:
-                        axes["channel"] = c.name
-                        ev["config_group"] = [self.channel_group, c.preset]
-                        ev["exposure"] = c.exposure_ms
-                    if zs != (0.0,):
-                        axes["z"] = zi
-                        ev["z"] = z_origin_um + dz
-                    if self.interval_s > 0:
-                        ev["min_start_time"] = t * self.interval_s
-                    events.append(ev)
+            for p, pos in enumerate(positions or (None,)):
+                z0 = z_origin_um if pos is None or pos.z_um is None else pos.z_um
+                for c in self.channels or (None,):
+                    for zi, dz in enumerate(zs):
+                        axes: dict[str, Any] = {"time": t}
+                        ev: dict[str, Any] = {"axes": axes}
+                        if pos is not None:
+                            axes["position"] = p
+                            if pos.x_um is not None:
+                                ev["x"] = pos.x_um
+                            if pos.y_um is not None:
+                                ev["y"] = pos.y_um
+                            if pos.z_um is not None and zs == (0.0,):
+                                ev["z"] = pos.z_um
+                        if c is not None:
+                            axes["channel"] = c.name
+                            ev["config_group"] = [self.channel_group, c.preset]
+                            ev["exposure"] = c.exposure_ms
+                        if zs != (0.0,):
+                            axes["z"] = zi
+                            ev["z"] = z0 + dz
+                        if self.interval_s > 0:
+                            ev["min_start_time"] = t * self.interval_s
+                        events.append(ev)
         return events
+
+    def _check_fields(self, positions: Sequence[Position]) -> None:
+        """A plan that visits fields runs with them expanded (`fields`), never without."""
+        n = self.n_positions
+        expected = 0 if n == 1 and not self.positions and self.plate is None else n
+        if len(positions) != expected:
+            raise PlanError(
+                f"the plan visits {n} field(s); pass its fields (plan.fields(...)), "
+                f"not {len(positions)}"
+            )
 
     @classmethod
     def from_mda_sequence(cls, seq: Any) -> AcquisitionPlan:
@@ -341,11 +447,7 @@ class AcquisitionPlan(BaseModel):
         PlanError
             The sequence uses a feature the recorder cannot reproduce.
         """
-        if len(seq.stage_positions) > 1:
-            raise PlanError(
-                "plans with several stage positions or grids are not supported by the recorder yet"
-            )
-        _refuse_placement(seq)
+        where = _read_positions(seq)
         sizes = mda_sizes(seq)
         if seq.autofocus_plan is not None:
             raise PlanError(
@@ -357,10 +459,18 @@ class AcquisitionPlan(BaseModel):
                 f"keep_shutter_open_across {tuple(seq.keep_shutter_open_across)} is not "
                 "supported: the plan cannot pass it on to either engine"
             )
-        order = "".join(a for a in seq.axis_order if sizes.get(a, 0) > 1)
-        if order not in ("", "t", "c", "z", "tc", "tz", "cz", "tcz"):
+        # positions and grid fields are one axis here (p), recorded between t and c
+        n_p = sizes.get("p", 0)
+        order = "".join(
+            "p" if a == "g" else a
+            for a in seq.axis_order
+            if sizes.get(a, 0) > 1 or (a in "pg" and n_p > 1)
+        )
+        order = re.sub(r"p+", "p", order)
+        if not _in_order(order, "tpcz"):
             raise PlanError(
-                f"axis order {''.join(seq.axis_order)!r}: scopestream records in t, c, z order"
+                f"axis order {''.join(seq.axis_order)!r}: scopestream records in t, p, c, z "
+                "order (time outermost, then positions, channels, z)"
             )
         zs: tuple[float, ...] = (0.0,)
         if seq.z_plan is not None:
@@ -387,6 +497,7 @@ class AcquisitionPlan(BaseModel):
                 z_offsets_um=None if zs == (0.0,) else zs,
                 channels=_channel_specs(seq.channels),
                 channel_group=group,
+                **where,
             )
         except ValidationError as e:
             raise PlanError(_first_error(e)) from None
@@ -404,25 +515,132 @@ def mda_sizes(seq: Any) -> dict[str, int]:
     if seq.time_plan is not None:
         t = int(seq.time_plan.num_timepoints())
     z = 0 if seq.z_plan is None else int(seq.z_plan.num_positions())
-    return {"t": t, "p": len(seq.stage_positions), "c": len(seq.channels), "z": z}
+    return {"t": t, "p": _count_mda_fields(seq), "c": len(seq.channels), "z": z}
 
 
-def _refuse_placement(seq: Any) -> None:
-    """Refuse a single stage position that moves the stage, or a grid: the run stays put."""
-    if seq.grid_plan is not None:
-        raise PlanError("grid_plan is not supported by the recorder yet (it moves the stage)")
-    for pos in seq.stage_positions:
-        coords = {a: getattr(pos, a) for a in ("x", "y", "z") if getattr(pos, a) is not None}
-        if coords:
-            where = ", ".join(f"{a}={v:g}" for a, v in coords.items())
-            raise PlanError(
-                f"stage position coordinates ({where}) are not supported: the run acquires "
-                "where the stage and focus are; remove stage_positions"
+def _count_mda_fields(seq: Any) -> int:
+    """Fields of a sequence's positions, grids and plate, without listing them."""
+    import useq
+
+    def grid_n(g: Any) -> int:
+        if isinstance(g, useq.GridRowsColumns):
+            return int(g.rows) * int(g.columns)
+        return 1  # other grids are refused by `_read_positions`; count them as one
+
+    sp = seq.stage_positions
+    if isinstance(sp, useq.WellPlatePlan):
+        wp = sp.well_points_plan
+        per_well = grid_n(wp) if isinstance(wp, useq.GridRowsColumns) else 1
+        return len(sp.selected_well_names) * per_well
+    glob = grid_n(seq.grid_plan) if seq.grid_plan is not None else 1
+    if not sp:
+        return glob
+    total = 0
+    for pos in sp:
+        sub = getattr(pos, "sequence", None)
+        total += grid_n(sub.grid_plan) if sub is not None and sub.grid_plan is not None else glob
+    return total
+
+
+def _in_order(order: str, reference: str) -> bool:
+    """Whether every axis of ``order`` appears once, in ``reference``'s order."""
+    it = iter(reference)
+    return len(set(order)) == len(order) and all(a in it for a in order)
+
+
+def _read_grid(g: Any, where: str) -> PlanGrid:
+    """A useq ``GridRowsColumns`` as a `PlanGrid` (other grid kinds are refused)."""
+    import useq
+
+    if not isinstance(g, useq.GridRowsColumns):
+        raise PlanError(
+            f"{where}: a {type(g).__name__} grid is not supported; use rows and columns "
+            "(GridRowsColumns)"
+        )
+    ox, oy = (float(v) for v in g.overlap)
+    if ox != oy:
+        raise PlanError(f"{where}: overlap {ox:g} % × {oy:g} %: use one overlap for both axes")
+    if str(getattr(g.relative_to, "value", g.relative_to)) != "center":
+        raise PlanError(f"{where}: a grid relative to {g.relative_to!r}: use the centre")
+    fov = None
+    if g.fov_width is not None and g.fov_height is not None:
+        fov = (float(g.fov_width), float(g.fov_height))
+    elif g.fov_width is not None or g.fov_height is not None:
+        raise PlanError(f"{where}: give both fov_width and fov_height, or neither")
+    return PlanGrid(
+        rows=int(g.rows),
+        columns=int(g.columns),
+        overlap=ox,
+        mode=str(getattr(g.mode, "value", g.mode)),
+        fov_um=fov,
+    )
+
+
+def _read_positions(seq: Any) -> dict[str, Any]:
+    """A sequence's stage positions, grid and plate as plan fields; refuses what it cannot keep."""
+    import useq
+
+    sp = seq.stage_positions
+    try:
+        if isinstance(sp, useq.WellPlatePlan):
+            if seq.grid_plan is not None:
+                raise PlanError("a well plate plan with a grid_plan: give the fields per well")
+            if sp.rotation:
+                raise PlanError(f"a rotated plate ({sp.rotation}) is not supported")
+            wp = sp.well_points_plan
+            if isinstance(wp, useq.GridRowsColumns):
+                fields = _read_grid(wp, "well_points_plan")
+            elif isinstance(wp, useq.RelativePosition):
+                if wp.x or wp.y:
+                    raise PlanError("a well point off the well's centre is not supported")
+                fields = PlanGrid()
+            else:
+                raise PlanError(
+                    f"well_points_plan {type(wp).__name__} is not supported; use a grid "
+                    "(rows, columns) of fields per well"
+                )
+            x0, y0 = (float(v) for v in sp.a1_center_xy)
+            # useq's plate fields move the focus too (to 0.0 unless told): so does the plan
+            zs = {None if q.z is None else float(q.z) for q in sp.image_positions[:1]}
+            rows, cols = sp.selected_well_indices.T if len(sp.selected_well_indices) else ((), ())
+            wells = tuple(well_name(int(r), int(c)) for r, c in zip(rows, cols, strict=True))
+            plate = PlanPlate(
+                plate=str(sp.plate.name),
+                wells=wells,
+                a1_center_um=(x0, y0),
+                fields=fields,
+                z_um=next(iter(zs), None),
             )
-        if pos.sequence is not None:
-            raise PlanError("a stage position with its own sequence is not supported")
-        if pos.properties:
-            raise PlanError("a stage position with device properties is not supported")
+            return {"plate": plate}
+        grid = None if seq.grid_plan is None else _read_grid(seq.grid_plan, "grid_plan")
+        positions = []
+        for i, pos in enumerate(sp):
+            if pos.properties:
+                raise PlanError(f"stage position {i}: device properties are not supported")
+            own = None
+            sub = pos.sequence
+            if sub is not None:
+                extra = [
+                    k
+                    for k in ("time_plan", "z_plan", "channels", "autofocus_plan")
+                    if getattr(sub, k)
+                ] + (["stage_positions"] if sub.stage_positions else [])
+                if extra:
+                    raise PlanError(
+                        f"stage position {i}: a sub-sequence with {', '.join(extra)} is not "
+                        "supported (only a grid_plan per position)"
+                    )
+                if sub.grid_plan is not None:
+                    own = _read_grid(sub.grid_plan, f"stage position {i} grid_plan")
+            positions.append(
+                PlanPosition(name=pos.name, x_um=pos.x, y_um=pos.y, z_um=pos.z, grid=own)
+            )
+    except ValidationError as e:
+        raise PlanError(_first_error(e)) from None
+    # one position that names no place is the plain "where the stage is" run
+    if len(positions) == 1 and positions[0] == PlanPosition() and grid is None:
+        return {}
+    return {"positions": tuple(positions), "grid": grid}
 
 
 def _refuse_channel_features(channels: Sequence[Any], *, n_z: int, n_t: int) -> None:

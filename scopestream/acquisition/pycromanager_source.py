@@ -179,7 +179,10 @@ class PycromanagerSource:
             shape = (int(self.core.get_image_height()), int(self.core.get_image_width()))
             px = float(self.core.get_pixel_size_um() or 1.0)
             dtype = pixel_dtype(self.core.get_bytes_per_pixel())
-            self.info: StreamInfo = plan.stream_info(shape, dtype, px)
+            origin = (0.0, 0.0)
+            if self.core.get_xy_stage_device():
+                origin = (float(self.core.get_x_position()), float(self.core.get_y_position()))
+            self.info: StreamInfo = plan.stream_info(shape, dtype, px, origin_um=origin)
             self._z0 = float(self.core.get_position()) if self.core.get_focus_device() else 0.0
         except Exception:
             self._shutdown()
@@ -239,6 +242,15 @@ class PycromanagerSource:
         return core
 
     def _check_plan(self) -> None:
+        plan = self.plan
+        moves = plan.plate is not None or plan.grid is not None or any(
+            p.x_um is not None or p.y_um is not None or p.grid is not None for p in plan.positions
+        )
+        if moves and not self.core.get_xy_stage_device():
+            raise SourceError(
+                f"the plan visits {plan.n_positions} field(s) at stage x/y positions, but the "
+                "configuration has no XY stage"
+            )
         if not self.plan.channels:
             return
         group = self.plan.channel_group
@@ -332,7 +344,7 @@ class PycromanagerSource:
                 self.stop()
                 raise
 
-        events = self.plan.to_pycromanager_events(self._z0)
+        events = self.plan.to_pycromanager_events(self._z0, self.info.positions)
 
         def run() -> None:
             try:

@@ -42,7 +42,7 @@ import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 import numpy as np
 
@@ -579,25 +579,41 @@ class SimulatedMicroscope:
 
         return self._means.get(key, render)
 
-    def _window(self, t_s: float) -> tuple[slice, slice]:
-        """Stage drift: a slow, bounded wander of the field of view (whole pixels)."""
+    def _window(
+        self, t_s: float, stage_xy_um: tuple[float, float] | None = None
+    ) -> tuple[Any, Any]:
+        """The part of the (periodic) sample the camera sees: stage drift, a slow bounded
+        wander of the field of view, plus where the XY stage is (whole pixels).
+
+        The sample repeats every canvas width (it is rendered on a torus), so any
+        stage position shows a field; a field across the canvas edge wraps.
+        """
         s = self.sample
         amp = MARGIN_PX - 1
         a = s.drift_um_per_s * t_s / (self.optics.pixel_size_um * amp)
         oy = round(amp * float(np.sin(a)))
         ox = round(amp * float(np.sin(0.7 * a + 1.0)))
+        if stage_xy_um is not None:
+            px = self.optics.pixel_size_um
+            ox += round(stage_xy_um[0] / px)
+            oy -= round(stage_xy_um[1] / px)  # stage y up, image rows down
         h, w = self.shape
         return (
-            slice(MARGIN_PX + oy, MARGIN_PX + oy + h),
-            slice(MARGIN_PX + ox, MARGIN_PX + ox + w),
+            _wrapped(MARGIN_PX + oy, h, self.canvas[0]),
+            _wrapped(MARGIN_PX + ox, w, self.canvas[1]),
         )
 
     def ground_truth(
-        self, t_s: float, channel: str, z_um: float = 0.0, exposure_ms: float = 10.0
+        self,
+        t_s: float,
+        channel: str,
+        z_um: float = 0.0,
+        exposure_ms: float = 10.0,
+        stage_xy_um: tuple[float, float] | None = None,
     ) -> np.ndarray:
         """Noise-free expected frame in ADU (float32), before clipping."""
         mean, _ = self._mean_sigma(t_s, channel, z_um, exposure_ms)
-        out: np.ndarray = mean[self._window(t_s)].copy()
+        out: np.ndarray = np.array(_crop(mean, self._window(t_s, stage_xy_um)))
         return out
 
     def snap(
@@ -607,10 +623,11 @@ class SimulatedMicroscope:
         z_um: float = 0.0,
         exposure_ms: float = 10.0,
         out: np.ndarray | None = None,
+        stage_xy_um: tuple[float, float] | None = None,
     ) -> np.ndarray:
         """One noisy camera frame (uint16), written into ``out`` if given."""
         mean, sigma = self._mean_sigma(t_s, channel, z_um, exposure_ms)
-        win = self._window(t_s)
+        win = self._window(t_s, stage_xy_um)
         h, w = self.shape
         if out is None:
             out = np.empty(self.shape, np.uint16)
@@ -618,9 +635,29 @@ class SimulatedMicroscope:
             noise = self._noise[int(self._noise_rng.integers(len(self._noise)))]
             ny, nx = (int(v) for v in self._noise_rng.integers(0, 2 * MARGIN_PX, size=2))
             buf = self._buf
-            np.multiply(sigma[win], noise[ny : ny + h, nx : nx + w], out=buf)
-            np.add(buf, mean[win], out=buf)
+            np.multiply(_crop(sigma, win), noise[ny : ny + h, nx : nx + w], out=buf)
+            np.add(buf, _crop(mean, win), out=buf)
             np.clip(buf, 0, self.camera.max_adu, out=buf)
             np.rint(buf, out=buf)
             out[...] = buf
         return out
+
+
+def _wrapped(start: int, n: int, size: int) -> slice | np.ndarray:
+    """``n`` indices from ``start`` on a periodic axis of ``size``: a slice when they do
+    not wrap (a view, no copy), else an index array."""
+    start %= size
+    if start + n <= size:
+        return slice(start, start + n)
+    return np.arange(start, start + n) % size
+
+
+def _crop(a: np.ndarray, win: tuple[Any, Any]) -> np.ndarray:
+    """``a`` at a `_window` (slices: a view; wrapped index arrays: a copy)."""
+    rows, cols = win
+    if isinstance(rows, slice) and isinstance(cols, slice):
+        return a[rows, cols]
+    if isinstance(rows, slice):
+        return a[rows][:, cols]
+    out: np.ndarray = a[rows][:, cols]
+    return out

@@ -127,8 +127,9 @@ class SimulatedSource(MMCoreSource):
         """Noise-free expected frame (ADU, float32) of a frame this source produced."""
         channel = self.plan.channels[meta["c"]].preset  # the light path, not the run's name
         z = meta["stage_z_um"] or 0.0
+        xy = (meta.get("stage_x_um") or 0.0, meta.get("stage_y_um") or 0.0)
         return self.microscope.ground_truth(
-            meta["t"] * self.scope.time_step_s, channel, z, meta["exposure_ms"]
+            meta["t"] * self.scope.time_step_s, channel, z, meta["exposure_ms"], stage_xy_um=xy
         )
 
 

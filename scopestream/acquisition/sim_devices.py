@@ -1,6 +1,6 @@
 """The simulated microscope as a real Micro-Manager core (pymmcore-plus ``UniMMCore``).
 
-Python devices: a camera, a Z stage, a shutter and a light-path selector (a
+Python devices: a camera, an XY stage, a Z stage, a shutter and a light-path selector (a
 state device whose labels are the microscope's channels, behind the ``Channel``
 config group). They share one `ScopeState`; the camera renders what the
 `SimulatedMicroscope` would show with the current light path, focus and
@@ -35,6 +35,7 @@ from pymmcore_plus.experimental.unicore import (
     StageDevice,
     StateDevice,
     UniMMCore,
+    XYStageDevice,
 )
 
 if TYPE_CHECKING:
@@ -55,6 +56,9 @@ class ScopeState:
 
     microscope: SimulatedMicroscope
     z_um: float = 0.0
+    #: where the XY stage is: the camera sees the part of the sample under it
+    x_um: float = 0.0
+    y_um: float = 0.0
     light_path: int = 0
     shutter_open: bool = False
     #: the camera's exposure drives the light source (TTL), as on most modern scopes
@@ -151,9 +155,10 @@ class SimCamera(SimpleCameraDevice):
             lit = st.camera_triggers_light or st.shutter_open
             t_s = st.sim_time_s()
             z = st.z_um
+            xy = (st.x_um, st.y_um)
         scope = st.microscope
         exposure = self._exposure_ms if lit else 1e-6  # dark: offset and read noise only
-        scope.snap(t_s, channel, z, exposure, out=buffer)
+        scope.snap(t_s, channel, z, exposure, out=buffer, stage_xy_um=xy)
         return {"sim_time_s": t_s, "sim_channel": channel, "sim_z_um": z}
 
 
@@ -182,6 +187,37 @@ class SimZStage(StageDevice):
     def set_origin(self) -> None:
         """Make the current position 0."""
         self._state.z_um = 0.0
+
+
+class SimXYStage(XYStageDevice):
+    """Stage: moving it shows another part of the sample (a plate's wells, a grid's fields)."""
+
+    def __init__(self, state: ScopeState) -> None:
+        super().__init__()
+        self._state = state
+
+    def set_position_um(self, x: float, y: float) -> None:
+        """Move to (``x``, ``y``) µm."""
+        self._state.x_um, self._state.y_um = float(x), float(y)
+
+    def get_position_um(self) -> tuple[float, float]:
+        """Current position (µm)."""
+        return self._state.x_um, self._state.y_um
+
+    def set_origin_x(self) -> None:
+        """Make the current x 0."""
+        self._state.x_um = 0.0
+
+    def set_origin_y(self) -> None:
+        """Make the current y 0."""
+        self._state.y_um = 0.0
+
+    def stop(self) -> None:
+        """Nothing moves for long here."""
+
+    def home(self) -> None:
+        """Go to (0, 0)."""
+        self._state.x_um = self._state.y_um = 0.0
 
 
 class SimShutter(ShutterDevice):
@@ -225,11 +261,13 @@ def build_sim_core(state: ScopeState) -> UniMMCore:
     try:
         core.loadPyDevice("Camera", SimCamera(state))
         core.loadPyDevice("Z", SimZStage(state))
+        core.loadPyDevice("XY", SimXYStage(state))
         core.loadPyDevice("Shutter", SimShutter(state))
         core.loadPyDevice("LightPath", SimLightPath(state))
         core.initializeAllDevices()
         core.setCameraDevice("Camera")
         core.setFocusDevice("Z")
+        core.setXYStageDevice("XY")
         core.setShutterDevice("Shutter")
         for name in state.channel_names:
             core.defineConfig(CHANNEL_GROUP, name, "LightPath", "Label", name)

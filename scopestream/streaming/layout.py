@@ -9,6 +9,50 @@ import numpy as np
 
 
 @dataclass(frozen=True)
+class Position:
+    """One field a run images (the ``p`` index of its frames), where the stage goes for it.
+
+    ``x_um``/``y_um``/``z_um`` None: the stage stays where it is on that axis. On a
+    plate, ``well`` names the well (``"B3"``) and ``field`` the field's index in it.
+    """
+
+    name: str
+    x_um: float | None = None
+    y_um: float | None = None
+    z_um: float | None = None
+    well: str | None = None
+    field: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able form (zarr attributes, the wire)."""
+        return {
+            "name": self.name,
+            "x_um": self.x_um,
+            "y_um": self.y_um,
+            "z_um": self.z_um,
+            "well": self.well,
+            "field": self.field,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Position:
+        """Inverse of `to_json`."""
+
+        def opt(k: str) -> float | None:
+            v = d.get(k)
+            return None if v is None else float(v)
+
+        return cls(
+            name=str(d["name"]),
+            x_um=opt("x_um"),
+            y_um=opt("y_um"),
+            z_um=opt("z_um"),
+            well=None if d.get("well") is None else str(d["well"]),
+            field=None if d.get("field") is None else int(d["field"]),
+        )
+
+
+@dataclass(frozen=True)
 class StreamInfo:
     """The shape of a stream, known before its first frame.
 
@@ -28,6 +72,9 @@ class StreamInfo:
         Physical scales written into the OME-Zarr axes. ``interval_s`` 0 means the
         plan has none ("as fast as possible"): the recording measures it from the
         frames' acquisition times instead of claiming one.
+    positions
+        The fields the run images, in the order of the ``p`` index; empty: one field,
+        wherever the stage is.
     """
 
     frame_shape: tuple[int, int]
@@ -38,6 +85,7 @@ class StreamInfo:
     pixel_size_um: float = 1.0
     z_step_um: float = 1.0
     interval_s: float = 0.0
+    positions: tuple[Position, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -50,6 +98,10 @@ class StreamInfo:
         if self.n_z < 1 or (self.n_t is not None and self.n_t < 1):
             raise ValueError("n_t and n_z must be positive")
         np.dtype(self.dtype)  # raises on nonsense
+        names = [p.name for p in self.positions]
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"position names must be unique; repeated: {dup[:5]}")
 
     @property
     def n_c(self) -> int:
@@ -57,9 +109,19 @@ class StreamInfo:
         return len(self.channel_names)
 
     @property
+    def n_p(self) -> int:
+        """Number of positions (fields); 1 when the run stays where the stage is."""
+        return max(1, len(self.positions))
+
+    @property
+    def position_names(self) -> tuple[str, ...]:
+        """One name per position (``p`` index)."""
+        return tuple(p.name for p in self.positions) or ("0",)
+
+    @property
     def frames_per_timepoint(self) -> int:
-        """Frames in one time point (channels × z planes)."""
-        return self.n_c * self.n_z
+        """Frames in one time point (positions × channels × z planes)."""
+        return self.n_p * self.n_c * self.n_z
 
     @property
     def expected_frames(self) -> int | None:
@@ -77,6 +139,7 @@ class StreamInfo:
             "pixel_size_um": self.pixel_size_um,
             "z_step_um": self.z_step_um,
             "interval_s": self.interval_s,
+            "positions": [p.to_json() for p in self.positions],
         }
 
     @classmethod
@@ -91,4 +154,5 @@ class StreamInfo:
             pixel_size_um=float(d.get("pixel_size_um", 1.0)),
             z_step_um=float(d.get("z_step_um", 1.0)),
             interval_s=float(d.get("interval_s", 0.0)),
+            positions=tuple(Position.from_json(p) for p in d.get("positions", ())),
         )

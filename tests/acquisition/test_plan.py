@@ -90,8 +90,12 @@ def test_from_useq_yaml(tmp_path) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_unsupported_plans_are_refused_with_a_reason() -> None:
-    multi = useq.MDASequence(stage_positions=[(0, 0, 0), (10, 10, 0)])
-    with pytest.raises(PlanError, match="several stage positions"):
+    # several positions are a plan's fields (tests/acquisition/test_positions.py); a
+    # sequence that visits positions in another order than t, p, c, z is not
+    multi = useq.MDASequence(
+        stage_positions=[(0, 0, 0), (10, 10, 0)], time_plan=T3, axis_order="ptcz"
+    )
+    with pytest.raises(PlanError, match="t, p, c, z order"):
         AcquisitionPlan.from_mda_sequence(multi)
     # the plan is a pydantic model: what it refuses on construction is a ValidationError
     with pytest.raises(ValidationError, match="unique"):
@@ -163,10 +167,9 @@ T3 = {"interval": 1, "loops": 3}
             "autofocus_plan",
         ),
         ({"keep_shutter_open_across": ("z",), "z_plan": Z3}, "keep_shutter_open_across"),
-        ({"stage_positions": [(100.0, 200.0, 5.0)]}, r"stage position coordinates \(x=100"),
-        ({"stage_positions": [{"z": 5.0}]}, r"coordinates \(z=5\)"),
-        ({"stage_positions": [{"sequence": {"z_plan": Z3}}]}, "its own sequence"),
-        ({"grid_plan": {"rows": 1, "columns": 1}}, "grid_plan"),
+        ({"stage_positions": [{"sequence": {"z_plan": Z3}}]}, "only a grid_plan per position"),
+        ({"stage_positions": [{"x": 1.0, "properties": [("Dev", "Prop", "1")]}]}, "properties"),
+        ({"grid_plan": {"top": 0, "left": 0, "bottom": 5, "right": 5}}, "GridFromEdges"),
         (
             {"time_plan": {"phases": [{"interval": 1, "loops": 2}, {"interval": 5, "loops": 2}]}},
             "multi-phase",

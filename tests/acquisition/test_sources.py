@@ -329,6 +329,8 @@ class TestRemoteSource(SourceConformance):
                     while not pub.send(f, make_meta(t=i), timeout_ms=100):
                         if stop.is_set():  # the receiver has gone: the test is over
                             return
+                    if stop.is_set():  # never more than one frame after the test ended
+                        return
                 pub.finish()
             finally:
                 pub.close()
