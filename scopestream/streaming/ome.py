@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 
@@ -56,27 +56,129 @@ def estimate_limits(data: np.ndarray, low: float = 1.0, high: float = 99.8) -> t
     return (float(lo), float(hi))
 
 
+class Window(TypedDict):
+    """An omero channel window: the range of the data type (or data) and the contrast shown."""
+
+    min: float
+    max: float
+    start: float
+    end: float
+
+
+def default_window(dtype: np.dtype) -> Window:
+    """The window before any pixel was seen: the integer type's range, (0, 1) for floats."""
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        lo, hi = float(info.min), float(info.max)
+    else:
+        lo, hi = 0.0, 1.0
+    return {"min": lo, "max": hi, "start": lo, "end": hi}
+
+
+def window_from(values: np.ndarray, dtype: np.dtype) -> Window | None:
+    """The window of sampled pixels: contrast by `estimate_limits`, range by the type or data.
+
+    ``min``/``max`` are the integer type's range, or for floats the range of the
+    finite values sampled (widened to hold ``start``/``end``). None when nothing
+    finite was sampled (a reader then keeps the default).
+    """
+    finite = values[np.isfinite(values)] if values.dtype.kind == "f" else values
+    if finite.size == 0:
+        return None
+    start, end = estimate_limits(finite)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        lo, hi = float(info.min), float(info.max)
+        start, end = max(start, lo), min(end, hi)
+    else:
+        lo, hi = min(float(finite.min()), start), max(float(finite.max()), end)
+    return {"min": lo, "max": hi, "start": start, "end": end}
+
+
+class WindowSample:
+    """A small sample of an image's pixels, per channel, for its omero windows.
+
+    Every ``stride``-th frame of a channel gives a strided subsample of about
+    ``values`` pixels (a copy of a few KiB: cheap on the hot path). When more than
+    ``frames`` are kept, every other one is dropped and the stride doubles, so the
+    sample spans the whole run (early and late frames alike) in fixed memory.
+    """
+
+    def __init__(self, n_channels: int, *, frames: int = 16, values: int = 4096) -> None:
+        self.frames = max(2, frames)
+        self.values_per_frame = max(1, values)
+        self._kept: list[list[np.ndarray]] = [[] for _ in range(n_channels)]
+        self._seen = [0] * n_channels
+        self._stride = [1] * n_channels
+        #: bumped whenever the sample changes (windows are recomputed only then)
+        self.version = 0
+
+    def offer(self, c: int, frame: np.ndarray) -> bool:
+        """Consider one frame of channel ``c``; True when it is the channel's first sample."""
+        n = self._seen[c]
+        self._seen[c] = n + 1
+        if n % self._stride[c]:
+            return False
+        h, w = frame.shape[-2:]
+        step = max(1, int(np.sqrt(h * w / self.values_per_frame)))
+        kept = self._kept[c]
+        kept.append(np.array(frame[..., ::step, ::step]).ravel())
+        if len(kept) > self.frames:
+            del kept[1::2]
+            self._stride[c] *= 2
+        self.version += 1
+        return n == 0
+
+    def values(self, c: int) -> np.ndarray:
+        """The sampled pixels of channel ``c`` (empty before its first frame)."""
+        kept = self._kept[c]
+        return np.concatenate(kept) if kept else np.zeros(0)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the sample holds."""
+        return sum(a.nbytes for kept in self._kept for a in kept)
+
+    def windows(self, dtype: np.dtype) -> list[Window]:
+        """Per channel, the window of what was sampled (the default before any frame)."""
+        out = []
+        for c in range(len(self._kept)):
+            win = window_from(self.values(c), dtype) if self._kept[c] else None
+            out.append(win or default_window(dtype))
+        return out
+
+
 def image_attrs(
     name: str,
     info: StreamInfo,
     channel_names: Sequence[str],
     dtype: np.dtype,
-    windows: Sequence[tuple[float, float]] | None = None,
+    windows: Sequence[Window | tuple[float, float]] | None = None,
 ) -> dict[str, Any]:
-    """The ``ome`` attribute of one image group (one level, path ``"0"``)."""
-    if np.issubdtype(dtype, np.integer):
-        lo, hi = float(np.iinfo(dtype).min), float(np.iinfo(dtype).max)
-    else:
-        lo, hi = 0.0, 1.0
+    """The ``ome`` attribute of one image group (one level, path ``"0"``).
+
+    ``windows`` per channel: a whole `Window`, or (start, end) within the default
+    range; without them, the type's range (`default_window`).
+    """
     channels = []
     for i, ch in enumerate(channel_names):
-        start, end = windows[i] if windows else (lo, hi)
+        window = default_window(dtype)
+        given = windows[i] if windows and i < len(windows) else None
+        if isinstance(given, tuple):
+            window["start"], window["end"] = float(given[0]), float(given[1])
+        elif given is not None:
+            window = Window(
+                min=float(given["min"]),
+                max=float(given["max"]),
+                start=float(given["start"]),
+                end=float(given["end"]),
+            )
         channels.append(
             {
                 "label": ch,
                 "color": channel_colour(ch, i),
                 "active": True,
-                "window": {"min": lo, "max": hi, "start": start, "end": end},
+                "window": dict(window),
             }
         )
     return {

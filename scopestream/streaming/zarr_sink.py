@@ -37,7 +37,7 @@ import tensorstore as ts
 
 from scopestream.streaming.frame_index import FrameIndexWriter, to_meta
 from scopestream.streaming.metrics import StageMetrics
-from scopestream.streaming.ome import image_attrs
+from scopestream.streaming.ome import Window, WindowSample, image_attrs
 from scopestream.streaming.saved_run import (  # the reader of saved runs; re-exported here
     TIMELINE_FILE,
     ImageReport,
@@ -137,6 +137,12 @@ class ImageWriter:
     returns once tensorstore has copied the frame, so the caller may reuse its
     buffer (or, with ``reference=True``, keeps a view of it until the frame is
     committed: no copy). Completed frames are counted and timed in ``metrics``.
+
+    The omero ``window`` of each channel comes from the pixels written: a small
+    strided sample of some frames (`WindowSample`) sets it at the channel's first
+    frame and again whenever the attributes are rewritten, last at `close`. A
+    frame never written reads as the fill value: NaN in a float image (missing,
+    never a prediction of 0), 0 in an integer one.
     """
 
     def __init__(
@@ -162,7 +168,10 @@ class ImageWriter:
         self.frames_written = 0
         self.frames_submitted = 0
         self._extra_attrs = dict(attrs or {})
-        self._windows = windows
+        self._windows = windows  # given by the caller: kept instead of the data's
+        self.window_sample = WindowSample(len(self.channel_names))
+        self._data_windows: tuple[int, list[Window]] | None = None
+        self._status = "acquiring"
         self._pending: deque[tuple[Any, int, int, int, int]] = deque()
         self._t_cap = info.n_t or _T_INITIAL
         self._t_max = -1
@@ -192,7 +201,8 @@ class ImageWriter:
                     },
                     "chunk_key_encoding": {"name": "default"},
                     "codecs": _blosc_codecs(self.dtype.itemsize),
-                    "fill_value": 0,
+                    # float images: NaN where nothing was written (a model skipped the frame)
+                    "fill_value": "NaN" if self.dtype.kind == "f" else 0,
                     "dimension_names": ["t", "c", "z", "y", "x"],
                 },
                 "create": True,
@@ -202,7 +212,16 @@ class ImageWriter:
         ).result()
 
     # -- attributes -------------------------------------------------------
+    def _windows_now(self) -> Sequence[Window | tuple[float, float]]:
+        if self._windows is not None:
+            return self._windows
+        version = self.window_sample.version
+        if self._data_windows is None or self._data_windows[0] != version:
+            self._data_windows = (version, self.window_sample.windows(self.dtype))
+        return self._data_windows[1]
+
     def _write_attrs(self, status: str, **extra: Any) -> None:
+        self._status = status
         sc = {
             "format": STORE_FORMAT,
             "image": self.name,
@@ -222,7 +241,9 @@ class ImageWriter:
             )
             info = replace(info, interval_s=self.measured_interval_s or 1.0)
         attrs = {
-            "ome": image_attrs(self.name, info, self.channel_names, self.dtype, self._windows),
+            "ome": image_attrs(
+                self.name, info, self.channel_names, self.dtype, self._windows_now()
+            ),
             "scopestream": sc,
         }
         write_json_atomic(
@@ -298,6 +319,7 @@ class ImageWriter:
             )
         self._written[t, c, z] = True
         self._note_time(t, meta["timestamp_ns"])
+        first_of_channel = self.window_sample.offer(c, data)
         try:
             self.index.append(meta)  # the metadata is on disk before the pixels
         except OSError as e:
@@ -320,6 +342,13 @@ class ImageWriter:
         self._pending.append((futures, t, c, z, meta["timestamp_ns"]))
         self.frames_submitted += 1
         self._t_max = max(self._t_max, t)
+        if first_of_channel:  # a reader opening the store now sees this channel's contrast
+            try:
+                self._write_attrs(self._status)
+            except OSError as e:
+                raise SinkError(
+                    f"updating the attributes of {self.group} failed: {_explain(e)}"
+                ) from e
         self.reap(block=len(self._pending) >= self.max_in_flight)
 
     def _note_time(self, t: int, ts_ns: int) -> None:
