@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -193,7 +194,11 @@ def execute_run(
 ) -> None:
     """Run one configured stream to its end (shared by ``run`` and ``demo``)."""
     if cfg.viewer:
-        _check_display()
+        _check_display(  # before the store is created: a refusal leaves nothing behind
+            "--viewer",
+            screenshot="live.png",
+            other="or drop --viewer and open the run later with scopestream view",
+        )
     elif screenshot is not None:
         raise _die("--screenshot needs --viewer")
     pipe = _build(cfg)
@@ -224,19 +229,40 @@ def execute_run(
     _finish(summary, as_json)
 
 
-def _check_display() -> None:
-    """The viewer needs Qt, napari and a display (or QT_QPA_PLATFORM=offscreen)."""
+def _under_xvfb(screenshot: str) -> str:
+    """This very command line under ``xvfb-run -a``, saving a screenshot (nobody sees Xvfb).
+
+    Without ``--screenshot`` the window would stay open on the invisible display
+    forever; with it the command saves the canvas and closes.
+    """
+    args = sys.argv[1:]
+    if not any(a == "--screenshot" or a.startswith("--screenshot=") for a in args):
+        args = [*args, "--screenshot", screenshot]
+    return shlex.join(["xvfb-run", "-a", "scopestream", *args])
+
+
+def _check_display(what: str, *, screenshot: str, other: str = "") -> None:
+    """The viewer needs Qt, napari and a display; without one, say what works (exit 2).
+
+    ``QT_QPA_PLATFORM=offscreen`` is no display: napari's canvas needs OpenGL,
+    which Qt's offscreen platform lacks without an X server, so it crashes once
+    the window opens. Xvfb is a display (and offscreen under it works).
+    """
     import importlib.util
 
     missing = [m for m in ("napari", "qtpy") if importlib.util.find_spec(m) is None]
     if missing:
-        raise _die("--viewer needs the viewer extra: pip install 'scopestream[viewer]'")
-    offscreen = os.environ.get("QT_QPA_PLATFORM", "") in ("offscreen", "minimal")
-    if not offscreen and not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
-        raise _die(
-            "--viewer needs a display: none is set (DISPLAY); run under xvfb-run, or set "
-            "QT_QPA_PLATFORM=offscreen for screenshots only"
-        )
+        raise _die(f"{what} needs the viewer extra: pip install 'scopestream[viewer]'")
+    if not sys.platform.startswith("linux"):  # macOS and Windows have their own display
+        return
+    if os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"):
+        return
+    raise _die(
+        f"{what} needs a display, and none is set (DISPLAY, WAYLAND_DISPLAY; "
+        "QT_QPA_PLATFORM=offscreen is not enough: napari's canvas needs OpenGL). "
+        "Run it under a virtual display, saving what it shows: "
+        f"{_under_xvfb(screenshot)}" + (f" ({other})" if other else "")
+    )
 
 
 def _config_from(config: Path | None, overrides: dict[str, Any]) -> RunConfig:
@@ -791,7 +817,11 @@ def view(
     as_json: Annotated[bool, typer.Option("--json", help="Print what was shown as JSON.")] = False,
 ) -> None:
     """Open a saved run in napari: raw and every output, named and coloured, in µm and s."""
-    _check_display()
+    _check_display(
+        "scopestream view",
+        screenshot="view.png",
+        other=f"or: scopestream report {shlex.quote(str(path))} --out report.html",
+    )
     from scopestream.viewer.saved import view_run
 
     try:
