@@ -92,6 +92,7 @@ def lost_over_time(timeline: dict[str, Any]) -> dict[str, list[int]]:
 
 
 def _u8(a: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    a = np.nan_to_num(a, nan=lo)  # NaN: a frame the model skipped (marked "not written")
     return (np.clip((a - lo) / ((hi - lo) or 1.0), 0, 1) * 255).astype(np.uint8)
 
 
@@ -175,12 +176,23 @@ def write_report(run: str | Path, out: str | Path, n_frames: int = 3) -> dict[st
     run, out = Path(run), Path(out)
     sc = _attrs(run)
     summary = sc.get("summary") or {}
-    timeline = SavedRun(run).timeline
+    saved = SavedRun(run)
+    timeline = saved.timeline
+    prediction = _prediction(saved.prediction)
     notes = []
     inspected = inspect_run(run).to_json()
-    if timeline is None:
+    status = inspected.get("status")
+    if prediction is not None:
         notes.append(
-            f"no timeline: the run's status is {sc.get('status')!r} (it did not end cleanly); "
+            f"an offline prediction (scopestream predict) by {prediction['model']} "
+            f"v{prediction['version']} of {prediction['input']}, {status}: no stream was "
+            "timed, so it has no timeline"
+        )
+    elif timeline is None and status in ("complete", "stopped"):
+        notes.append(f"no timeline recorded (the run is {status}); its frames are shown")
+    elif timeline is None:
+        notes.append(
+            f"no timeline: the run's status is {status!r} (it did not end cleanly); "
             "only its complete frames are shown"
         )
     tl_png = timeline_figure(timeline) if timeline else b""
@@ -188,6 +200,7 @@ def write_report(run: str | Path, out: str | Path, n_frames: int = 3) -> dict[st
     numbers = {
         "run": str(run),
         "status": sc.get("status"),
+        "prediction": prediction,
         "frames_acquired": summary.get("frames_acquired"),
         "frames_written": summary.get("frames_written", sc.get("frames_written")),
         "frames_lost": summary.get("frames_lost"),
@@ -219,6 +232,20 @@ def write_report(run: str | Path, out: str | Path, n_frames: int = 3) -> dict[st
     return numbers
 
 
+def _prediction(prov: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What a ``scopestream predict`` store says of its model and input (None for a run)."""
+    if prov is None:
+        return None
+    source = prov.get("input") or {}
+    return {
+        "model": prov.get("model"),
+        "version": prov.get("version"),
+        "task": prov.get("task"),
+        "backend": prov.get("backend"),
+        "input": source.get("path", source.get("kind")) if isinstance(source, dict) else source,
+    }
+
+
 def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{alt}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
@@ -227,9 +254,12 @@ def _html(numbers: dict[str, Any], sc: dict[str, Any], tl: bytes, fr: bytes) -> 
     rows = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(json.dumps(v))}</td></tr>"
         for k, v in numbers.items()
-        if k not in ("panel", "lost_over_time", "complete_frames", "notes")
+        if k not in ("panel", "lost_over_time", "complete_frames", "notes", "prediction")
     )
-    outputs = sc.get("outputs") or {}
+    outputs = dict(sc.get("outputs") or {})
+    pred = numbers.get("prediction")
+    if pred is not None:  # a predict store: its one image is the model's output
+        outputs = {f"{pred['model']} (offline prediction)": pred}
     models = "".join(
         f"<li>{html.escape(name)}: {html.escape(str(p.get('model', p.get('kind', ''))))} "
         f"v{html.escape(str(p.get('version', '')))} on {html.escape(str(p.get('backend', '')))}"

@@ -117,7 +117,15 @@ def predict_file(
             out_info,
             channel_names=names,
             dtype="float32",
-            attrs={"prediction": {**predictor.describe(), "input": src.describe()}},
+            # the root image is the model's output: `view`/`report` name it as a prediction
+            attrs={
+                "prediction": {
+                    "kind": "prediction",
+                    "offline": True,
+                    **predictor.describe(),
+                    "input": src.describe(),
+                }
+            },
         )
     engine = InferenceEngine(
         predictor, writer, source_channels=info.channel_names, n_z=info.n_z, policy="every"

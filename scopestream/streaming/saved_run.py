@@ -35,11 +35,13 @@ def read_group_attrs(path: Path) -> dict[str, Any]:
     return attrs
 
 
-
-
 @dataclass(frozen=True)
 class SavedImage:
-    """One image of a run: the raw image (``name`` ``"raw"``) or a model output / truth."""
+    """One image of a run: a model output / truth, or the root image (``name`` ``"raw"``).
+
+    The root image holds the raw frames of a run, or the model's output in a store
+    written by ``scopestream predict`` (then ``kind`` is ``prediction``).
+    """
 
     name: str
     path: Path
@@ -160,11 +162,17 @@ class SavedRun:
             return out
         return None
 
+    @property
+    def prediction(self) -> dict[str, Any] | None:
+        """The provenance of a ``scopestream predict`` store (its root image is the output)."""
+        prov = self.attrs.get("prediction")
+        return {"kind": "prediction", **prov} if isinstance(prov, dict) else None
+
     @cached_property
     def images(self) -> list[SavedImage]:
-        """The raw image first, then every output image found in the store."""
+        """The root (raw) image first, then every output image found in the store."""
         provenance = self.attrs.get("outputs") or {}
-        out = [self._image("raw", self.path, {"kind": "raw"})]
+        out = [self._image("raw", self.path, self.prediction or {"kind": "raw"})]
         names = list(provenance)
         for d in sorted(p for p in self.path.iterdir() if p.is_dir()):
             if d.name not in names and (d / "zarr.json").exists():
@@ -192,10 +200,8 @@ class SavedRun:
             for i, c in enumerate((ome.get("omero") or {}).get("channels", []))
         )
         meta = json.loads((group / "0" / "zarr.json").read_text())
-        kind = "raw" if name == "raw" else str(prov.get("kind", "prediction"))
-        return SavedImage(
-            name, group, channels, tuple(int(n) for n in meta["shape"]), kind, prov
-        )
+        kind = str(prov.get("kind", "prediction"))
+        return SavedImage(name, group, channels, tuple(int(n) for n in meta["shape"]), kind, prov)
 
     def image(self, name: str) -> SavedImage:
         """The image called ``name`` (``raw`` for the raw image)."""
@@ -207,7 +213,7 @@ class SavedRun:
 
     @property
     def raw(self) -> SavedImage:
-        """The raw image."""
+        """The root image: the raw frames (or a ``predict`` store's output)."""
         return self.images[0]
 
     def channels(self) -> list[SavedChannel]:

@@ -258,3 +258,37 @@ def test_bench_inference_smoke(cli: Callable[..., CliResult], tmp_path: Path) ->
         # ONNX Runtime fp32 on the CPU computes what torch fp32 does
         assert 0 <= x["max_rel_diff_vs_torch_fp32"] <= 1e-4
     assert list(tmp_path.iterdir()) == []  # its working files are removed
+
+
+def test_offline_prediction_is_shown_and_reported_as_a_prediction(
+    cli: Callable[..., CliResult], tmp_path: Path, registry: Path
+) -> None:
+    from scopestream.streaming.saved_run import SavedRun
+    from scopestream.viewer.saved import run_layers
+    from tests.conftest import record_sim
+
+    run = record_sim(
+        tmp_path / "in.ome.zarr", "--channels", "nuclei:20", "--time-points", "3",
+        "--shape", "64x64", "--model", "none",
+    )  # fmt: skip
+    out = tmp_path / "denoised.ome.zarr"
+    r = cli(
+        "predict", "--model", "denoise", "--registry", str(registry), "--input", str(run),
+        "--output", str(out), "--backend", "onnxruntime", "--json",
+    )  # fmt: skip
+    assert r.code == 0, r.stderr
+    saved = SavedRun(out)
+    assert [c.name for c in saved.channels()] == ["nuclei (denoised)"]
+    assert [s.name for s in run_layers(out)] == ["nuclei (denoised)"]  # what `view` shows
+    prov = saved.images[0].provenance
+    assert prov["kind"] == "prediction" and prov["model"] == "denoise"
+    assert prov["input"]["path"] == str(run)
+    r = cli("report", str(out), "--out", str(tmp_path / "report.html"), "--json")
+    assert r.code == 0, r.stderr
+    rep = r.json
+    assert rep["status"] == "complete"
+    assert not any("did not end cleanly" in n for n in rep["notes"]), rep["notes"]
+    assert rep["prediction"]["model"] == "denoise" and rep["frames_written"] == 3
+    assert rep["panel"][0]["layers"] == ["nuclei (denoised)"]
+    page = (tmp_path / "report.html").read_text()
+    assert "offline prediction" in page and "did not end cleanly" not in page
