@@ -4,6 +4,11 @@
 `open_run` adds the layers; `RunFollower` keeps them growing while the run is
 still being written (the time axis is re-read every second and the view
 follows the newest time point until the run's status says it ended).
+
+A model on the ``latest`` policy predicts only some frames; the others read as
+NaN (drawn black) or, in runs recorded before, 0. Either way the canvas says
+"not predicted" at such a time point (`time_point_text`), from which chunk
+files exist, never from the pixel values.
 """
 
 from __future__ import annotations
@@ -168,7 +173,50 @@ def open_run(viewer: napari.Viewer, path: str | Path) -> list[Any]:
     if specs:
         viewer.dims.axis_labels = specs[0].axis_labels
         viewer.dims.set_current_step(0, best_time_point(specs))
+        _mark_not_predicted(viewer, path, specs)
     return layers
+
+
+def _has_frame(group: Path, t: int, c: int) -> bool:
+    """Whether a plane of time point ``t``, channel ``c`` is on disk (chunk key ``c/t/c/…``)."""
+    return (group / "0" / "c" / str(t) / str(c)).is_dir()
+
+
+def not_predicted(path: str | Path, specs: list[LayerSpec], t: int) -> list[str]:
+    """The prediction layers with no frame at time point ``t`` (their model skipped it).
+
+    Asks the store at each call (a stat per layer), so it holds while a run is written.
+    """
+    root = Path(path)
+    return [
+        s.name
+        for s in specs
+        if s.kind not in ("raw", "truth") and not _has_frame(root / s.image, t, s.c)
+    ]
+
+
+def time_point_text(path: str | Path, specs: list[LayerSpec], t: int) -> str:
+    """What the canvas says at time point ``t``: which outputs were not predicted ('' if all)."""
+    missing = not_predicted(path, specs, t)
+    return f"t = {t}: not predicted: {', '.join(missing)}" if missing else ""
+
+
+def _mark_not_predicted(viewer: napari.Viewer, path: str | Path, specs: list[LayerSpec]) -> None:
+    """Keep the canvas text saying which outputs lack the current time point."""
+    if not any(s.kind not in ("raw", "truth") for s in specs):
+        return
+    overlay = viewer.canvas.overlays.text
+    overlay.position = "top_left"
+    overlay.font_size = 12
+    overlay.color = "yellow"
+
+    def update(_event: Any = None) -> None:
+        text = time_point_text(path, specs, int(viewer.dims.current_step[0]))
+        overlay.text = text
+        overlay.visible = bool(text)
+
+    viewer.dims.events.current_step.connect(update)
+    update()
 
 
 def best_time_point(specs: list[LayerSpec]) -> int:
