@@ -31,6 +31,8 @@ from scopestream.viewer.window import grid_shape, open_window, save_canvas
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    import napari
+
     from scopestream.pipeline import Pipeline
     from scopestream.viewer.frames import LatestFrames
 
@@ -94,7 +96,12 @@ def format_status(s: dict[str, Any]) -> dict[str, str]:
 
 
 class LiveViewer:
-    """napari on a running stream (see the module docstring)."""
+    """napari on a running stream (see the module docstring).
+
+    With ``viewer`` it shows the run in that (existing) napari window, next to
+    the layers already there, and leaves docking `widget` to the caller (the
+    napari plugin puts it in its own dock); otherwise it opens its own window.
+    """
 
     def __init__(
         self,
@@ -106,15 +113,17 @@ class LiveViewer:
         hz: float = 30.0,
         screenshot: Path | None = None,
         show: bool = True,
+        viewer: napari.Viewer | None = None,
     ) -> None:
         from qtpy.QtCore import QTimer
 
         self.frames, self.controls = frames, controls
         self.limits = dict(limits or {})
         self.screenshot_path = screenshot
-        self.viewer = open_window(title, show=show)
+        self.viewer = open_window(title, show=show) if viewer is None else viewer
         self.widget = StatusWidget(self)
-        self.viewer.window.add_dock_widget(self.widget, name="scopestream", area="right")
+        if viewer is None:
+            self.viewer.window.add_dock_widget(self.widget, name="scopestream", area="right")
         self._seen: dict[str, int] = {}
         self._auto_limits: set[str] = set()
         self.updates = 0  # timer ticks that put new pixels on screen
@@ -165,10 +174,20 @@ class LiveViewer:
         shape = tuple(info.frame_shape)
         if self.frames.n_z > 1:
             shape = (self.frames.n_z, *shape)
+        layers = self.viewer.layers
         for key, kind, channel, model in planned:
+            zeros = np.zeros(shape, np.float32)
+            if key in layers:  # an earlier run's layer (the plugin's window): reused
+                layer = layers[key]
+                layer.data = zeros
+                layer.metadata["model"] = model
+                layer.scale = self.controls.scales[-zeros.ndim :]
+                if key in self.limits:
+                    layer.contrast_limits = self.limits[key]
+            else:
+                self._show(Shown(key, kind, channel, model, zeros))
             if key not in self.limits:
                 self._auto_limits.add(key)
-            self._show(Shown(key, kind, channel, model, np.zeros(shape, np.float32)))
         self.viewer.reset_view()
 
     def _show(self, shown: Shown) -> None:
@@ -198,15 +217,22 @@ class LiveViewer:
         if fresh:
             self.viewer.reset_view()
 
+    def _ours(self) -> list[Any]:
+        """The run's layers (a shared window also holds other plugins' layers)."""
+        return [layer for layer in self.viewer.layers if "kind" in layer.metadata]
+
     def _order_layers(self) -> None:
-        """Raw first, then each channel's outputs next to it."""
+        """Raw first, then each channel's outputs next to it (in the slots the run's
+        layers hold: other layers stay where they are)."""
         layers = self.viewer.layers
+        slots = [i for i in range(len(layers)) if "kind" in layers[i].metadata]
         order = sorted(
-            range(len(layers)),
-            key=lambda i: (layers[i].metadata.get("kind") != "raw", layers[i].name),
+            slots, key=lambda i: (layers[i].metadata.get("kind") != "raw", layers[i].name)
         )
-        if order != list(range(len(layers))):
-            names = [layers[i].name for i in order]
+        if order != slots:
+            names = [layer.name for layer in layers]
+            for slot, i in zip(slots, order, strict=True):
+                names[slot] = layers[i].name
             for dest, name in enumerate(names):
                 src = layers.index(layers[name])
                 if src != dest:
@@ -248,7 +274,7 @@ class LiveViewer:
 
     def reestimate_contrast(self) -> None:
         """Contrast limits from the pixels on screen now (once; they stay fixed after)."""
-        for layer in self.viewer.layers:
+        for layer in self._ours():
             layer.contrast_limits = estimate_limits(layer.data)
 
     def set_grid(self, side_by_side: bool) -> None:
@@ -261,7 +287,7 @@ class LiveViewer:
 
         if self.controls.store is None:
             return
-        for layer in list(self.viewer.layers):
+        for layer in self._ours():
             self.viewer.layers.remove(layer)
         open_run(self.viewer, self.controls.store)
 
@@ -308,7 +334,9 @@ class StatusWidget(_qt_widgets().QWidget):  # type: ignore[misc]
         self.stop_btn.clicked.connect(self._stop)
         self.grid_btn = qw.QPushButton("Side by side")
         self.grid_btn.setCheckable(True)
-        self.grid_btn.setChecked(True)
+        grid = bool(live.viewer.canvas.grid.enabled)  # its own window: on; a shared one: as is
+        self.grid_btn.setChecked(grid)
+        self.grid_btn.setText("Side by side" if grid else "Overlaid")
         self.grid_btn.toggled.connect(self._grid)
         self.contrast_btn = qw.QPushButton("Re-estimate contrast")
         self.contrast_btn.clicked.connect(lambda: live.reestimate_contrast())
@@ -402,12 +430,15 @@ def open_live_viewer(
     pipeline: Pipeline,
     screenshot: Path | None = None,
     on_swap_error: Callable[[str], None] | None = None,
+    *,
+    viewer: napari.Viewer | None = None,
 ) -> LiveViewer:
     """The napari window on a built pipeline: layers, contrast from the models, the dock.
 
     Contrast of a raw channel a model was trained on, and of the model's outputs,
     comes from the model's fixed normalization constants (never per frame);
-    other layers are estimated from their first frame.
+    other layers are estimated from their first frame. With ``viewer`` the run is
+    shown in that window and the caller docks `LiveViewer.widget`.
     """
     import threading
 
@@ -471,7 +502,12 @@ def open_live_viewer(
         scales=(float(info.z_step_um or 1.0), px, px),
     )
     live = LiveViewer(
-        frames, controls, limits=limits, title=f"scopestream — {out}", screenshot=screenshot
+        frames,
+        controls,
+        limits=limits,
+        title=f"scopestream — {out}",
+        screenshot=screenshot,
+        viewer=viewer,
     )
     planned: list[tuple[str, str, str, str | None]] = [
         (layer_name("raw", ch), "raw", ch, None) for ch in info.channel_names
