@@ -274,12 +274,6 @@ class Pipeline:
             )
             specs.append(SinkSpec("publish", sink, records=True))
         else:
-            if src.info.n_p > 1:
-                # refused before anything is written, not at the first frame of field 2
-                raise PipelineError(
-                    f"the plan visits {src.info.n_p} positions; recording several positions "
-                    "to one store is not supported yet (run one position per store)"
-                )
             self.out = cfg.out or default_out()
             try:
                 self.store = ZarrSink(

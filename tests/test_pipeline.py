@@ -16,6 +16,7 @@ import zarr
 
 import scopestream as ss
 from scopestream.streaming.frame_index import read_frame_index
+from scopestream.streaming.saved_run import SavedRun, read_group_attrs
 from scopestream.streaming.signals import FrameEvent, RunResult
 from scopestream.streaming.zarr_sink import complete_frames
 
@@ -62,7 +63,7 @@ def test_a_notebook_run_of_the_simulator_with_live_denoising(tmp_path: Path) -> 
     assert finished == [
         RunResult("complete", 12, 12, 12, 0, None, str(tmp_path / "nb.ome.zarr"))
     ]
-    assert complete_frames(tmp_path / "nb.ome.zarr" / "denoise").all()
+    assert SavedRun(tmp_path / "nb.ome.zarr").image("denoise").complete().all()
     stored = zarr.open_group(str(tmp_path / "nb.ome.zarr"), mode="r").attrs["scopestream"]
     model = stored["summary"]["models"]["model:denoise"]  # in the run's attributes too
     assert model["predicted"] == 12
@@ -87,13 +88,27 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path: Path) -> None
         ss.Pipeline.from_config(
             {"source": "sim", "mm_hooks": {"pre_hardware": "this:s"}, "out": str(out)}
         ).build()
-    four = [{"x_um": 60.0 * i} for i in range(4)]
-    with pytest.raises(ss.PipelineError, match="visits 4 positions"):
-        ss.Pipeline.from_config(
-            {"shape": "64x64", "plan": {"time_points": 1, "positions": four}, "out": str(out)}
-        ).build()
     assert not out.exists()
     assert "this" not in sys.modules  # the hook module was never imported
+
+
+def test_a_plan_of_several_positions_records_one_collection(tmp_path: Path) -> None:
+    """Several positions are no longer refused: each is a raw series of the run's store."""
+    out = tmp_path / "four.ome.zarr"
+    four = [{"x_um": 60.0 * i} for i in range(4)]
+    summary = ss.Pipeline.from_config(
+        {"shape": "64x64", "plan": {"time_points": 1, "positions": four}, "out": str(out)}
+    ).run(timeout=120)
+    assert summary["status"] == "complete" and summary["frames_written"] == 4
+    run = SavedRun(out)
+    assert run.is_collection and run.n_positions == 4
+    assert [(im.name, im.p, im.path.name) for im in run.images] == [
+        ("raw", p, str(p)) for p in range(4)
+    ]
+    index = read_group_attrs(out / "OME")["ome"]["series"]
+    assert index == [e["path"] for e in run.attrs["series"]] == ["0", "1", "2", "3"]
+    assert (out / "OME" / "METADATA.ome.xml").read_text().count("<Image ") == 4
+    assert sorted(read_frame_index(out)["p"].tolist()) == [0, 1, 2, 3]
 
 
 @pytest.fixture
@@ -129,12 +144,13 @@ def test_attach_to_a_users_own_pymmcore_plus_mda(tmp_path: Path, demo_core: Any)
     assert s["frames_written"] == 6 and s["frames_expected"] == 6
     assert s["models"]["model:denoise"]["predicted"] == 6
     run = tmp_path / "mda.ome.zarr"
-    assert complete_frames(run).all() and complete_frames(run / "denoise").all()
+    assert complete_frames(run).all() and SavedRun(run).image("denoise").complete().all()
     table = read_frame_index(run)
     assert table["c"].tolist() == [0, 1, 0, 1, 0, 1]
     assert table["exposure_ms"].tolist() == [5.0, 8.0] * 3
     assert (table["engine_time_ms"] >= 0).all()  # pymmcore-plus's runner time, per frame
-    names = [c["label"] for c in zarr.open_group(str(run)).attrs["ome"]["omero"]["channels"]]
+    raw_group = zarr.open_group(str(SavedRun(run).raw.path), mode="r")
+    names = [c["label"] for c in raw_group.attrs["ome"]["omero"]["channels"]]
     assert names == ["DAPI", "FITC"]
 
 
@@ -176,12 +192,12 @@ def test_pycromanager_hook_in_a_users_own_acquisition(tmp_path: Path) -> None:
     assert s["frames_written"] == 6
     assert s["models"]["model:denoise"]["predicted"] == 6
     run = tmp_path / "pm.ome.zarr"
-    assert complete_frames(run).all() and complete_frames(run / "denoise").all()
+    assert complete_frames(run).all() and SavedRun(run).image("denoise").complete().all()
     table = read_frame_index(run)
     assert sorted(zip(table["t"].tolist(), table["c"].tolist(), strict=True)) == [
         (t, c) for t in range(3) for c in range(2)
     ]
-    raw = zarr.open_array(str(run / "0"), mode="r")
+    raw = zarr.open_array(str(SavedRun(run).raw.path / "0"), mode="r")
     assert raw.shape[0] == 3  # open-ended in time, trimmed to what was acquired
     assert np.asarray(raw[2, 1, 0]).std() > 0  # a real DemoCamera frame
 
@@ -219,7 +235,7 @@ def test_sim_truth_is_the_simulators_truth_for_every_frame_even_read_back(
     assert summary["frames_from_recording"]["truth"] > 0  # the slow consumer read frames back
     src = pipe.source
     assert isinstance(src, sim.SimulatedSource)
-    truth = zarr.open_array(str(tmp_path / "t.ome.zarr" / "truth" / "0"), mode="r")
+    truth = SavedRun(tmp_path / "t.ome.zarr").image("truth").array()
     records = read_frame_index(tmp_path / "t.ome.zarr")
     assert len(records) == 48
     from scopestream.streaming.frame_index import to_meta

@@ -18,7 +18,7 @@ field of view, so fields are expanded when the camera is known.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -235,18 +235,21 @@ def _plate_fields(plate: PlanPlate, fov_um: tuple[float, float]) -> list[Positio
 
     idx = [well_index(w) for w in plate.wells]
     w, h = plate.fields.fov_um or fov_um
-    plan = useq.WellPlatePlan(
-        plate=plate.plate,
-        a1_center_xy=plate.a1_center_um,
-        selected_wells=([r for r, _ in idx], [c for _, c in idx]),
-        well_points_plan=useq.GridRowsColumns(
+    points: Any = useq.RelativePosition()  # one field a well, at its centre: named "A1"
+    if plate.fields.n_fields > 1:
+        points = useq.GridRowsColumns(
             rows=plate.fields.rows,
             columns=plate.fields.columns,
             overlap=plate.fields.overlap,
             mode=plate.fields.mode,
             fov_width=w,
             fov_height=h,
-        ),
+        )
+    plan = useq.WellPlatePlan(
+        plate=plate.plate,
+        a1_center_xy=plate.a1_center_um,
+        selected_wells=([r for r, _ in idx], [c for _, c in idx]),
+        well_points_plan=points,
     )
     n_per_well = plate.fields.n_fields
     out = []

@@ -78,6 +78,19 @@ class _AxisView:
 def _open_zarr(path: Path) -> tuple[_AxisView, StreamInfo, np.ndarray | None]:
     import zarr
 
+    from scopestream.streaming.saved_run import SavedRun
+
+    try:
+        saved = SavedRun(path)
+    except (OSError, ValueError):
+        saved = None
+    if saved is not None and saved.is_collection:  # a run: replay its raw image
+        if saved.n_positions > 1:
+            raise SourceError(
+                f"{path} holds {saved.n_positions} positions; replay reads runs of one "
+                "position so far"
+            )
+        path = saved.raw.path
     root = zarr.open_group(str(path), mode="r")
     attrs: dict[str, Any] = root.attrs.asdict()
     ome: dict[str, Any] = attrs.get("ome", attrs)  # 0.5 nests under "ome", 0.4 does not

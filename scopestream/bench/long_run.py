@@ -48,6 +48,8 @@ from scopestream.bench.common import (
     remove_tree,
     tensorstore_fps,
 )
+from scopestream.streaming.frame_index import FILE_NAME as FRAMES_FILE
+from scopestream.streaming.saved_run import SavedRun
 
 if TYPE_CHECKING:
     import numpy as np
@@ -154,7 +156,7 @@ def bench_long_run(
         os.sync()  # start with no dirty pages of whatever ran before
         written, fps, sampler = _record(frames, n_frames, out, in_flight, buffer_mb, sample_s)
         root_bytes = file_size(out / "zarr.json")
-        index_bytes = file_size(out / "frames.npy")
+        index_bytes = file_size(SavedRun(out).raw.path / FRAMES_FILE)
         timeline_bytes = file_size(out / "timeline.json")
         if baseline:
             # the recording stays until the end: removing 100 000 chunks takes longer than

@@ -192,9 +192,16 @@ class FrameIndexWriter:
 def read_frame_index(group: str | os.PathLike[str]) -> np.ndarray:
     """Every record of an image group's ``frames.npy`` (all of them, even after a crash).
 
-    Returns an empty `FRAME_DTYPE` array for images without an index (runs
-    recorded before per-frame metadata was kept, or other OME-Zarr stores).
+    Given a run (the collection's root), the raw frames of every position, in
+    ``seq`` order (the ``p`` field says which position). Returns an empty
+    `FRAME_DTYPE` array for images without an index (runs recorded before
+    per-frame metadata was kept, or other OME-Zarr stores).
     """
+    raws = _raw_series(Path(group))
+    if raws:
+        parts = [read_frame_index(g) for g in raws]
+        table = np.concatenate(parts) if parts else np.zeros(0, FRAME_DTYPE)
+        return table[np.argsort(table["seq"], kind="stable")]
     path = Path(group) / FILE_NAME
     if not path.exists():
         return np.zeros(0, FRAME_DTYPE)
@@ -204,6 +211,21 @@ def read_frame_index(group: str | os.PathLike[str]) -> np.ndarray:
         f.seek(_HEADER_BYTES)
         out = np.fromfile(f, FRAME_DTYPE, count=rows)
     return out
+
+
+def _raw_series(path: Path) -> list[Path]:
+    """The raw image groups of a run's collection root (none for an image group)."""
+    import json
+
+    try:
+        node = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return []
+    attrs = node.get("attributes") or {}
+    if "bioformats2raw.layout" not in (attrs.get("ome") or {}):
+        return []
+    series = (attrs.get("scopestream") or {}).get("series") or []
+    return [path / str(s["path"]) for s in series if s.get("image") == "raw"]
 
 
 class FrameIndexTail:

@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from scopestream.streaming.collection import OME_DIR
 from scopestream.streaming.frame_index import read_frame_index
 from scopestream.streaming.store_lock import is_locked, read_lock_info
 
@@ -49,6 +50,8 @@ class SavedImage:
     shape: tuple[int, ...]  # (t, c, z, y, x)
     kind: str  # raw | prediction | ground truth
     provenance: dict[str, Any]
+    p: int = 0  # the position (field) it shows
+    position: str | None = None  # the position's name in a run of several
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -81,9 +84,11 @@ def output_kind(task: str) -> str:
     return "denoised" if task == "denoise" else "predicted"
 
 
-def layer_name(kind: str, channel: str) -> str:
-    """``nuclei (raw)``, ``nuclei (denoised)``, ``membrane (predicted)``, ``nuclei (truth)``."""
-    return f"{channel} ({kind})"
+def layer_name(kind: str, channel: str, position: str | None = None) -> str:
+    """``nuclei (raw)``, ``nuclei (denoised)``, ``membrane (predicted)``, ``nuclei (truth)``;
+    ``nuclei (raw) @ A1_0000`` in a run of several positions."""
+    name = f"{channel} ({kind})"
+    return name if position is None else f"{name} @ {position}"
 
 
 def display_kind(image: SavedImage) -> str:
@@ -127,6 +132,9 @@ class SavedRun:
         if "ome" not in root:
             raise ValueError(f"{self.path} has no OME-Zarr image at its root")
         self.root_attrs = root
+        #: a ``bioformats2raw.layout`` collection of series (runs since the collection
+        #: layout); else one image at the root with outputs as child groups (older runs)
+        self.is_collection = "bioformats2raw.layout" in (root.get("ome") or {})
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -170,7 +178,14 @@ class SavedRun:
 
     @cached_property
     def images(self) -> list[SavedImage]:
-        """The root (raw) image first, then every output image found in the store."""
+        """Every image: the raw one of each position first, then every output's.
+
+        A collection lists its series in ``scopestream.series`` (or, written by
+        another tool, in ``OME/zarr.json``); an older run is the root image with
+        its outputs as child groups.
+        """
+        if self.is_collection:
+            return self._series_images()
         provenance = self.attrs.get("outputs") or {}
         out = [self._image("raw", self.path, self.prediction or {"kind": "raw"})]
         names = list(provenance)
@@ -192,6 +207,38 @@ class SavedRun:
             out.append(self._image(name, group, dict(prov or {"kind": "prediction"})))
         return out
 
+    def _series_images(self) -> list[SavedImage]:
+        provenance = self.attrs.get("outputs") or {}
+        entries = self.attrs.get("series")
+        if entries is None:  # a collection another tool wrote: its series list
+            try:
+                listed = read_group_attrs(self.path / "OME").get("ome", {}).get("series", [])
+            except (OSError, ValueError):
+                listed = []
+            entries = [{"path": str(k), "image": "raw" if i == 0 else str(k), "p": 0}
+                       for i, k in enumerate(listed)]
+        out = []
+        for e in entries:
+            group = self.path / str(e["path"])
+            if not (group / "0" / "zarr.json").exists():
+                continue  # a series whose array was never created (a crash at the start)
+            name = str(e.get("image", e["path"]))
+            if name == "raw":
+                prov: dict[str, Any] = self.prediction or {"kind": "raw"}
+            else:
+                attrs = (read_group_attrs(group).get("scopestream") or {}).get("prediction")
+                prov = dict(provenance.get(name) or attrs or {"kind": "prediction"})
+            im = self._image(name, group, prov)
+            pos = e.get("position")
+            where = None if pos is None else str(pos)
+            out.append(replace(im, p=int(e.get("p", 0)), position=where))
+        return out
+
+    @property
+    def n_positions(self) -> int:
+        """Positions (fields) the run recorded."""
+        return 1 + max((im.p for im in self.images), default=0)
+
     def _image(self, name: str, group: Path, prov: dict[str, Any]) -> SavedImage:
         attrs = read_group_attrs(group)
         ome = attrs.get("ome", attrs)
@@ -203,17 +250,17 @@ class SavedRun:
         kind = str(prov.get("kind", "prediction"))
         return SavedImage(name, group, channels, tuple(int(n) for n in meta["shape"]), kind, prov)
 
-    def image(self, name: str) -> SavedImage:
-        """The image called ``name`` (``raw`` for the raw image)."""
+    def image(self, name: str, p: int = 0) -> SavedImage:
+        """The image called ``name`` (``raw`` for the raw image) at position ``p``."""
         for im in self.images:
-            if im.name == name:
+            if im.name == name and im.p == p:
                 return im
-        have = [i.name for i in self.images]
-        raise KeyError(f"{self.path} has no image {name!r}; it has {have}")
+        have = sorted({i.name for i in self.images})
+        raise KeyError(f"{self.path} has no image {name!r} at position {p}; it has {have}")
 
     @property
     def raw(self) -> SavedImage:
-        """The root image: the raw frames (or a ``predict`` store's output)."""
+        """The raw frames of the first position (or a ``predict`` store's output)."""
         return self.images[0]
 
     def channels(self) -> list[SavedChannel]:
@@ -228,7 +275,8 @@ class SavedRun:
             kind = display_kind(im)
             for c, ch in enumerate(im.channels):
                 done = [int(t) for t in np.flatnonzero(per_c[:, c])] if c < per_c.shape[1] else []
-                out.append(SavedChannel(layer_name(kind, ch), kind, ch, im, c, done))
+                name = layer_name(kind, ch, im.position)
+                out.append(SavedChannel(name, kind, ch, im, c, done))
         return out
 
 
@@ -281,9 +329,19 @@ def complete_frames(group: str | os.PathLike[str]) -> np.ndarray:
     """Which frames (t, c, z) of an image group are completely on disk.
 
     A frame is complete when every chunk file of it exists (chunks are renamed
-    into place whole, and every frame is stored, dark ones too).
+    into place whole, and every frame is stored, dark ones too). Given a run of
+    one position (the collection's root), its raw image.
     """
-    arr_dir = Path(group) / "0"
+    group = Path(group)
+    if (group / OME_DIR).is_dir() and not (group / "0" / "c").is_dir():
+        run = SavedRun(group)
+        if run.n_positions > 1:
+            raise ValueError(
+                f"{group} holds {run.n_positions} positions: ask an image "
+                "(SavedRun(path).image('raw', p).complete())"
+            )
+        group = run.raw.path
+    arr_dir = group / "0"
     meta = json.loads((arr_dir / "zarr.json").read_text())
     shape = meta["shape"]
     chunk = meta["chunk_grid"]["configuration"]["chunk_shape"]
@@ -318,20 +376,20 @@ def inspect_run(path: str | os.PathLike[str]) -> RunReport:
             int(writer.get("pid", -1))
         )
     images = []
-    for name in ["raw", *attrs.get("outputs", {})]:
-        group = root if name == "raw" else root / name
-        flags = complete_frames(group)
-        arr_meta = json.loads((group / "0" / "zarr.json").read_text())
-        g_status = str(read_group_attrs(group).get("scopestream", {}).get("status", "unknown"))
-        images.append(
-            ImageReport(name, tuple(int(n) for n in arr_meta["shape"]), int(flags.sum()), g_status)
-        )
+    raw_complete = 0
+    for im in SavedRun(root).images:
+        flags = complete_frames(im.path)
+        g_status = str(read_group_attrs(im.path).get("scopestream", {}).get("status", "unknown"))
+        name = im.name if im.position is None else f"{im.name} @ {im.position}"
+        images.append(ImageReport(name, im.shape, int(flags.sum()), g_status))
+        if im.name == "raw":
+            raw_complete += int(flags.sum())
     return RunReport(
         path=str(root),
         status="interrupted" if interrupted else status,
         interrupted=interrupted,
         frames_expected=attrs.get("frames_expected"),
-        frames_complete=images[0].frames_complete,
+        frames_complete=raw_complete,
         images=images,
         error=attrs.get("error"),
     )

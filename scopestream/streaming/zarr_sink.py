@@ -1,19 +1,22 @@
 """OME-Zarr 0.5 run store, written with tensorstore's ``zarr3`` driver.
 
-Layout of ``RUN.ome.zarr``::
+A run is a ``bioformats2raw.layout`` collection (`scopestream.streaming.collection`)::
 
-    zarr.json          root group = the raw image (OME multiscales, omero channels)
-                       + ``scopestream`` attributes: status, counts, config, source, outputs
-    0/                 raw pixels, (t, c, z, y, x), one chunk per frame, blosc-lz4
-    <output>/          one image group per model output, same layout
+    zarr.json          the collection: layout marker + ``scopestream`` attributes
+                       (status, counts, config, source, outputs, series)
+    OME/               the series list and METADATA.ome.xml (what readers list)
+    0/                 raw image of the first position (OME multiscales, omero channels)
+      0/               its pixels, (t, c, z, y, x), one chunk per frame, blosc-lz4
+      frames.npy       its per-frame metadata
+    1/, 2/, ...        raw images of further positions, then every model output per position
 
 Every frame is stored as its own chunk file, dark frames included
 (``store_data_equal_to_fill_value``), and tensorstore writes each chunk to a
 temporary file and renames it. So a chunk file exists exactly when that frame
 is completely on disk: after a crash (even ``kill -9``) the store opens and
 `complete_frames` lists which frames are whole. A frame never acquired has no
-chunk file, so it cannot be mistaken for a dark frame, and no per-frame index
-has to be kept (or fsynced) while acquiring.
+chunk file, so it cannot be mistaken for a dark frame. Every group's
+``zarr.json`` is written when the run starts, so a crashed store opens.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import tensorstore as ts
 
+from scopestream.streaming.collection import Series, root_attrs, write_series_index
 from scopestream.streaming.frame_index import FrameIndexWriter, to_meta
 from scopestream.streaming.metrics import StageMetrics
 from scopestream.streaming.ome import Window, WindowSample, image_attrs
@@ -52,6 +56,7 @@ __all__ = [
     "TIMELINE_FILE",
     "ImageReport",
     "ImageWriter",
+    "PositionWriters",
     "RunReport",
     "SinkError",
     "ZarrSink",
@@ -68,7 +73,7 @@ if TYPE_CHECKING:
     from scopestream.streaming.layout import StreamInfo
 
 STORE_FORMAT = 1
-RESERVED_NAMES = frozenset({"0", "labels"})
+RESERVED_NAMES = frozenset({"raw"})
 _T_INITIAL = 64
 
 
@@ -157,9 +162,14 @@ class ImageWriter:
         max_in_flight: int = 8,
         windows: Sequence[tuple[float, float]] | None = None,
         exist_ok: bool = False,
+        p: int = 0,
+        title: str | None = None,
     ) -> None:
         self.group = group
         self.name = name
+        #: the position this image holds (frames of another position are refused)
+        self.p = p
+        self.title = title or name
         self.info = info
         self.channel_names = tuple(channel_names or info.channel_names)
         self.dtype = np.dtype(dtype or info.dtype)
@@ -242,7 +252,7 @@ class ImageWriter:
             info = replace(info, interval_s=self.measured_interval_s or 1.0)
         attrs = {
             "ome": image_attrs(
-                self.name, info, self.channel_names, self.dtype, self._windows_now()
+                self.title, info, self.channel_names, self.dtype, self._windows_now()
             ),
             "scopestream": sc,
         }
@@ -252,8 +262,8 @@ class ImageWriter:
 
     def read_frame(self, t: int, c: int, z: int, p: int = 0) -> np.ndarray:
         """A frame that is already written (for consumers that fell behind the ring buffer)."""
-        if p != 0:
-            raise SinkError(f"image {self.name!r} holds one position, not p={p}")
+        if p != self.p:
+            raise SinkError(f"image {self.title!r} holds position {self.p}, not p={p}")
         out: np.ndarray = np.asarray(self._arr[t, c, z].read().result())
         return out
 
@@ -297,9 +307,10 @@ class ImageWriter:
         if self._closed:
             raise SinkError(f"image {self.name!r} is closed")
         t, c, z = meta["t"], meta["c"], meta["z"]
-        if meta["p"] != 0:
+        if meta["p"] != self.p:
             raise SinkError(
-                f"frame {meta['seq']} is at position {meta['p']}; this store holds one position"
+                f"frame {meta['seq']} is at position {meta['p']}; image {self.title!r} holds "
+                f"position {self.p}"
             )
         if not (0 <= c < len(self.channel_names) and 0 <= z < self.info.n_z and t >= 0):
             raise SinkError(
@@ -411,15 +422,72 @@ class ImageWriter:
                 self._write_attrs(status, finished=_now_iso(), **extra)
 
 
+class PositionWriters:
+    """One image (a model output, the truth) at every position: writes go to the frame's own.
+
+    What `ZarrSink.add_output` returns for a run of several positions; a run of one
+    position gets its `ImageWriter` itself. Same interface as an `ImageWriter`.
+    """
+
+    def __init__(self, name: str, writers: Sequence[ImageWriter]) -> None:
+        self.name = name
+        self.writers = list(writers)
+        self.channel_names = self.writers[0].channel_names
+        self.dtype = self.writers[0].dtype
+        self.metrics = self.writers[0].metrics
+
+    def _for(self, p: int) -> ImageWriter:
+        if not 0 <= p < len(self.writers):
+            raise SinkError(
+                f"a frame at position {p}; image {self.name!r} has {len(self.writers)} positions"
+            )
+        return self.writers[p]
+
+    @property
+    def frames_written(self) -> int:
+        """Frames completely written, all positions."""
+        return sum(w.frames_written for w in self.writers)
+
+    def write(self, data: np.ndarray, meta: FrameMeta, *, reference: bool = False) -> None:
+        """Write one frame into its position's image."""
+        self._for(meta["p"]).write(data, meta, reference=reference)
+
+    def read_frame(self, t: int, c: int, z: int, p: int = 0) -> np.ndarray:
+        """A frame already written."""
+        return self._for(p).read_frame(t, c, z, p)
+
+    def update_attrs(self, status: str = "acquiring", **extra: Any) -> None:
+        """Rewrite every position's attributes."""
+        for w in self.writers:
+            w.update_attrs(status, **extra)
+
+    def flush(self) -> None:
+        """Wait until everything submitted is on disk."""
+        for w in self.writers:
+            w.flush()
+
+    def close(self, status: str = "complete", **extra: Any) -> None:
+        """Close every position's image (all of them, even if one fails)."""
+        errors = []
+        for w in self.writers:
+            try:
+                w.close(status, **extra)
+            except SinkError as e:
+                errors.append(str(e))
+        if errors:
+            raise SinkError("; ".join(errors))
+
+
 class ZarrSink:
-    """The run's OME-Zarr store; as a frame sink it writes the raw frames.
+    """The run's OME-Zarr store (a collection, `scopestream.streaming.collection`); as a
+    frame sink it writes the raw frames, each into its position's image.
 
     Parameters
     ----------
     path
         ``RUN.ome.zarr`` directory to create.
     info
-        The stream's layout.
+        The stream's layout (its ``positions``: one raw image each).
     config, source
         JSON-able run configuration and source description, saved in attributes.
     overwrite
@@ -447,10 +515,16 @@ class ZarrSink:
             raise SinkError(f"cannot create the run store at {self.path}: {e}") from e
         self.attrs_interval_s = attrs_interval_s
         self._last_attrs = 0.0
-        self.outputs: dict[str, ImageWriter] = {}
+        self.outputs: dict[str, ImageWriter | PositionWriters] = {}
+        self._series: list[Series] = []
+        self._all: list[ImageWriter] = []
+        self._order: deque[tuple[ImageWriter, int]] = deque()  # raw submissions, in order
+        self._submitted: dict[int, int] = {}  # per raw writer: frames submitted
         self._collected = 0
         self._provenance: dict[str, Any] = {}
-        run_attrs = {
+        self._run: dict[str, Any] = {
+            "format": STORE_FORMAT,
+            "layout": "collection",
             "config": dict(config or {}),
             "source": dict(source or {}),
             "stream": info.to_json(),
@@ -460,28 +534,80 @@ class ZarrSink:
             "outputs": self._provenance,
         }
         try:
-            self.raw = ImageWriter(
-                self.path,
-                "raw",
-                info,
-                attrs=run_attrs,
-                max_in_flight=max_in_flight,
-                exist_ok=True,
-            )
+            self._write_root("acquiring")
+            self.raws = self._images("raw", info.channel_names, info.dtype, {}, max_in_flight)
+            self._write_index()
         except (OSError, ValueError) as e:
+            for w in self._all:
+                with contextlib.suppress(Exception):
+                    w.index.close()
             cleanup_empty(self.path, self.lock)  # exit 2 "nothing written" leaves nothing
             self.lock = None
             raise SinkError(f"cannot create the run store at {self.path}: {e}") from e
+        #: the raw image of the first (or only) position
+        self.raw = self.raws[0]
+        self.max_in_flight = max_in_flight
+
+    # -- the collection ------------------------------------------------------
+    def _images(
+        self,
+        image: str,
+        channel_names: Sequence[str],
+        dtype: np.dtype | str,
+        attrs: Mapping[str, Any],
+        max_in_flight: int,
+        windows: Sequence[tuple[float, float]] | None = None,
+    ) -> list[ImageWriter]:
+        """One image group per position, as the collection's next series."""
+        info = self.info
+        several = len(info.positions) > 1
+        writers = []
+        for p in range(info.n_p):
+            pos = info.positions[p] if info.positions else None
+            path = str(len(self._series))
+            series = Series(
+                path=path,
+                image=image,
+                p=p,
+                position=pos.name if several and pos is not None else None,
+                dtype=np.dtype(dtype).name,
+                channels=tuple(channel_names),
+                shape=(info.n_t or 0, len(channel_names), info.n_z, *info.frame_shape),
+                pixel_size_um=info.pixel_size_um,
+                z_step_um=info.z_step_um,
+                stage=pos,
+            )
+            where = {"p": p, "position": None if pos is None else pos.to_json()}
+            w = ImageWriter(
+                self.path / path,
+                image,
+                info,
+                channel_names=channel_names,
+                dtype=dtype,
+                attrs={**attrs, **where},
+                max_in_flight=max_in_flight,
+                windows=windows,
+                p=p,
+                title=series.name,
+            )
+            self._series.append(series)
+            self._all.append(w)
+            writers.append(w)
+        return writers
+
+    def _write_index(self) -> None:
+        self._run["series"] = [s.to_json() for s in self._series]
+        write_series_index(self.path, self._series)
 
     @property
     def metrics(self) -> StageMetrics:
-        """Metrics of the raw writer."""
+        """Metrics of the (first position's) raw writer."""
         return self.raw.metrics
 
     @property
     def frames_written(self) -> int:
-        """Raw frames completely written."""
-        return self.raw.frames_written
+        """Raw frames completely written (every position)."""
+        return sum(w.frames_written for w in self.raws)
 
     def add_output(
         self,
@@ -491,44 +617,51 @@ class ZarrSink:
         dtype: np.dtype | str = "float32",
         provenance: Mapping[str, Any] | None = None,
         windows: Sequence[tuple[float, float]] | None = None,
-    ) -> ImageWriter:
-        """Create the image group for one model output (``RUN.ome.zarr/<name>``)."""
+    ) -> ImageWriter | PositionWriters:
+        """Create the images of one model output (one series per position)."""
         if name in RESERVED_NAMES or name in self.outputs or "/" in name or not name:
             raise ValueError(f"output name {name!r} is reserved, empty or already used")
         prov = {"kind": "prediction", **dict(provenance or {})}
-        writer = ImageWriter(
-            self.path / name,
-            name,
-            self.info,
-            channel_names=channel_names,
-            dtype=dtype,
-            attrs={"prediction": prov},
-            max_in_flight=self.raw.max_in_flight,
-            windows=windows,
+        writers = self._images(
+            name, channel_names, dtype, {"prediction": prov}, self.raw.max_in_flight, windows
+        )
+        writer: ImageWriter | PositionWriters = (
+            writers[0] if len(writers) == 1 else PositionWriters(name, writers)
         )
         self.outputs[name] = writer
         self._provenance[name] = prov
+        self._write_index()
         self._write_root("acquiring")
         return writer
 
     def flush(self) -> None:
         """Wait until everything submitted is on disk."""
-        self.raw.flush()
-        for w in self.outputs.values():
+        for w in self._all:
             w.flush()
+
+    def _raw_for(self, p: int) -> ImageWriter:
+        if not 0 <= p < len(self.raws):
+            raise SinkError(
+                f"a frame at position {p}; the run records {len(self.raws)} position(s)"
+            )
+        return self.raws[p]
 
     def read_frame(self, t: int, c: int, z: int, p: int = 0) -> np.ndarray:
         """A raw frame already written."""
-        return self.raw.read_frame(t, c, z, p)
+        return self._raw_for(p).read_frame(t, c, z, p)
 
     def frame_meta(self, seq: int) -> FrameMeta | None:
-        """The persisted metadata of raw frame ``seq`` (from ``frames.npy``)."""
-        return self.raw.frame_meta(seq)
+        """The persisted metadata of raw frame ``seq`` (from its position's ``frames.npy``)."""
+        for w in self.raws:
+            found = w.frame_meta(seq)
+            if found is not None:
+                return found
+        return None
 
     @property
     def frames_committed(self) -> int:
         """Raw frames completely on disk."""
-        return self.raw.frames_written
+        return self.frames_written
 
     @property
     def max_outstanding(self) -> int:
@@ -537,19 +670,31 @@ class ZarrSink:
 
     def submit(self, data: np.ndarray, meta: FrameMeta) -> None:
         """Write one raw frame without copying it: ``data`` must stay valid until collected."""
-        self.raw.write(data, meta, reference=True)
+        w = self._raw_for(meta["p"])
+        w.write(data, meta, reference=True)
+        k = self._submitted.get(id(w), 0)
+        self._submitted[id(w)] = k + 1
+        self._order.append((w, k))
         self._tick()
 
     def collect(self, block: bool = False) -> int:
-        """How many submitted frames are on disk since the last call (in submission order)."""
-        self.raw.reap(block)
-        done = self.raw.frames_written - self._collected
-        self._collected = self.raw.frames_written
+        """How many submitted frames are on disk since the last call, counted in submission
+        order across positions (a frame is counted once every frame before it is)."""
+        done = 0
+        while self._order:
+            w, k = self._order[0]
+            w.reap(block=block and w.frames_written <= k)
+            if w.frames_written <= k:
+                break
+            self._order.popleft()
+            done += 1
+            block = False
+        self._collected += done
         return done
 
     def write(self, data: np.ndarray, meta: FrameMeta) -> None:
         """Write one raw frame (copied before returning)."""
-        self.raw.write(data, meta)
+        self._raw_for(meta["p"]).write(data, meta)
         self._tick()
 
     def _tick(self) -> None:
@@ -557,10 +702,21 @@ class ZarrSink:
         if now - self._last_attrs >= self.attrs_interval_s:
             self._last_attrs = now
             self._write_root("acquiring")
+            for w in self.raws:
+                w.update_attrs("acquiring")
 
     def _write_root(self, status: str, **extra: Any) -> None:
+        self._run.update(extra)
+        self._run.update(
+            status=status,
+            frames_written=sum(w.frames_written for w in getattr(self, "raws", [])),
+            updated=_now_iso(),
+        )
         try:
-            self.raw.update_attrs(status, outputs=self._provenance, **extra)
+            write_json_atomic(
+                self.path / "zarr.json",
+                {"zarr_format": 3, "node_type": "group", "attributes": root_attrs(self._run)},
+            )
         except OSError as e:
             raise SinkError(f"updating the attributes of {self.path} failed: {e}") from e
 
@@ -574,13 +730,19 @@ class ZarrSink:
     ) -> None:
         """Finish every image and record the final status (``complete``, ``stopped``, ``failed``).
 
-        The raw image is closed last, after every output: if an output fails to
-        close, the run is recorded as ``failed``, never as complete. The
-        per-second timeline goes to ``timeline.json`` beside the images (the
-        root ``zarr.json`` stays small however long the run).
+        The raw images are closed after every output and the run's own attributes
+        last: if an output fails to close, the run is recorded as ``failed``, never
+        as complete. The per-second timeline goes to ``timeline.json`` beside the
+        images (the root ``zarr.json`` stays small however long the run).
         """
         errors: list[str] = []
-        for w in self.outputs.values():
+        for out in self.outputs.values():
+            try:
+                out.close(status)
+            except SinkError as e:
+                errors.append(str(e))
+                status = "failed"
+        for w in self.raws:
             try:
                 w.close(status)
             except SinkError as e:
@@ -599,10 +761,21 @@ class ZarrSink:
                 summary["status"] = "failed"
             extra["summary"] = summary
         try:
-            self.raw.close(status, outputs=self._provenance, **extra)
+            # the series' sizes as written (an open-ended run's time points are known now)
+            self._series = [
+                replace(s, shape=(self._t_len(w), *s.shape[1:]))
+                for s, w in zip(self._series, self._all, strict=True)
+            ]
+            with contextlib.suppress(OSError):
+                self._write_index()
+            self._write_root(status, finished=_now_iso(), **extra)
         finally:
             if self.lock is not None:
                 self.lock.release()
                 self.lock = None
         if errors:
             raise SinkError("; ".join(errors))
+
+    @staticmethod
+    def _t_len(w: ImageWriter) -> int:
+        return int(w._arr.shape[0])

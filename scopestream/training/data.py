@@ -145,10 +145,9 @@ def _channel_index(names: list[str], wanted: str, where: str) -> int:
     return names.index(wanted)
 
 
-def _complete_mask(run: Path, image: str | None) -> np.ndarray | None:
+def _complete_mask(group: Path) -> np.ndarray | None:
     from scopestream.streaming.saved_run import complete_frames
 
-    group = run if image is None else run / image
     try:
         flags = complete_frames(group)
     except (OSError, KeyError, ValueError):
@@ -162,8 +161,17 @@ def load_run(
     """A field from a scopestream OME-Zarr run: input channel, targets as ``[image:]channel``."""
     import zarr
 
+    from scopestream.streaming.saved_run import SavedRun
+
     path = Path(run)
-    root: Any = zarr.open_group(str(path), mode="r")
+    saved = SavedRun(path)
+    if saved.n_positions > 1:
+        raise DataError(
+            f"{path} holds {saved.n_positions} positions; the trainer reads runs of one "
+            "position (record or select one position per run)"
+        )
+    raw_group = saved.raw.path
+    root: Any = zarr.open_group(str(raw_group), mode="r")
     names = [c["label"] for c in root.attrs.asdict()["ome"]["omero"]["channels"]]
     raw: Any = root["0"]
     if input_channel is None:
@@ -172,18 +180,22 @@ def load_run(
         input_channel = names[0]
     ci = _channel_index(names, input_channel, str(path))
     inp = _frames_of(raw, ci)
-    complete = _complete_mask(path, None)
+    complete = _complete_mask(raw_group)
     keep = None if complete is None else complete[:, ci].reshape(-1)
     targets, tnames = [], []
     for spec in target_channels or []:
         image, _, chan = spec.rpartition(":")
-        group: Any = root[image] if image else root
+        try:
+            image_path = saved.image(image).path if image else raw_group
+        except KeyError as e:
+            raise DataError(str(e.args[0])) from None
+        group: Any = zarr.open_group(str(image_path), mode="r")
         tnames_all = [c["label"] for c in group.attrs.asdict()["ome"]["omero"]["channels"]]
         where = f"{path}/{image}" if image else str(path)
         ct = _channel_index(tnames_all, chan, where)
         targets.append(_frames_of(group["0"], ct))
         tnames.append(chan)
-        tc = _complete_mask(path, image or None)
+        tc = _complete_mask(image_path)
         if tc is not None:
             tk = tc[:, ct].reshape(-1)
             keep = tk if keep is None else keep & tk

@@ -36,7 +36,7 @@ class LayerSpec:
     name: str
     kind: str
     channel: str
-    image: str  # "" for the raw image, else the output group's name
+    image: str  # "" for the raw image, else the output's name
     c: int
     data: Any  # lazy (t, [z,] y, x)
     scale: tuple[float, ...]
@@ -45,6 +45,7 @@ class LayerSpec:
     contrast_limits: tuple[float, float]
     last_t: int
     complete_t: list[int]
+    group: Path | None = None  # the image's group in the store (None: unknown)
 
 
 def _kind(prov: dict[str, Any]) -> str:
@@ -136,10 +137,11 @@ def run_layers(
             limits = estimate_limits(np.asarray(arr[last, c, n_z // 2])) if contrast else (0, 1)
             specs.append(
                 LayerSpec(
-                    name=layer_name(kind, ch),
+                    name=layer_name(kind, ch, im.position),
                     kind=kind,
                     channel=ch,
                     image=image,
+                    group=group,
                     c=c,
                     data=data,
                     scale=tuple(float(s) for s in sp),
@@ -191,7 +193,8 @@ def not_predicted(path: str | Path, specs: list[LayerSpec], t: int) -> list[str]
     return [
         s.name
         for s in specs
-        if s.kind not in ("raw", "truth") and not _has_frame(root / s.image, t, s.c)
+        if s.kind not in ("raw", "truth")
+        and not _has_frame(s.group if s.group is not None else root / s.image, t, s.c)
     ]
 
 

@@ -18,6 +18,7 @@ from scopestream.acquisition.plan import AcquisitionPlan, ChannelSpec
 from scopestream.acquisition.sim import SimulatedSource
 from scopestream.streaming.ringbuffer import OverflowPolicy
 from scopestream.streaming.runner import SinkSpec, StreamRunner
+from scopestream.streaming.saved_run import SavedRun
 from scopestream.streaming.zarr_sink import ZarrSink, inspect_run
 
 if TYPE_CHECKING:
@@ -30,6 +31,18 @@ if TYPE_CHECKING:
 def attrs(store: Path) -> dict[str, Any]:
     out: dict[str, Any] = json.loads((store / "zarr.json").read_text())["attributes"]
     return out
+
+
+def raw_group(store: Path) -> Path:
+    """The group of the run's raw image (series ``0`` of its collection)."""
+    return SavedRun(store).raw.path
+
+
+def raw_array(store: Path) -> zarr.Array:
+    """The run's raw pixels (t, c, z, y, x)."""
+    arr = zarr.open_group(str(raw_group(store)), mode="r")["0"]
+    assert isinstance(arr, zarr.Array)
+    return arr
 
 
 @pytest.mark.parametrize("source", ["pycromanager:demo", "mmcore:demo", "sim", "pycromanager:sim"])
@@ -46,7 +59,7 @@ def test_fifty_frames_from_each_engine(
     assert s["frames_written"] == 50
     assert s["frames_lost"] == 0
     assert s["callback_us"]["p50"] > 0
-    arr = zarr.open_group(str(out), mode="r")["0"]
+    arr = raw_array(out)
     assert arr.shape[:3] == (50, 1, 1)
     assert list(arr.metadata.dimension_names) == ["t", "c", "z", "y", "x"]
     assert float(np.asarray(arr[49]).std()) > 0  # real camera content
@@ -81,13 +94,13 @@ def test_z_stack_by_two_channels_by_time_layout(
     )
     assert r.code == 0, r.stderr
     assert r.json["frames_written"] == 12
-    img = Image.from_zarr(zarr.open_group(str(out), mode="r"))
+    img = Image.from_zarr(zarr.open_group(str(raw_group(out)), mode="r"))
     scale = img.ome_attributes.multiscales[0].datasets[0].coordinateTransformations[0].scale
     assert scale[2] == 0.5  # z step in µm
-    ome = attrs(out)["ome"]
+    ome = attrs(raw_group(out))["ome"]
     names = [c.split(":")[0] for c in channels.split(",")]
     assert [c["label"] for c in ome["omero"]["channels"]] == names
-    arr = zarr.open_group(str(out), mode="r")["0"]
+    arr = raw_array(out)
     assert arr.shape[:3] == (2, 2, 3)
     plan = attrs(out)["scopestream"]["source"]["plan"]
     assert [c["exposure_ms"] for c in plan["channels"]] == [
@@ -129,7 +142,7 @@ def test_paired_acquisition_is_saved_for_the_trainer(
         ("nuclei_low", "nuclei", 2.0),
         ("nuclei_high", "nuclei", 50.0),
     ]
-    arr = zarr.open_group(str(out), mode="r")["0"][...].astype(float)
+    arr = raw_array(out)[...].astype(float)
     low, high = arr[:, 0] - 100, arr[:, 1] - 100  # offset-corrected
     assert (
         15 < np.median(high.mean(axis=(1, 2, 3)) / low.mean(axis=(1, 2, 3))) < 35
@@ -229,10 +242,10 @@ def test_ndtiff_saved_by_micro_manager_replays_identically(
     )
     assert r.code == 0, r.stderr
     assert r.json["frames_written"] == 8
-    a = zarr.open_group(str(out), mode="r")["0"][...]
-    b = zarr.open_group(str(replayed), mode="r")["0"][...]
+    a = raw_array(out)[...]
+    b = raw_array(replayed)[...]
     np.testing.assert_array_equal(a, b)
-    assert attrs(replayed)["ome"]["omero"]["channels"][1]["label"] == "FITC"
+    assert attrs(raw_group(replayed))["ome"]["omero"]["channels"][1]["label"] == "FITC"
 
 
 def test_micro_manager_not_running_is_a_clear_error(

@@ -66,7 +66,7 @@ def test_a_plan_flag_overrides_one_field_of_the_file_plan(
     assert saved["seed"] == 2
     assert saved["shape"] == [64, 64]
     # the recording has the file's channels and the flag's planes
-    arr = json.loads((out / "0" / "zarr.json").read_text())
+    arr = json.loads((out / "0" / "0" / "zarr.json").read_text())  # the raw image's array
     assert arr["shape"] == [2, 3, 3, 64, 64]
 
 

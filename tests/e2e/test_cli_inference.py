@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
-from ome_zarr_models.v05 import Image
+from ome_zarr_models.v05 import BioFormats2Raw, Image
 
 from scopestream.inference.backends import available_backends
 from scopestream.inference.package import Registry
+from scopestream.streaming.saved_run import SavedRun
 from scopestream.streaming.zarr_sink import complete_frames, inspect_run
 from tests.inference.conftest import package
 
@@ -81,15 +82,21 @@ def test_raw_denoised_and_stained_side_by_side(
     assert s["models"]["model:denoise"]["predicted"] == 16
     assert s["models"]["model:stain"]["predicted"] == 8  # the brightfield frames
     assert s["models"]["model:denoise"]["versions"][0]["backend"] == "onnxruntime"
+    # one collection: the raw image and each output side by side, as its series
+    coll = BioFormats2Raw.from_zarr(zarr.open_group(str(out), mode="r"))
+    assert len(coll.images) == 3
+    saved = SavedRun(out)
     for name, chans in (("denoise", ["brightfield", "nuclei"]), ("stain", ["nuclei", "membrane"])):
-        Image.from_zarr(zarr.open_group(str(out / name), mode="r"))
-        g = attrs(out / name)
+        group = saved.image(name).path
+        assert group.parent == out and group.name in coll.images
+        Image.from_zarr(zarr.open_group(str(group), mode="r"))
+        g = attrs(group)
         assert [c["label"] for c in g["ome"]["omero"]["channels"]] == chans
         prov = g["scopestream"]["prediction"]
         assert prov["model"] == name
         assert prov["version"] == 1
         assert len(prov["sha256"]) == 64
-        assert complete_frames(out / name).all()
+        assert complete_frames(group).all()
     assert set(attrs(out)["scopestream"]["outputs"]) == {"denoise", "stain"}
     assert [i.name for i in inspect_run(out).images] == ["raw", "denoise", "stain"]
 

@@ -15,9 +15,10 @@ import pytest
 import tifffile
 import yaml
 import zarr
-from ome_zarr_models.v05 import Image
+from ome_zarr_models.v05 import BioFormats2Raw, Image
 
 from scopestream.config import dump_config, load_config
+from scopestream.streaming.saved_run import SavedRun
 from scopestream.streaming.zarr_sink import inspect_run
 
 if TYPE_CHECKING:
@@ -30,6 +31,13 @@ DATA = Path(__file__).parent / "data"
 
 def attrs(store: Path) -> dict:
     return json.loads((store / "zarr.json").read_text())["attributes"]
+
+
+def raw_array(store: Path) -> zarr.Array:
+    """The run's raw pixels (t, c, z, y, x): the array of its raw image (series ``0``)."""
+    arr = zarr.open_group(str(SavedRun(store).raw.path), mode="r")["0"]
+    assert isinstance(arr, zarr.Array)
+    return arr
 
 
 def test_run_sim_200_frames_valid_ome_zarr(cli: Callable[..., CliResult], tmp_path: Path) -> None:
@@ -59,9 +67,11 @@ def test_run_sim_200_frames_valid_ome_zarr(cli: Callable[..., CliResult], tmp_pa
     assert s["malformed"] == 0
     assert s["fps"] > 0
     assert s["latency_ms"]["p99"] >= s["latency_ms"]["p50"] > 0
-    img = Image.from_zarr(zarr.open_group(str(out), mode="r"))
+    coll = BioFormats2Raw.from_zarr(zarr.open_group(str(out), mode="r"))
+    assert coll.ome_attributes.version == "0.5" and list(coll.images) == ["0"]
+    img = Image.from_zarr(zarr.open_group(str(out / "0"), mode="r"))
     assert img.ome_attributes.version == "0.5"
-    arr = zarr.open_group(str(out), mode="r")["0"]
+    arr = raw_array(out)
     assert arr.shape == (200, 1, 1, 512, 512)
     assert float(np.asarray(arr[199]).mean()) > 100  # real content, not fill value
     sc = attrs(out)["scopestream"]
@@ -117,7 +127,7 @@ def test_config_file_flags_override_and_effective_config_saved(
     assert cfg["frames"] == 12  # flag
     assert cfg["shape"] == [64, 96]  # file
     assert cfg["seed"] == 5
-    assert zarr.open_group(str(out), mode="r")["0"].shape == (12, 1, 1, 64, 96)
+    assert raw_array(out).shape == (12, 1, 1, 64, 96)
     # the saved config is itself a valid config file that reproduces the run
     saved = tmp_path / "saved.yaml"
     saved.write_text(yaml.safe_dump(cfg))
@@ -191,8 +201,8 @@ def test_remote_run_over_loopback_delivers_identical_pixels(
     assert s["frames_written"] == 40
     assert s["malformed"] == 0
     assert json.loads(out.strip().splitlines()[-1])["frames_written"] == 40
-    a = zarr.open_group(str(src), mode="r")["0"][...]
-    b = zarr.open_group(str(dst), mode="r")["0"][...]
+    a = raw_array(src)[...]
+    b = raw_array(dst)[...]
     np.testing.assert_array_equal(a, b)
     assert attrs(dst)["scopestream"]["source"]["kind"] == "remote"
 
@@ -213,7 +223,7 @@ def test_replay_run(cli: Callable[..., CliResult], tmp_path: Path) -> None:
     )
     assert r.code == 0, r.stderr
     assert r.json["frames_written"] == 9
-    np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["0"][:, 0, 0], stack)
+    np.testing.assert_array_equal(raw_array(out)[:, 0, 0], stack)
 
 
 def _small_files_only() -> None:
@@ -263,7 +273,7 @@ def test_disk_full_stops_cleanly_and_keeps_what_was_written(tmp_path: Path) -> N
     report = inspect_run(out)
     assert report.status == "failed"
     assert report.frames_complete == 10
-    np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["0"][:10, 0, 0], stack[:10])
+    np.testing.assert_array_equal(raw_array(out)[:10, 0, 0], stack[:10])
 
 
 def test_demo_runs_to_its_summary(cli: Callable[..., CliResult], tmp_path: Path) -> None:

@@ -59,6 +59,8 @@ import pytest
 import tifffile
 import zarr
 
+from scopestream.streaming.saved_run import SavedRun
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
@@ -149,8 +151,14 @@ BLOCKS = readme_blocks(README.read_text(encoding="utf-8"))
 COMMANDS = readme_commands(BLOCKS)
 
 
-def block(lang: str) -> Block:
-    (b,) = [b for b in BLOCKS if b.lang == lang]
+#: the section of run.yaml (the README's yaml block that `--config run.yaml` reads)
+RUN_YAML_SECTION = "Using it"
+#: the section of plate.yaml (the useq MDASequence of a plate that `--mda plate.yaml` reads)
+PLATE_SECTION = "What a run looks like on disk"
+
+
+def block(lang: str, section: str | None = None) -> Block:
+    (b,) = [b for b in BLOCKS if b.lang == lang and section in (None, b.section)]
     return b
 
 
@@ -257,8 +265,13 @@ class World:
 # --------------------------------------------------------------------------- inputs
 
 
-def store_shape(path: Path, image: str = "0") -> tuple[int, ...]:
-    return tuple(zarr.open_group(str(path), mode="r")[image].shape)
+def store_shape(path: Path, image: str = "raw") -> tuple[int, ...]:
+    """(t, c, z, y, x) of a run's image (``raw``: its raw image, or a ``predict`` store's)."""
+    return tuple(SavedRun(path).image(image).array().shape)
+
+
+def raw_pixels(path: Path) -> np.ndarray:
+    return np.asarray(SavedRun(path).raw.array()[...])
 
 
 def stored_summary(path: Path) -> dict[str, Any]:
@@ -280,7 +293,7 @@ def my_scope_cfg(w: World) -> None:
 
 def run_yaml(w: World) -> None:
     """run.yaml is the README's yaml block as written; the hooks module and volume it names."""
-    (w.dir / "run.yaml").write_text(block("yaml").text)
+    (w.dir / "run.yaml").write_text(block("yaml", RUN_YAML_SECTION).text)
     lab = w.dir / "mylab"
     lab.mkdir()
     (lab / "__init__.py").write_text("")
@@ -389,10 +402,26 @@ def frames(n: int, out: str | None = None, shape: tuple[int, ...] | None = None)
     return check
 
 
+def plate_yaml(w: World) -> None:
+    """plate.yaml is the README's plate block as written."""
+    (w.dir / "plate.yaml").write_text(block("yaml", PLATE_SECTION).text)
+
+
+def check_plate(r: Ran, d: Path) -> None:
+    from scopestream.streaming.saved_run import SavedRun, inspect_run
+
+    run = SavedRun(d / "plate.ome.zarr")
+    assert run.status == "complete" and run.n_positions == 8
+    assert len(run.images) == 8 * 3  # raw, denoise and stain of every field
+    report = inspect_run(d / "plate.ome.zarr")
+    assert report.frames_complete == report.frames_expected == 8 * 3 * 2 * 3
+
+
 def check_config_run(r: Ran, d: Path) -> None:
     s = stored_summary(d / "config.ome.zarr")  # the yaml's `out`
     assert s["frames_written"] == 20, s  # --frames 20: one time point × 4 channels × 5 z
-    names = [c["label"] for c in zarr.open_group(str(d / "config.ome.zarr")).attrs["ome"]
+    raw = SavedRun(d / "config.ome.zarr").raw.path  # the raw image's group (series 0)
+    names = [c["label"] for c in zarr.open_group(str(raw), mode="r").attrs["ome"]
              ["omero"]["channels"]]  # fmt: skip
     assert names == ["nuclei_low", "nuclei_high", "brightfield", "membrane"]
     events = (d / "mylab" / "events.log").read_text().splitlines()
@@ -400,8 +429,8 @@ def check_config_run(r: Ran, d: Path) -> None:
 
 
 def check_replay(r: Ran, d: Path) -> None:
-    a = zarr.open_group(str(d / "X.ome.zarr"), mode="r")["0"][...]
-    b = zarr.open_group(str(d / "Y.ome.zarr"), mode="r")["0"][...]
+    a = raw_pixels(d / "X.ome.zarr")
+    b = raw_pixels(d / "Y.ome.zarr")
     np.testing.assert_array_equal(a, b)
 
 
@@ -600,6 +629,9 @@ CASE_LIST = [
     Case("import(the exported zip as someone_elses_n2v.zip)", "scopestream import",
          after=("export-bioimageio",), setup=someone_elses_zip, marks=SLOW,
          check=check_import),
+    # ## What a run looks like on disk
+    Case("run-plate(README plate.yaml written: 2×2 wells × 2 fields)", "--mda plate.yaml",
+         "--shape 32x32", setup=plate_yaml, check=check_plate),
 ]  # fmt: skip
 
 
@@ -663,8 +695,9 @@ def test_bash_blocks_hold_only_scopestream_commands_and_make() -> None:
     ]
     # `make demo` installs and runs the demo; `make test` installs and runs this suite
     assert other == ["make demo", "make test"]
-    assert {b.lang for b in BLOCKS} == {"bash", "python", "yaml"}
-    assert len(COMMANDS) == len(CASE_LIST) == 36
+    # ```text blocks are shown, not run (the store's file tree)
+    assert {b.lang for b in BLOCKS} == {"bash", "python", "yaml", "text"}
+    assert len(COMMANDS) == len(CASE_LIST) == 37
 
 
 def test_every_readme_command_has_exactly_one_case() -> None:
@@ -684,7 +717,7 @@ def _outputs() -> list[str]:
         if words[1] in ("train", "import"):  # a registry: each run adds a version
             continue
         outs += [words[i + 1] for i, w in enumerate(words[:-1]) if w in ("--out", "--output")]
-    outs += re.findall(r"^out: (\S+)", block("yaml").text, re.M)
+    outs += re.findall(r"^out: (\S+)", block("yaml", RUN_YAML_SECTION).text, re.M)
     outs += re.findall(r'"out": "([^"]+)"', block("python").text)
     return outs
 

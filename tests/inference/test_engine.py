@@ -19,6 +19,7 @@ from scopestream.inference.predictor import Predictor
 from scopestream.inference.watcher import RegistryWatcher
 from scopestream.streaming.frame import make_meta
 from scopestream.streaming.layout import StreamInfo
+from scopestream.streaming.saved_run import SavedRun
 from scopestream.streaming.zarr_sink import ZarrSink, complete_frames
 
 if TYPE_CHECKING:
@@ -28,6 +29,11 @@ if TYPE_CHECKING:
     from scopestream.inference.package import ModelPackage
 
 SHAPE = (64, 72)
+
+
+def image(store: Path, name: str) -> Path:
+    """The group of the run's image ``name`` (a series of the collection)."""
+    return SavedRun(store).image(name).path
 
 
 def frames(info: StreamInfo, seed: int = 0):  # type: ignore[no-untyped-def]
@@ -65,8 +71,8 @@ def test_2d_denoiser_on_every_channel(
     info = StreamInfo(frame_shape=SHAPE, n_t=3, channel_names=("brightfield", "nuclei"))
     eng, store = run_engine(tmp_path, make_package(), info)
     assert eng.predicted == 6
-    assert complete_frames(store / "denoise").all()
-    g = zarr.open_group(str(store / "denoise"), mode="r")
+    assert complete_frames(image(store, "denoise")).all()
+    g = zarr.open_group(str(image(store, "denoise")), mode="r")
     assert [c["label"] for c in g.attrs["ome"]["omero"]["channels"]] == ["brightfield", "nuclei"]
     prov = g.attrs["scopestream"]["prediction"]
     assert prov["model"] == "denoise"
@@ -88,7 +94,7 @@ def test_stain_model_only_takes_its_channel(
     eng, store = run_engine(tmp_path, pkg, info)
     assert eng.predicted == 2
     assert eng.ignored == 2
-    flags = complete_frames(store / "stain")
+    flags = complete_frames(image(store, "stain"))
     assert flags.shape == (2, 2, 1)
     assert flags.all()  # both stains at both time points
     with pytest.raises(
@@ -106,9 +112,10 @@ def test_temporal_window_is_causal(
     # only full windows: t=0 and t=1 have no two earlier frames and are never predicted
     assert eng.predicted == 3
     assert eng.incomplete_stacks == 2
-    assert complete_frames(store / "dn_t")[:, 0, 0].tolist() == [False, False, True, True, True]
-    raw = zarr.open_array(str(store / "0"), mode="r")[:, 0, 0]
-    out = zarr.open_array(str(store / "dn_t" / "0"), mode="r")[:, 0, 0]
+    done = complete_frames(image(store, "dn_t"))[:, 0, 0].tolist()
+    assert done == [False, False, True, True, True]
+    raw = zarr.open_array(str(image(store, "raw") / "0"), mode="r")[:, 0, 0]
+    out = zarr.open_array(str(image(store, "dn_t") / "0"), mode="r")[:, 0, 0]
     ref = Predictor(pkg, OnnxBackend(pkg, threads=2))
     for t in (2, 3, 4):  # the window that ends at t: t-2, t-1, t (never a later frame)
         np.testing.assert_allclose(
@@ -130,7 +137,7 @@ def test_temporal_window_with_a_gap_is_never_predicted(
             eng.write(data, meta)
     eng.close()
     sink.close()
-    done = complete_frames(tmp_path / "r.ome.zarr" / "dn_t")[:, 0, 0].tolist()
+    done = complete_frames(image(tmp_path / "r.ome.zarr", "dn_t"))[:, 0, 0].tolist()
     # t=2 (0,1,2) is whole; t=4 (2,4) and t=5 (2,4,5) would span the gap
     assert done == [False, False, True, False, False, False]
     assert eng.incomplete_stacks == 4
@@ -163,9 +170,10 @@ def test_z_models_predict_every_plane_of_each_stack(
     info = StreamInfo(frame_shape=SHAPE, n_t=2, channel_names=("brightfield",), n_z=4)
     eng, store = run_engine(tmp_path, pkg, info)
     assert eng.predicted == 8
-    assert complete_frames(store / pkg.name).all()
-    raw = zarr.open_array(str(store / "0"), mode="r")[1, 0]  # the second stack (Z, Y, X)
-    out = zarr.open_array(str(store / pkg.name / "0"), mode="r")[1, 0]
+    assert complete_frames(image(store, pkg.name)).all()
+    # the second stack (Z, Y, X)
+    raw = zarr.open_array(str(image(store, "raw") / "0"), mode="r")[1, 0]
+    out = zarr.open_array(str(image(store, pkg.name) / "0"), mode="r")[1, 0]
     ref = Predictor(pkg, OnnxBackend(pkg, threads=2))
     if spatial == "3d":
         np.testing.assert_allclose(out, ref.predict(raw)[0], rtol=1e-5, atol=1e-4)
@@ -190,7 +198,7 @@ def test_hot_swap_takes_over_at_a_frame_boundary(
         eng.write(data, meta)
     eng.close()
     sink.close()
-    versions = zarr.open_group(str(tmp_path / "r.ome.zarr" / "denoise"), mode="r").attrs[
+    versions = zarr.open_group(str(image(tmp_path / "r.ome.zarr", "denoise")), mode="r").attrs[
         "scopestream"
     ]["versions"]
     assert [(v["sha256"], v["from_seq"]) for v in versions] == [(v1.sha256, 0), (v2.sha256, 4)]
@@ -308,5 +316,5 @@ def test_calibration_burst_freezes_normalization_once(
     assert norm.offset[0] == pytest.approx(np.percentile(burst, 1))
     eng.close()
     sink.close()
-    g = zarr.open_group(str(tmp_path / "r.ome.zarr" / "denoise"), mode="r")
+    g = zarr.open_group(str(image(tmp_path / "r.ome.zarr", "denoise")), mode="r")
     assert g.attrs["scopestream"]["calibration"]["frames"] == 3

@@ -110,18 +110,20 @@ def _output_run(tmp_path: Path) -> tuple[Path, ZarrSink]:
 def test_frames_a_model_skipped_read_as_nan_not_zero(tmp_path: Path) -> None:
     path, sink = _output_run(tmp_path)
     sink.close()
-    arr = zarr.open_array(str(path / "denoise" / "0"), mode="r")
+    run = SavedRun(path)
+    den = run.image("denoise").path
+    arr = zarr.open_array(str(den / "0"), mode="r")
     assert np.isnan(arr.fill_value)
     got = np.asarray(arr[:, 0, 0])
     assert np.isnan(got[1]).all() and np.isnan(got[3]).all()
     assert np.isfinite(got[0]).all() and np.isfinite(got[2]).all()
-    raw = zarr.open_array(str(path / "0"), mode="r")
+    raw = zarr.open_array(str(run.raw.path / "0"), mode="r")
     assert raw.fill_value == 0  # integer images keep 0 (and a chunk file per frame)
-    w = _windows(path / "denoise")[0]
+    w = _windows(den)[0]
     assert 0.19 <= w["start"] < w["end"] <= 0.71, w  # NaN never reaches the window
     # contrast from a plane with missing pixels ignores them
     assert estimate_limits(got[:2]) == pytest.approx(estimate_limits(got[0]))
-    Image.from_zarr(zarr.open_group(str(path / "denoise"), mode="r"))
+    Image.from_zarr(zarr.open_group(str(den), mode="r"))
 
 
 def test_saved_run_lists_what_each_output_lacks(tmp_path: Path) -> None:

@@ -120,7 +120,8 @@ def test_every_frames_metadata_is_on_disk_beside_its_pixels(tmp_path: Path) -> N
     summary, sink = run(src, tmp_path)
     assert isinstance(sink, Recorder)
     assert summary["status"] == "complete" and summary["frames_written"] == 24
-    table = np.load(tmp_path / "r.ome.zarr" / "frames.npy")  # plain numpy (pandas: DataFrame)
+    # plain numpy (pandas: DataFrame), beside the raw image's array
+    table = np.load(tmp_path / "r.ome.zarr" / "0" / "frames.npy")
     assert table.dtype == FRAME_DTYPE and len(table) == 24
     assert table["seq"].tolist() == list(range(24))
     assert table["image_number"].tolist() == list(range(24))
@@ -132,7 +133,7 @@ def test_every_frames_metadata_is_on_disk_beside_its_pixels(tmp_path: Path) -> N
     ]
     assert (np.diff(table["timestamp_ns"]) >= 0).all()
     assert (table["wall_ns"] > 1.6e18).all()  # Unix time, not the monotonic clock
-    raw = zarr.open_array(str(tmp_path / "r.ome.zarr" / "0"), mode="r")
+    raw = zarr.open_array(str(tmp_path / "r.ome.zarr" / "0" / "0"), mode="r")
     for rec in table[::5]:  # the record describes the pixels at its (t, c, z)
         assert int(raw[rec["t"], rec["c"], rec["z"], 0, 0]) == rec["seq"]
     meta = sink.frame_meta(13)
@@ -152,7 +153,7 @@ def test_a_second_frame_at_the_same_index_is_an_error_not_an_overwrite(tmp_path:
     with pytest.raises(SinkError, match="second frame at t=1, c=0, z=0"):
         sink.write(np.zeros(SHAPE, np.uint16), again)
     sink.close()
-    raw = zarr.open_array(str(tmp_path / "r.ome.zarr" / "0"), mode="r")
+    raw = zarr.open_array(str(tmp_path / "r.ome.zarr" / "0" / "0"), mode="r")
     assert int(raw[1, 0, 0, 0, 0]) == 7  # the first one is kept
 
 

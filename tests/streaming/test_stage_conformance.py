@@ -37,6 +37,7 @@ from scopestream.streaming.protocol import (
 )
 from scopestream.streaming.ringbuffer import OverflowPolicy
 from scopestream.streaming.runner import SinkSpec, StreamRunner
+from scopestream.streaming.saved_run import SavedRun
 from scopestream.streaming.seams import Display, InputContract, Recorder, Stage
 from scopestream.streaming.sinks import FrameSink
 from scopestream.streaming.zarr_sink import SinkError, ZarrSink, complete_frames, inspect_run
@@ -499,7 +500,7 @@ class EngineConformance(StageConformance):
         assert isinstance(source, CopiedSource)
         pkg: ModelPackage = h.extra["pkg"]
         assert h.store is not None
-        group = h.store.path / pkg.name
+        group = SavedRun(h.store.path).image(pkg.name).path
         done = complete_frames(group)
         out = zarr.open_array(str(group / "0"), mode="r")
         self._ref = self._predictor(pkg)
@@ -683,7 +684,7 @@ class TestTruthSink(StageConformance):
         assert h.store is not None
         raw = read_frame_index(h.store.path)
         assert len(raw) == summary["frames_acquired"] >= 1
-        group = h.store.path / "truth"
+        group = SavedRun(h.store.path).image("truth").path
         done = complete_frames(group)
         assert int(done.sum()) == len(raw)  # every frame, none twice
         out = zarr.open_array(str(group / "0"), mode="r")

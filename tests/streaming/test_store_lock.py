@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 import zarr
-from ome_zarr_models.v05 import Image
+from ome_zarr_models.v05 import BioFormats2Raw, Image
 
 from scopestream.streaming.frame import make_meta
 from scopestream.streaming.layout import StreamInfo
@@ -421,8 +421,9 @@ def test_a_real_run_store_with_its_lock_file_still_reads(tmp_path: Path) -> None
         prepare_output_path(out, overwrite=True)
     sink.close()
     assert is_locked(out) is None
-    Image.from_zarr(zarr.open_group(str(out), mode="r"))
-    assert np.asarray(zarr.open_array(str(out / "0"), mode="r"))[2, 0, 0, 0, 0] == 3
+    BioFormats2Raw.from_zarr(zarr.open_group(str(out), mode="r"))
+    Image.from_zarr(zarr.open_group(str(out / "0"), mode="r"))  # the raw image, series 0
+    assert np.asarray(zarr.open_array(str(out / "0" / "0"), mode="r"))[2, 0, 0, 0, 0] == 3
     assert inspect_run(out).status == "complete"
     prepare_output_path(out, overwrite=True)
     assert not out.exists()

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import tensorstore as ts
 import zarr
-from ome_zarr_models.v05 import Image
+from ome_zarr_models.v05 import BioFormats2Raw, Image
 
 from scopestream.streaming.frame import make_meta
 from scopestream.streaming.layout import StreamInfo
+from scopestream.streaming.saved_run import SavedRun, read_group_attrs
 from scopestream.streaming.zarr_sink import (
     SinkError,
     ZarrSink,
@@ -47,19 +48,26 @@ def test_writes_valid_ome_zarr_05_with_attributes(tmp_path: Path) -> None:
     sink = ZarrSink(out, INFO, config={"source": "sim"}, source={"kind": "test"})
     write_all(sink, INFO, 5)
     sink.close(summary={"frames_written": 20})
-    img = Image.from_zarr(zarr.open_group(str(out), mode="r"))
+    coll = BioFormats2Raw.from_zarr(zarr.open_group(str(out), mode="r"))
+    assert list(coll.images) == ["0"]  # the run of one position: its raw image only
+    raw = SavedRun(out).raw
+    assert raw.path == out / "0"
+    img = Image.from_zarr(zarr.open_group(str(raw.path), mode="r"))
     ms = img.ome_attributes.multiscales[0]
     assert [a.name for a in ms.axes] == ["t", "c", "z", "y", "x"]
     assert [a.unit for a in ms.axes] == ["second", None, "micrometer", "micrometer", "micrometer"]
+    image_attrs = read_group_attrs(raw.path)
+    assert [c["label"] for c in image_attrs["ome"]["omero"]["channels"]] == ["bf", "nuclei"]
+    assert image_attrs["scopestream"]["status"] == "complete"
+    assert image_attrs["scopestream"]["frames_written"] == 20
     attrs = json.loads((out / "zarr.json").read_text())["attributes"]
-    assert [c["label"] for c in attrs["ome"]["omero"]["channels"]] == ["bf", "nuclei"]
     sc = attrs["scopestream"]
     assert sc["status"] == "complete"
     assert sc["frames_written"] == 20
     assert sc["config"] == {"source": "sim"}
     assert sc["source"] == {"kind": "test"}
     assert sc["summary"] == {"frames_written": 20}
-    data = zarr.open_group(str(out), mode="r")["0"][...]
+    data = zarr.open_group(str(raw.path), mode="r")["0"][...]
     assert data.shape == (5, 2, 2, 32, 40)
     assert data[3, 1, 0, 0, 0] == 3101
     assert complete_frames(out).all()
@@ -71,13 +79,13 @@ def test_open_ended_time_axis_grows_and_is_trimmed(tmp_path: Path) -> None:
     for t in range(150):  # more than the initial capacity (64) twice over
         sink.write(np.full((16, 16), t + 1, np.uint16), make_meta(t=t))
     sink.close()
-    arr = zarr.open_group(str(tmp_path / "r.ome.zarr"), mode="r")["0"]
+    arr = SavedRun(tmp_path / "r.ome.zarr").raw.array()
     assert arr.shape == (150, 1, 1, 16, 16)
     assert arr[149, 0, 0, 0, 0] == 150
     assert inspect_run(tmp_path / "r.ome.zarr").frames_complete == 150
 
 
-def test_outputs_are_sibling_images_with_provenance(tmp_path: Path) -> None:
+def test_outputs_are_series_of_the_collection_with_provenance(tmp_path: Path) -> None:
     out = tmp_path / "r.ome.zarr"
     info = StreamInfo(frame_shape=(16, 16), n_t=3)
     sink = ZarrSink(out, info)
@@ -90,15 +98,35 @@ def test_outputs_are_sibling_images_with_provenance(tmp_path: Path) -> None:
         sink.write(np.zeros((16, 16), np.uint16), make_meta(t=t))
         w.write(np.full((16, 16), 0.5, np.float32), make_meta(t=t, c=1))
     sink.close()
-    Image.from_zarr(zarr.open_group(str(out), mode="r"))
-    out_img = Image.from_zarr(zarr.open_group(str(out / "stain"), mode="r"))
-    assert out_img.ome_attributes.multiscales[0].name == "stain"
+    coll = BioFormats2Raw.from_zarr(zarr.open_group(str(out), mode="r"))
+    assert list(coll.images) == ["0", "1"]  # raw, then the output: both series
     root = json.loads((out / "zarr.json").read_text())["attributes"]["scopestream"]
+    assert root["series"] == [
+        {"path": "0", "image": "raw", "p": 0, "position": None},
+        {"path": "1", "image": "stain", "p": 0, "position": None},
+    ]
+    # the OME/ group lists the same series, and its OME-XML has one Image each
+    index = json.loads((out / "OME" / "zarr.json").read_text())["attributes"]["ome"]
+    assert index["series"] == [e["path"] for e in root["series"]]
+    xml = (out / "OME" / "METADATA.ome.xml").read_text()
+    assert xml.count("<Image ") == 2 and 'Name="stain"' in xml
+    run = SavedRun(out)
+    stain = run.image("stain")
+    assert stain.path == out / "1"
+    Image.from_zarr(zarr.open_group(str(run.raw.path), mode="r"))
+    out_img = Image.from_zarr(zarr.open_group(str(stain.path), mode="r"))
+    assert out_img.ome_attributes.multiscales[0].name == "stain"
+    assert stain.channels == ("nuclei", "membrane")
     assert root["outputs"]["stain"]["version"] == 2
+    # the image carries its own provenance too
+    assert stain.attrs["prediction"] == {"kind": "prediction", **root["outputs"]["stain"]}
+    assert stain.attrs["prediction"]["sha256"] == "ab"
     report = inspect_run(out)
     assert [(i.name, i.frames_complete) for i in report.images] == [("raw", 3), ("stain", 3)]
     with pytest.raises(ValueError, match="reserved"):
-        sink.add_output("0", channel_names=["x"])
+        sink.add_output("raw", channel_names=["x"])
+    with pytest.raises(ValueError, match="already used"):
+        sink.add_output("stain", channel_names=["x"])
 
 
 def test_refuses_to_overwrite_unless_asked(tmp_path: Path) -> None:
@@ -175,7 +203,7 @@ def test_kill_9_mid_run_leaves_an_openable_store(tmp_path: Path) -> None:
     flags = complete_frames(out)[:, 0, 0]
     assert flags[: report.frames_complete].all() and not flags[report.frames_complete :].any()
     data = np.asarray(
-        ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(out / "0")}})
+        ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(out / "0" / "0")}})
         .result()
         .read()
         .result()
@@ -184,4 +212,5 @@ def test_kill_9_mid_run_leaves_an_openable_store(tmp_path: Path) -> None:
     assert (data[-1] == 0).all() and not flags[-1]  # ... vs a frame never acquired
     for t in range(1, report.frames_complete):
         assert (data[t, 0, 0] == t).all()
-    Image.from_zarr(zarr.open_group(str(out), mode="r"))  # still valid OME-Zarr
+    BioFormats2Raw.from_zarr(zarr.open_group(str(out), mode="r"))  # still valid OME-Zarr
+    Image.from_zarr(zarr.open_group(str(SavedRun(out).raw.path), mode="r"))

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from scopestream.inference.architectures import build
 from scopestream.inference.package import load_package
+from scopestream.streaming.saved_run import SavedRun
 from scopestream.training.data import FieldData, PatchSampler, Region, load_run
 from scopestream.training.module import PatchDiscriminator, TrainModule
 from tests.conftest import record_sim
@@ -155,9 +156,9 @@ def test_3d_and_25d_stain_models_train_and_run_live(
     assert s["status"] == "complete" and s["error"] is None
     assert s["models"]["model:st3"]["predicted"] == 16
     assert s["models"]["model:st25"]["predicted"] == 16
-    root = zarr.open_group(str(out), mode="r")
+    run = SavedRun(out)
     for name in ("st3", "st25"):
-        pred = np.asarray(root[name]["0"])
+        pred = np.asarray(zarr.open_group(str(run.image(name).path), mode="r")["0"])
         assert pred.shape == (2, 1, 8, 128, 128)
         assert np.isfinite(pred).all() and pred.std() > 0
 

@@ -14,6 +14,7 @@ from scopestream.acquisition.sim import SimulatedSource
 from scopestream.streaming.frame import make_meta
 from scopestream.streaming.layout import StreamInfo
 from scopestream.streaming.runner import SinkSpec, StreamRunner
+from scopestream.streaming.saved_run import SavedRun
 from scopestream.streaming.zarr_sink import ZarrSink
 
 if TYPE_CHECKING:
@@ -75,7 +76,7 @@ def test_time_points_an_output_lacks_are_marked_not_predicted(tmp_path: Path) ->
     assert 0.1 < lo < hi < 0.9
 
     # a run recorded before NaN fill: its skipped frames read 0, and are still marked
-    meta_file = run / "denoise" / "0" / "zarr.json"
+    meta_file = SavedRun(run).image("denoise").path / "0" / "zarr.json"
     meta = json.loads(meta_file.read_text())
     meta["fill_value"] = 0.0
     meta_file.write_text(json.dumps(meta))
@@ -110,11 +111,15 @@ def test_napari_ome_zarr_shows_raw_and_output_in_their_data_windows(tmp_path: Pa
     run = _run_with_skipped_predictions(tmp_path)
     viewer = napari.Viewer(show=False)
     try:
-        (raw,) = viewer.open(str(run), plugin="napari-ome-zarr")
+        # the run is one collection: its series (raw, then the output) open together
+        raw, out = viewer.open(str(run), plugin="napari-ome-zarr")
+        assert [raw.name, out.name] == ["raw: nuclei", "denoise: nuclei"]
         lo, hi = raw.contrast_limits
         assert 250 < lo < 400 < hi < 550  # not 0..65535: the frames are visible
-        (out,) = viewer.open(str(run / "denoise"), plugin="napari-ome-zarr")
         lo, hi = out.contrast_limits
         assert 0.1 < lo < 0.5 < hi < 0.9  # not (0, 1): not flat saturated colour
+        # and the output's image group opens on its own too
+        (alone,) = viewer.open(str(SavedRun(run).image("denoise").path), plugin="napari-ome-zarr")
+        assert alone.contrast_limits == pytest.approx(out.contrast_limits)
     finally:
         viewer.close()

@@ -1,0 +1,128 @@
+"""A well plate through the whole pipeline: every field recorded and predicted, one series
+per field and output in a collection that validates and that napari-ome-zarr opens whole."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pytest
+import zarr
+
+from scopestream.streaming.frame_index import read_frame_index
+from scopestream.streaming.saved_run import SavedRun, inspect_run
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+PLATE_YAML = """\
+stage_positions:
+  plate: 96-well
+  a1_center_xy: [0, 0]
+  selected_wells: [[0, 0, 1, 1], [0, 1, 0, 1]]
+  well_points_plan: {rows: 1, columns: 2}
+time_plan: {interval: 0, loops: 3}
+z_plan: {range: 2, step: 1}
+channels:
+  - {config: brightfield, exposure: 5}
+  - {config: nuclei, exposure: 20}
+"""
+
+
+def test_a_plate_run_records_and_predicts_every_field(
+    tmp_path: Path, cli: Callable[..., Any]
+) -> None:
+    plan = tmp_path / "plate.yaml"
+    plan.write_text(PLATE_YAML)
+    out = tmp_path / "P.ome.zarr"
+    r = cli(
+        "run", "--source", "sim", "--shape", "32x32", "--mda", str(plan),
+        "--model", "denoise", "--model", "stain", "--model-policy", "all",
+        "--backend", "torch-cpu", "--out", str(out),
+    )  # fmt: skip
+    assert r.code == 0, r.stderr
+    run = SavedRun(out)
+    assert run.is_collection and run.status == "complete" and run.n_positions == 8
+    fields = [f"{w}_{k:04d}" for w in ("A1", "A2", "B1", "B2") for k in range(2)]
+    assert [im.position for im in run.images if im.name == "raw"] == fields
+    report = inspect_run(out)
+    assert report.frames_expected == report.frames_complete == 8 * 3 * 2 * 3
+    for im in run.images:  # every field: every raw frame, every frame predicted
+        flags = im.complete()
+        if im.name == "stain":  # brightfield in, nuclei and membrane out: both whole
+            assert flags.shape[:3] == (3, 2, 3) and flags.all(), im.position
+        else:
+            assert flags.shape[:3] == (3, 2, 3) and flags.all(), (im.name, im.position)
+    # the per-frame metadata of each field says where the stage was: where the plan sent it
+    positions = run.attrs["stream"]["positions"]
+    table = read_frame_index(out)
+    assert len(table) == 144 and np.array_equal(np.unique(table["p"]), np.arange(8))
+    for rec in table:
+        pos = positions[int(rec["p"])]
+        assert rec["stage_x_um"] == pytest.approx(pos["x_um"])
+        assert rec["stage_y_um"] == pytest.approx(pos["y_um"])
+    # fields differ: the sample under each position is another part of the dish
+    a = np.asarray(run.image("raw", 0).array()[0, 1, 1], float)
+    b = np.asarray(run.image("raw", 2).array()[0, 1, 1], float)
+    assert not np.allclose(a, b)
+
+    # OME-Zarr 0.5: a bioformats2raw collection whose every series is a valid image
+    from ome_zarr_models.v05 import BioFormats2Raw
+
+    model = BioFormats2Raw.from_zarr(zarr.open_group(str(out), mode="r"))
+    assert len(model.images) == 8 * 3  # raw, denoise and stain of every field
+
+    # napari-ome-zarr opens every series, raw and both outputs of every field
+    from napari_ome_zarr import napari_get_reader
+
+    reader = napari_get_reader(str(out))
+    assert reader is not None
+    layers = reader(str(out))
+    names = [n for _, kw, _ in layers for n in kw["name"]]
+    for f in fields:
+        for image, channels in (
+            ("raw", ("brightfield", "nuclei")),
+            ("denoise", ("brightfield", "nuclei")),
+            ("stain", ("nuclei", "membrane")),
+        ):
+            for ch in channels:
+                assert f"{image} @ {f}: {ch}" in names
+    # and shows it: every channel's contrast window lies within the data, not the dtype range
+    for data, kw, _ in layers[:8]:
+        arr = np.asarray(data[0])
+        for c, (lo, hi) in enumerate(kw["contrast_limits"]):
+            assert arr[:, c].min() <= lo < hi <= arr[:, c].max() + 1
+
+
+@pytest.mark.parametrize("engine", ["mmcore:demo", "pycromanager:demo"])
+def test_micro_manager_engines_record_each_position_where_the_plan_put_it(
+    tmp_path: Path, engine: str
+) -> None:
+    import scopestream as ss
+
+    out = tmp_path / "demo.ome.zarr"
+    plan = {
+        "time_points": 2,
+        "channels": "DAPI:5",
+        "plate": {"plate": "96-well", "wells": "A1,B3", "a1_center_um": [1000.0, 500.0]},
+    }
+    with ss.Pipeline.from_config(
+        {"source": engine, "plan": plan, "models": ["denoise"], "backend": "torch-cpu",
+         "model_policy": "all", "out": str(out)}
+    ) as pipe:  # fmt: skip
+        summary = pipe.run()
+    assert summary["status"] == "complete" and summary["frames_written"] == 4
+    run = SavedRun(out)
+    assert [(im.name, im.position) for im in run.images] == [
+        ("raw", "A1"), ("raw", "B3"), ("denoise", "A1"), ("denoise", "B3"),
+    ]  # fmt: skip
+    table = read_frame_index(out)
+    assert [(int(r["t"]), int(r["p"])) for r in table] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    want = {0: (1000.0, 500.0), 1: (1000.0 + 2 * 9000.0, 500.0 - 9000.0)}  # A1, B3: 9 mm pitch
+    for r in table:
+        x, y = want[int(r["p"])]
+        assert r["stage_x_um"] == pytest.approx(x, abs=0.5)
+        assert r["stage_y_um"] == pytest.approx(y, abs=0.5)
+    for im in run.images:
+        assert im.complete().all()
