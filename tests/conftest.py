@@ -56,7 +56,7 @@ class CliResult:
 @pytest.fixture
 def cli() -> Callable[..., CliResult]:
     def run(
-        *args: str, timeout: float = 240, env: dict[str, str] | None = None, **kw: Any
+        *args: str, timeout: float = 600, env: dict[str, str] | None = None, **kw: Any
     ) -> CliResult:
         env = {**(env or os.environ), "COLUMNS": "200", "NO_COLOR": "1"}
         proc = subprocess.run(
@@ -72,7 +72,7 @@ def cli() -> Callable[..., CliResult]:
     return run
 
 
-def record_sim(out: Path, *args: str, timeout: float = 120) -> Path:
+def record_sim(out: Path, *args: str, timeout: float = 300) -> Path:
     """Record a simulated run to ``out`` (``scopestream run --source sim ARGS``); fail loudly."""
     subprocess.run(
         [sys.executable, "-m", "scopestream", "run", "--source", "sim", *args, "--out", str(out)],
