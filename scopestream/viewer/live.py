@@ -160,6 +160,10 @@ class LiveViewer:
             status = self.controls.status()
             self.widget.show_status(status)
             if done and self.final is None:
+                # the run has ended, so every prediction is in `frames` by now: what came
+                # after this tick's first look is shown before the final screenshot
+                for shown in self.frames.changed(self._seen):
+                    self._show(shown)
                 self.final = status
                 self._on_finished()
 
