@@ -235,9 +235,17 @@ class FramePublisher:
         """
         data = np.ascontiguousarray(data)
         header = encode_header(data, meta, self.stream)
-        if timeout_ms >= 0 and not self._sock.poll(timeout_ms, zmq.POLLOUT):
-            return False
-        self._sock.send_multipart([header, data], copy=copy)
+        if timeout_ms >= 0:
+            if not self._sock.poll(timeout_ms, zmq.POLLOUT):
+                return False
+            try:
+                # a receiver that disconnects between the poll and the send would leave a
+                # blocking PUSH send waiting for a peer for ever: never block here
+                self._sock.send_multipart([header, data], copy=copy, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return False
+        else:
+            self._sock.send_multipart([header, data], copy=copy)
         self.sent += 1
         return True
 
@@ -251,7 +259,10 @@ class FramePublisher:
         for _ in range(max(1, receivers)):
             if not self._sock.poll(timeout_ms, zmq.POLLOUT):
                 break
-            self._sock.send(msg)
+            try:
+                self._sock.send(msg, flags=zmq.NOBLOCK)  # see `send`: never block here
+            except zmq.Again:
+                break
 
     def close(self) -> None:
         """Close the socket (pending messages get ``LINGER`` ms to leave)."""
