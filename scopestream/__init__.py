@@ -27,9 +27,12 @@ _API = {
     "ModelVersion": "scopestream.streaming.signals",
     "RunResult": "scopestream.streaming.signals",
     "read_frame_index": "scopestream.streaming.frame_index",
+    "SavedRun": "scopestream.streaming.saved_run",
+    "AcquisitionPlan": "scopestream.acquisition.plan",
 }
 
 __all__ = [
+    "AcquisitionPlan",
     "FrameEvent",
     "ModelVersion",
     "Pipeline",
@@ -37,6 +40,7 @@ __all__ = [
     "RunConfig",
     "RunResult",
     "RunSignals",
+    "SavedRun",
     "__version__",
     "load_config",
     "read_frame_index",

@@ -35,6 +35,15 @@ def test_import_is_cheap_and_the_api_is_lazy() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
+    # reading runs and writing plans needs none of them either
+    code = (
+        "import sys, json, scopestream as ss\n"
+        "ss.SavedRun, ss.AcquisitionPlan, ss.read_frame_index\n"
+        "heavy = ['torch', 'napari', 'PySide6', 'onnxruntime', 'pycromanager', 'useq']\n"
+        "print(json.dumps([m for m in heavy if m in sys.modules]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == []
 
 
 def test_a_notebook_run_of_the_simulator_with_live_denoising(tmp_path: Path) -> None:
