@@ -85,12 +85,10 @@ def _open_zarr(path: Path) -> tuple[_AxisView, StreamInfo, np.ndarray | None]:
     except (OSError, ValueError):
         saved = None
     if saved is not None and saved.is_collection:  # a run: replay its raw image
-        if saved.n_positions > 1:
-            raise SourceError(
-                f"{path} holds {saved.n_positions} positions; replay reads runs of one "
-                "position so far"
-            )
-        path = saved.raw.path
+        try:
+            path = saved.only_raw("replay").path
+        except ValueError as e:
+            raise SourceError(str(e)) from None
     root = zarr.open_group(str(path), mode="r")
     attrs: dict[str, Any] = root.attrs.asdict()
     ome: dict[str, Any] = attrs.get("ome", attrs)  # 0.5 nests under "ome", 0.4 does not

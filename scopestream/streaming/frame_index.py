@@ -215,17 +215,11 @@ def read_frame_index(group: str | os.PathLike[str]) -> np.ndarray:
 
 def _raw_series(path: Path) -> list[Path]:
     """The raw image groups of a run's collection root (none for an image group)."""
-    import json
+    if not (path / "OME").is_dir():  # not a collection: an image group (or an older run)
+        return []
+    from scopestream.streaming.saved_run import SavedRun  # it reads this module's files
 
-    try:
-        node = json.loads((path / "zarr.json").read_text())
-    except (OSError, ValueError):
-        return []
-    attrs = node.get("attributes") or {}
-    if "bioformats2raw.layout" not in (attrs.get("ome") or {}):
-        return []
-    series = (attrs.get("scopestream") or {}).get("series") or []
-    return [path / str(s["path"]) for s in series if s.get("image") == "raw"]
+    return [im.path for im in SavedRun(path).images if im.name == "raw"]
 
 
 class FrameIndexTail:

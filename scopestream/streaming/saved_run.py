@@ -234,6 +234,16 @@ class SavedRun:
             out.append(replace(im, p=int(e.get("p", 0)), position=where))
         return out
 
+    def only_raw(self, reader: str) -> SavedImage:
+        """The raw image of a run of one position; ``ValueError`` (naming ``reader``, what
+        cannot read several yet) for a run of several."""
+        if self.n_positions > 1:
+            raise ValueError(
+                f"{self.path} holds {self.n_positions} positions; {reader} reads runs of one "
+                "position so far"
+            )
+        return self.raw
+
     @property
     def n_positions(self) -> int:
         """Positions (fields) the run recorded."""
@@ -334,13 +344,7 @@ def complete_frames(group: str | os.PathLike[str]) -> np.ndarray:
     """
     group = Path(group)
     if (group / OME_DIR).is_dir() and not (group / "0" / "c").is_dir():
-        run = SavedRun(group)
-        if run.n_positions > 1:
-            raise ValueError(
-                f"{group} holds {run.n_positions} positions: ask an image "
-                "(SavedRun(path).image('raw', p).complete())"
-            )
-        group = run.raw.path
+        group = SavedRun(group).only_raw("complete_frames (ask an image: .image(name, p))").path
     arr_dir = group / "0"
     meta = json.loads((arr_dir / "zarr.json").read_text())
     shape = meta["shape"]

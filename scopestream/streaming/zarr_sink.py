@@ -520,7 +520,6 @@ class ZarrSink:
         self._all: list[ImageWriter] = []
         self._order: deque[tuple[ImageWriter, int]] = deque()  # raw submissions, in order
         self._submitted: dict[int, int] = {}  # per raw writer: frames submitted
-        self._collected = 0
         self._provenance: dict[str, Any] = {}
         self._run: dict[str, Any] = {
             "format": STORE_FORMAT,
@@ -689,7 +688,6 @@ class ZarrSink:
             self._order.popleft()
             done += 1
             block = False
-        self._collected += done
         return done
 
     def write(self, data: np.ndarray, meta: FrameMeta) -> None:

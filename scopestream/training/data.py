@@ -165,12 +165,10 @@ def load_run(
 
     path = Path(run)
     saved = SavedRun(path)
-    if saved.n_positions > 1:
-        raise DataError(
-            f"{path} holds {saved.n_positions} positions; the trainer reads runs of one "
-            "position (record or select one position per run)"
-        )
-    raw_group = saved.raw.path
+    try:
+        raw_group = saved.only_raw("the trainer").path
+    except ValueError as e:
+        raise DataError(str(e)) from None
     root: Any = zarr.open_group(str(raw_group), mode="r")
     names = [c["label"] for c in root.attrs.asdict()["ome"]["omero"]["channels"]]
     raw: Any = root["0"]

@@ -126,3 +126,31 @@ def test_micro_manager_engines_record_each_position_where_the_plan_put_it(
         assert r["stage_y_um"] == pytest.approx(y, abs=0.5)
     for im in run.images:
         assert im.complete().all()
+
+
+def test_readers_of_one_position_refuse_a_run_of_several_by_name(tmp_path: Path) -> None:
+    from scopestream.acquisition.base import SourceError
+    from scopestream.acquisition.replay import ReplaySource
+    from scopestream.streaming.frame import make_meta
+    from scopestream.streaming.layout import Position, StreamInfo
+    from scopestream.streaming.saved_run import complete_frames
+    from scopestream.streaming.zarr_sink import ZarrSink
+    from scopestream.training.data import DataError, load_run
+
+    out = tmp_path / "two.ome.zarr"
+    fields = (Position("a", 0.0, 0.0), Position("b", 50.0, 0.0))
+    info = StreamInfo((16, 16), n_t=1, positions=fields)
+    sink = ZarrSink(out, info)
+    for p in range(2):
+        m = make_meta(p=p)
+        m["seq"] = p
+        sink.write(np.full((16, 16), p + 1, np.uint16), m)
+    sink.close("complete")
+    assert [im.position for im in SavedRun(out).images] == ["a", "b"]
+    with pytest.raises(SourceError, match="2 positions; replay reads runs of one position"):
+        ReplaySource(out)
+    with pytest.raises(DataError, match="2 positions; the trainer reads runs of one position"):
+        load_run(out)
+    with pytest.raises(ValueError, match="2 positions; complete_frames"):
+        complete_frames(out)
+    assert SavedRun(out).image("raw", 1).complete().all()  # one image: asked by name
