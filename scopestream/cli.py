@@ -339,7 +339,10 @@ def run(
         str | None, typer.Option(help="Inference tile size HxW (default whole frame).")
     ] = None,
     calibrate: Annotated[
-        int | None, typer.Option(help="Freeze input normalization from the first N frames.")
+        int | None,
+        typer.Option(
+            help="Freeze input normalization from the first N frames of each field/channel."
+        ),
     ] = None,
     sim_time_step: Annotated[
         float | None, typer.Option(help="Simulated seconds between time points (sim only).")

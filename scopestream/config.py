@@ -140,7 +140,12 @@ class RunConfig(BaseModel):
         None, description="tile size HxW for inference (default: whole frame)"
     )
     calibrate: int = Field(
-        0, ge=0, description="freeze input normalization from the first N frames (0: the model's)"
+        0,
+        ge=0,
+        description=(
+            "freeze input normalization from the first N frames of each field and "
+            "channel (0: the model's)"
+        ),
     )
     watch_registry: bool = Field(
         True, description="hot-swap newer versions of models named by name"

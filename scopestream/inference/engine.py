@@ -37,6 +37,7 @@ from scopestream.streaming.seams import InputContract
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
+    from scopestream.inference.manifest import Normalization
     from scopestream.inference.predictor import Predictor
     from scopestream.streaming.assembler import Stack
     from scopestream.streaming.frame import FrameMeta
@@ -84,9 +85,13 @@ class InferenceEngine:
     on_prediction
         Called with (outputs, meta) for every prediction (the viewer's hook).
     calibrate
-        Freeze the input normalization from the first ``calibrate`` frames of the
-        run (held back, then predicted with the frozen constants) instead of the
-        model's training constants. Never recomputed after.
+        Freeze the input normalization from the first ``calibrate`` frames of
+        each field and channel (position ``p``, channel ``c``: fields of a plate
+        differ in brightness, channels always do) instead of the model's training
+        constants: held back, then predicted with the frozen constants, never
+        recomputed after. A version swapped in later runs with the same frozen
+        constants. A denoiser's output constants follow (see
+        `Predictor.with_input_norm`).
     """
 
     def __init__(
@@ -103,8 +108,13 @@ class InferenceEngine:
         self.predictor = predictor
         self.calibrate = max(0, calibrate)
         self.policy = policy
-        self._burst: list[tuple[np.ndarray, FrameMeta]] = []
-        self._held_stacks: list[Stack] = []
+        #: per (p, c): frames / stacks held until that field's burst is complete
+        self._burst: dict[tuple[int, int], list[tuple[np.ndarray, FrameMeta]]] = {}
+        self._held_stacks: dict[tuple[int, int], list[Stack]] = {}
+        #: per (p, c): the frozen input constants and the predictor that uses them
+        self._norms: dict[tuple[int, int], Normalization] = {}
+        self._calibrated: dict[tuple[int, int], Predictor] = {}
+        self._calib_frames: dict[tuple[int, int], int] = {}
         self.writer = writer
         self.source_channels = source_channels
         self.targets = set(check_channels(predictor, source_channels))
@@ -197,6 +207,8 @@ class InferenceEngine:
                 self.on_swap_refused(new.package.identity, reason)
             return
         self.predictor = new
+        # the run's frozen constants carry over: a new version sees the same input range
+        self._calibrated = {k: new.with_input_norm(n) for k, n in self._norms.items()}
         self.versions.append({**new.describe(), "from_seq": meta["seq"], "from_t": meta["t"]})
         self.writer.update_attrs(versions=self.versions)
         if self.on_swapped is not None:
@@ -217,12 +229,14 @@ class InferenceEngine:
             for stack in self._assembler.add(data, meta):
                 self._take_stack(stack)
             return
-        if self.calibrate and len(self._burst) < self.calibrate:
-            self._burst.append((np.array(data, copy=True), dict(meta)))  # type: ignore[arg-type]
-            if len(self._burst) >= self.calibrate:
-                self._freeze_calibration()
+        key = (meta["p"], meta["c"])
+        if self.calibrate and key not in self._norms:
+            burst = self._burst.setdefault(key, [])
+            burst.append((np.array(data, copy=True), dict(meta)))  # type: ignore[arg-type]
+            if len(burst) >= self.calibrate:
+                self._freeze_calibration(key)
             return
-        self._emit(self._predict(data), meta, meta["z"])
+        self._emit(self._predict(data, key), meta, meta["z"])
 
     def write_stack(self, stack: Stack) -> None:
         """Predict one complete z-stack or window (handed over by the runner)."""
@@ -235,44 +249,69 @@ class InferenceEngine:
         if not stack.complete:  # never a prediction from made-up planes
             self.incomplete_stacks += 1
             return
-        if self.calibrate and sum(len(s.metas) for s in self._held_stacks) < self.calibrate:
-            self._held_stacks.append(stack)
-            if sum(len(s.metas) for s in self._held_stacks) >= self.calibrate:
-                self._freeze_calibration()
+        newest = stack.newest
+        key = (newest["p"], newest["c"])
+        if self.calibrate and key not in self._norms:
+            held = self._held_stacks.setdefault(key, [])
+            held.append(stack)
+            if sum(len(s.metas) for s in held) >= self.calibrate:
+                self._freeze_calibration(key)
             return
         self._predict_stack(stack)
 
-    def _freeze_calibration(self) -> None:
-        burst, self._burst = self._burst, []
-        held, self._held_stacks = self._held_stacks, []
-        self.calibrate = 0
+    def _freeze_calibration(self, key: tuple[int, int]) -> None:
+        """Freeze field ``key``'s constants from its burst, then predict what was held."""
+        burst = self._burst.pop(key, [])
+        held = self._held_stacks.pop(key, [])
         planes = [b[0] for b in burst]
         for st in held:
             planes.extend(st.data if self.predictor.manifest.spatial != "2.5d-t" else st.data[-1:])
         if not planes:
             return
-        self.predictor = self.predictor.calibrated(np.stack(planes))
-        norm = self.predictor.input_norm.model_dump(mode="json")
-        self.versions[-1]["input_norm"] = norm
-        self.writer.update_attrs(calibration={"frames": len(planes), "input_norm": norm})
+        calibrated = self.predictor.calibrated(np.stack(planes))
+        self._norms[key] = calibrated.input_norm
+        self._calibrated[key] = calibrated
+        self._calib_frames[key] = len(planes)
+        names = self.source_channels
+        self.writer.update_attrs(
+            calibration={
+                "frames": self.calibrate,
+                "fields": [
+                    {
+                        "p": p,
+                        "c": c,
+                        "channel": names[c] if c < len(names) else str(c),
+                        "frames": self._calib_frames[p, c],
+                        "input_norm": n.model_dump(mode="json"),
+                        "output_norm": self._calibrated[p, c].output_norm.model_dump(mode="json"),
+                    }
+                    for (p, c), n in sorted(self._norms.items())
+                ],
+            }
+        )
         for data, meta in burst:
-            self._emit(self._predict(data), meta, meta["z"])
+            self._emit(self._predict(data, key), meta, meta["z"])
         for st in held:
             self._predict_stack(st)
 
-    def _predict(self, x: np.ndarray) -> np.ndarray:
-        return self.predictor.predict(x)
+    def predictor_for(self, p: int, c: int) -> Predictor:
+        """The predictor that runs field ``p``'s channel ``c`` (its frozen constants)."""
+        return self._calibrated.get((p, c), self.predictor)
+
+    def _predict(self, x: np.ndarray, key: tuple[int, int]) -> np.ndarray:
+        return self.predictor_for(*key).predict(x)
 
     def _predict_stack(self, stack: Stack) -> None:
         m = self.predictor.manifest
         data = stack.data  # in the camera's dtype: the GPU path uploads raw pixels
+        newest = stack.newest
+        key = (newest["p"], newest["c"])
         if m.spatial == "2.5d-t":
-            newest = stack.newest
-            self._emit(self._predict(data), newest, newest["z"])
+            self._emit(self._predict(data, key), newest, newest["z"])
             return
         metas = stack.metas
         if m.spatial == "3d":
-            y = self._predict(data)  # (C_out, Z, Y, X)
+            y = self._predict(data, key)  # (C_out, Z, Y, X)
             for z, meta in enumerate(metas):
                 assert meta is not None
                 self._emit(y[:, z], meta, z)
@@ -283,7 +322,7 @@ class InferenceEngine:
             assert meta is not None
             # planes beyond the stack's ends repeat its first/last plane (the stack is whole)
             idx = np.clip(np.arange(z - k // 2, z - k // 2 + k), 0, n - 1)
-            self._emit(self._predict(data[idx]), meta, z)
+            self._emit(self._predict(data[idx], key), meta, z)
 
     def _emit(self, y: np.ndarray, meta: FrameMeta, z: int) -> None:
         for j in range(y.shape[0]):
@@ -303,8 +342,9 @@ class InferenceEngine:
         summary: Mapping[str, Any] | None = None,
     ) -> None:
         """Close the output; stacks still incomplete at the end are counted, never predicted."""
-        if (self._burst or self._held_stacks) and status != "failed":
-            self._freeze_calibration()  # a run shorter than the burst
+        if status != "failed":  # fields whose run was shorter than the burst
+            for key in sorted({*self._burst, *self._held_stacks}):
+                self._freeze_calibration(key)
         if self._assembler is not None:
             for stack in self._assembler.flush():
                 if not stack.complete:

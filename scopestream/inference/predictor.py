@@ -206,11 +206,33 @@ class Predictor:
         """The same model with input constants frozen from a calibration burst."""
         from scopestream.inference.manifest import Normalization
 
-        norm = Normalization.from_percentiles(frames, source="calibration")
+        return self.with_input_norm(Normalization.from_percentiles(frames, source="calibration"))
+
+    def with_input_norm(self, norm: Normalization) -> Predictor:
+        """The same model (same backend) with other input constants.
+
+        A denoiser's output is the input's own quantity: its output constants
+        follow the input's through the same affine map (training input range →
+        this range), so a calibrated denoiser keeps the data's brightness. A
+        stain model's output is another quantity and keeps its constants.
+        """
+        from scopestream.inference.manifest import Normalization
+
         p = Predictor(
             self.package, self.backend, tile=self.tile, input_norm=norm, batch=self.batch
         )
         p._prepared = self._prepared
+        m = self.manifest
+        base = m.input_norm
+        if m.task == "denoise" and len(base.offset) == len(norm.offset) == 1:
+            ratio = norm.scale[0] / base.scale[0]
+            p.output_norm = Normalization(
+                offset=tuple(
+                    norm.offset[0] + (o - base.offset[0]) * ratio for o in m.output_norm.offset
+                ),
+                scale=tuple(s * ratio for s in m.output_norm.scale),
+                source="calibration",
+            )
         return p
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -18,7 +19,7 @@ from scopestream.inference.package import Registry
 from scopestream.inference.predictor import Predictor
 from scopestream.inference.watcher import RegistryWatcher
 from scopestream.streaming.frame import make_meta
-from scopestream.streaming.layout import StreamInfo
+from scopestream.streaming.layout import Position, StreamInfo
 from scopestream.streaming.saved_run import SavedRun
 from scopestream.streaming.zarr_sink import ZarrSink, complete_frames
 
@@ -311,10 +312,89 @@ def test_calibration_burst_freezes_normalization_once(
         eng.write(data, meta)
     assert eng.predicted == 8  # nothing lost: the burst frames are predicted too
     burst = np.stack([d for d, _ in stream[:3]])
-    norm = eng.predictor.input_norm
+    norm = eng.predictor_for(0, 0).input_norm
     assert norm.source == "calibration"
     assert norm.offset[0] == pytest.approx(np.percentile(burst, 1))
     eng.close()
     sink.close()
     g = zarr.open_group(str(image(tmp_path / "r.ome.zarr", "denoise")), mode="r")
-    assert g.attrs["scopestream"]["calibration"]["frames"] == 3
+    (field,) = g.attrs["scopestream"]["calibration"]["fields"]
+    assert (field["p"], field["channel"], field["frames"]) == (0, "nuclei", 3)
+    assert field["input_norm"]["offset"][0] == pytest.approx(norm.offset[0])
+
+
+def test_calibration_is_per_field_and_channel(
+    tmp_path: Path, make_package: Callable[..., ModelPackage]
+) -> None:
+    """A dim and a bright field (and two channels) each get their own frozen constants:
+    one burst over all of them would give the dim field the bright one's range."""
+    info = StreamInfo(
+        frame_shape=SHAPE,
+        n_t=4,
+        channel_names=("nuclei", "actin"),
+        positions=(Position("dim", x_um=0.0), Position("bright", x_um=500.0)),
+    )
+    level = {(0, 0): 150.0, (0, 1): 400.0, (1, 0): 2000.0, (1, 1): 6000.0}
+    rng = np.random.default_rng(1)
+    stream = []
+    for seq, (t, p, c) in enumerate(itertools.product(range(4), range(2), range(2))):
+        m = make_meta(t=t, c=c, p=p)
+        m["seq"] = seq
+        stream.append((rng.normal(level[p, c], 10, SHAPE).astype(np.uint16), m))
+    pkg = make_package()
+    sink = ZarrSink(tmp_path / "r.ome.zarr", info)
+    writer = sink.add_output("denoise", channel_names=("nuclei", "actin"))
+    eng = InferenceEngine(
+        Predictor(pkg, OnnxBackend(pkg, threads=1)),
+        writer,
+        source_channels=info.channel_names,
+        calibrate=2,
+    )
+    for data, meta in stream:
+        eng.write(data, meta)
+    eng.close()
+    sink.close()
+    assert eng.predicted == len(stream)
+    for (p, c), lvl in level.items():
+        burst = np.stack([d for d, m in stream if (m["p"], m["c"]) == (p, c)][:2])
+        norm = eng.predictor_for(p, c).input_norm
+        assert norm.offset[0] == pytest.approx(np.percentile(burst, 1))
+        assert lvl - 60 < norm.offset[0] < lvl
+    fields = zarr.open_group(str(image(tmp_path / "r.ome.zarr", "denoise")), mode="r").attrs[
+        "scopestream"
+    ]["calibration"]["fields"]
+    assert {(f["p"], f["channel"]) for f in fields} == {
+        (0, "nuclei"),
+        (0, "actin"),
+        (1, "nuclei"),
+        (1, "actin"),
+    }
+
+
+def test_swapped_version_keeps_the_runs_calibration(
+    tmp_path: Path, make_package: Callable[..., ModelPackage]
+) -> None:
+    info = StreamInfo(frame_shape=SHAPE, n_t=6, channel_names=("nuclei",))
+    sink = ZarrSink(tmp_path / "r.ome.zarr", info)
+    writer = sink.add_output("denoise", channel_names=("nuclei",))
+    first = make_package(seed=0)
+    eng = InferenceEngine(
+        Predictor(first, OnnxBackend(first, threads=1)),
+        writer,
+        source_channels=("nuclei",),
+        calibrate=2,
+    )
+    stream = list(frames(info))
+    for data, meta in stream[:3]:
+        eng.write(data, meta)
+    frozen = eng.predictor_for(0, 0).input_norm
+    assert frozen.source == "calibration"
+    second = make_package(seed=1, norm=(0.0, 5000.0))
+    eng.swap(Predictor(second, OnnxBackend(second, threads=1)))
+    for data, meta in stream[3:]:
+        eng.write(data, meta)
+    eng.close()
+    sink.close()
+    now = eng.predictor_for(0, 0)
+    assert now.package.version == second.version and now.package.path == second.path
+    assert now.input_norm == frozen  # not the new version's training constants (0, 5000)

@@ -91,3 +91,29 @@ def test_wasteful_tiles_are_pointed_out(make_package: Callable[..., ModelPackage
     pkg = make_package()
     p = Predictor(pkg, OnnxBackend(pkg, threads=1), tile=(128, 128))
     assert any("waste far less" in n for n in p.notes)
+
+
+@pytest.mark.parametrize("kind", ["denoise_unet", "stain_unet"])
+def test_calibrated_denoiser_keeps_the_datas_brightness(
+    make_package: Callable[..., ModelPackage], kind: str
+) -> None:
+    """Data ``a·x + b`` with constants calibrated on it: a denoiser's output is
+    ``a·y + b`` (its output is the input's quantity); a stain model's output, another
+    quantity, is unchanged. Re-estimating only the input constants compressed a
+    calibrated denoiser's output range ~11× (issue 11)."""
+    from scopestream.inference.manifest import Normalization
+
+    outputs = ("*",) if kind == "denoise_unet" else ("nuclei",)
+    inputs = ("*",) if kind == "denoise_unet" else ("brightfield",)
+    pkg = make_package(kind=kind, inputs=inputs, outputs=outputs)
+    base = Predictor(pkg, OnnxBackend(pkg, threads=1))
+    x = np.random.default_rng(0).normal(300, 40, (64, 64)).astype(np.float32)
+    y = base.predict(x)
+    a, b = 0.1, 5.0
+    m = pkg.manifest.input_norm
+    calib = base.with_input_norm(
+        Normalization(offset=(a * m.offset[0] + b,), scale=(a * m.scale[0],), source="calibration")
+    )
+    y2 = calib.predict(a * x + b)
+    want = a * y + b if kind == "denoise_unet" else y
+    np.testing.assert_allclose(y2, want, rtol=1e-3, atol=1e-2 * float(np.abs(want).max()))
