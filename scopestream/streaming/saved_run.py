@@ -21,6 +21,7 @@ import numpy as np
 
 from scopestream.streaming.collection import OME_DIR
 from scopestream.streaming.frame_index import read_frame_index
+from scopestream.streaming.layout import Position
 from scopestream.streaming.store_lock import is_locked, read_lock_info
 
 #: the per-second timeline of a finished run (written by the run's store at its end)
@@ -248,6 +249,21 @@ class SavedRun:
     def n_positions(self) -> int:
         """Positions (fields) the run recorded."""
         return 1 + max((im.p for im in self.images), default=0)
+
+    @property
+    def positions(self) -> tuple[Position, ...]:
+        """The run's positions (names, stage x/y/z, well and field), one per field.
+
+        From the stream the run recorded; a collection written by another tool
+        gets names from its series (and no stage coordinates)."""
+        listed = (self.attrs.get("stream") or {}).get("positions") or []
+        if listed:
+            return tuple(Position.from_json(d) for d in listed)
+        names: dict[int, str] = {}
+        for im in self.images:
+            names.setdefault(im.p, im.position or str(im.p))
+        n = self.n_positions
+        return tuple(Position(names.get(p, str(p))) for p in range(n)) if n > 1 else ()
 
     def _image(self, name: str, group: Path, prov: dict[str, Any]) -> SavedImage:
         attrs = read_group_attrs(group)

@@ -10,6 +10,9 @@ The dock widget shows the run's status from the same numbers as the run
 summary (live while running, the summary itself once it ended) and the
 controls: pause/resume, stop, side by side or overlaid, contrast, model
 version (hot swap), snapshot, and opening the recording once the run ended.
+In a run of several positions it also has the field selector (the field being
+imaged, or one chosen; for a plate, a plate overview of well thumbnails): every
+layer shows the same field, named on the canvas.
 Closing the window never stops or damages the run: the command goes on
 headless until the run ends.
 """
@@ -124,7 +127,9 @@ class LiveViewer:
         self.widget = StatusWidget(self)
         if viewer is None:
             self.viewer.window.add_dock_widget(self.widget, name="scopestream", area="right")
-        self._seen: dict[str, int] = {}
+        self._seen: dict[str, tuple[int, int]] = {}
+        self._thumbs_seen: dict[int, int] = {}
+        self._field: int | None = None  # the field the layers show now
         self._auto_limits: set[str] = set()
         self.updates = 0  # timer ticks that put new pixels on screen
         self.ticks = 0
@@ -149,6 +154,8 @@ class LiveViewer:
     def _update(self) -> None:
         self.ticks += 1
         changed = self.frames.changed(self._seen)
+        if self.frames.n_p > 1:
+            self._field_changed(changed)
         for shown in changed:
             self._show(shown)
         if changed:
@@ -157,6 +164,10 @@ class LiveViewer:
         done = self.controls.finished()
         if now - self._t_status > 0.25 or (done and self.final is None):
             self._t_status = now
+            panel = self.widget.positions
+            if panel is not None and panel.overview is not None:
+                for p, pic in self.frames.thumbnails(self._thumbs_seen).items():
+                    panel.overview.set_thumbnail(p, pic)
             status = self.controls.status()
             self.widget.show_status(status)
             if done and self.final is None:
@@ -166,6 +177,32 @@ class LiveViewer:
                     self._show(shown)
                 self.final = status
                 self._on_finished()
+
+    def _field_changed(self, changed: list[Shown]) -> None:
+        """On a change of field, layers with nothing of the new field yet are blanked
+        (never left showing another field's pixels), and the canvas names the field."""
+        p = self.frames.showing
+        if p == self._field:
+            return
+        self._field = p
+        fresh = {s.key for s in changed}
+        for layer in self._ours():
+            if layer.name not in fresh:
+                layer.data = np.zeros(layer.data.shape, np.float32)
+        positions = self.frames.info.positions
+        overlay = self.viewer.canvas.overlays.text
+        overlay.position = "top_left"
+        overlay.font_size = 12
+        overlay.color = "white"
+        overlay.text = f"field {positions[p].name}" if p < len(positions) else f"field {p}"
+        overlay.visible = True
+        if self.widget.positions is not None:
+            self.widget.positions.show_current(p)
+
+    def select_position(self, p: int | None) -> None:
+        """Show field ``p`` (None: follow the field being imaged)."""
+        self.frames.select(p)
+        self._update()
 
     def prepare(self, planned: list[tuple[str, str, str, str | None]]) -> None:
         """Create the layers to come (key, kind, channel, model) before frames arrive.
@@ -308,7 +345,22 @@ class LiveViewer:
             "screenshot": str(self.screenshot_path) if self.screenshot_path else None,
             "snapshots": [str(p) for p in self.snapshots],
             "widget": dict(self.widget.values),
+            **self._describe_fields(),
         }
+
+    def _describe_fields(self) -> dict[str, Any]:
+        if self.frames.n_p < 2:
+            return {}
+        positions = self.frames.info.positions
+        panel = self.widget.positions
+        p = self._field if self._field is not None else self.frames.showing
+        out: dict[str, Any] = {
+            "field_shown": positions[p].name,
+            "following": self.frames.shown_p is None,
+        }
+        if panel is not None and panel.overview is not None:
+            out["plate_wells_imaged"] = sorted(panel.overview.imaged)
+        return out
 
 
 def _qt_widgets() -> Any:
@@ -376,6 +428,14 @@ class StatusWidget(_qt_widgets().QWidget):  # type: ignore[misc]
                 self.version_boxes[model] = box
                 vform.addRow(f"{model} version", box)
             layout.addLayout(vform)
+        self.positions = None
+        if live.frames.n_p > 1:
+            from scopestream.viewer.fields import PositionPanel
+
+            self.positions = PositionPanel(
+                live.frames.info.positions, live.select_position, follow=True
+            )
+            layout.addWidget(self.positions)
         self.message = qw.QLabel("")
         self.message.setWordWrap(True)
         layout.addWidget(self.message)

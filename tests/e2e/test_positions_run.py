@@ -94,6 +94,22 @@ def test_a_plate_run_records_and_predicts_every_field(
         for c, (lo, hi) in enumerate(kw["contrast_limits"]):
             assert arr[:, c].min() <= lo < hi <= arr[:, c].max() + 1
 
+    # `scopestream view` shows one field at a time (a p slider, the field selector, a plate
+    # overview with every well's thumbnail), every layer of the same field
+    shot = tmp_path / "plate.png"
+    v = cli("view", str(out), "--screenshot", str(shot), "--json")
+    assert v.code == 0, v.stderr
+    shown = v.json
+    assert shown["layers"] == [
+        "brightfield (raw)", "nuclei (raw)", "brightfield (denoised)", "nuclei (denoised)",
+        "nuclei (predicted)", "membrane (predicted)",
+    ]  # fmt: skip
+    assert shown["shapes"]["nuclei (raw)"] == [3, 8, 3, 32, 32]  # t, p, z, y, x
+    assert shown["positions"] == fields and shown["field_shown"] == "A1_0000"
+    assert shown["canvas_text"].startswith("field A1_0000")
+    assert shown["plate_wells_imaged"] == ["A1", "A2", "B1", "B2"]
+    assert shot.stat().st_size > 0
+
 
 @pytest.mark.parametrize("engine", ["mmcore:demo", "pycromanager:demo"])
 def test_micro_manager_engines_record_each_position_where_the_plan_put_it(

@@ -23,7 +23,7 @@ def test_raw_frames_are_copied_and_only_the_newest_is_kept() -> None:
     buf = np.full((8, 8), 5, np.uint16)
     lf.write(buf, make_meta(t=0, c=1))
     buf[:] = 99  # the ring slot is reused: what was shown must not change
-    seen: dict[str, int] = {}
+    seen: dict[str, tuple[int, int]] = {}
     (shown,) = lf.changed(seen)
     assert (shown.key, shown.kind, shown.channel) == ("nuclei (raw)", "raw", "nuclei")
     assert int(shown.data[0, 0]) == 5
