@@ -701,7 +701,7 @@ def evaluate(
 ) -> None:
     """Metrics of a model against targets, next to the untouched input's (whole frames)."""
     from scopestream.inference.package import PackageError, Registry
-    from scopestream.training.data import DataError, Region, load_run, load_tiff_pairs
+    from scopestream.training.data import DataError, Region, load_run_fields, load_tiff_pairs
     from scopestream.training.train import evaluate as run_eval
 
     try:
@@ -709,7 +709,7 @@ def evaluate(
         if data:
             if not target_channel:
                 raise DataError("--target-channel is needed with --data")
-            fields = [load_run(p, input_channel, [target_channel]) for p in data]
+            fields = [f for p in data for f in load_run_fields(p, input_channel, [target_channel])]
         elif inputs and targets:
             fields = load_tiff_pairs(inputs, targets)
         else:
@@ -912,6 +912,50 @@ def bench_streaming_cmd(
             f"files {res['fps']['file']} fps; "
             f"pipeline/tensorstore = {res['ratio_pipeline_vs_tensorstore']}"
         )
+    typer.echo(json.dumps(res))
+
+
+@bench_app.command("positions")
+def bench_positions_cmd(
+    positions: Annotated[int, typer.Option(help="Stage positions (fields).")] = 16,
+    time_points: Annotated[int, typer.Option(help="Time points per field.")] = 100,
+    shape: Annotated[str, typer.Option(help="Frame size HxW.")] = "512x512",
+    repeats: Annotated[int, typer.Option(help="Repeats (medians are reported).")] = 3,
+    model: Annotated[
+        list[str] | None, typer.Option(help="Models to run on every frame (default: none).")
+    ] = None,
+    backend: Annotated[str, typer.Option(help="Inference backend.")] = "auto",
+    workdir: Annotated[
+        str | None, typer.Option(help="Where to write (default: temp dir).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+) -> None:
+    """Many positions vs one (same frames) through the whole pipeline: frames/s and ratio."""
+    from scopestream.bench.positions import bench_positions
+    from scopestream.config import parse_shape
+
+    try:
+        hw = parse_shape(shape)
+    except ValueError as e:
+        raise _die(str(e)) from None
+    try:
+        res = bench_positions(
+            positions=positions,
+            time_points=time_points,
+            shape=hw,
+            repeats=repeats,
+            models=tuple(model or ()),
+            backend=backend,
+            workdir=workdir,
+        )
+    except (ValueError, RuntimeError) as e:
+        raise _die(str(e)) from None
+    if not as_json:
+        for path, fps in res["fps"].items():
+            err.print(
+                f"{path}: {positions} positions {fps['positions']} fps, one position "
+                f"{fps['single']} fps; ratio {res['ratio_positions_vs_single'][path]}"
+            )
     typer.echo(json.dumps(res))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from scopestream.acquisition.base import SourceError, ThreadedSource
 from scopestream.streaming.frame import make_meta
-from scopestream.streaming.layout import StreamInfo
+from scopestream.streaming.layout import Position, StreamInfo
 from scopestream.streaming.saved_run import complete_frames
 
 if TYPE_CHECKING:
@@ -75,20 +76,43 @@ class _AxisView:
         return out.T if self.swap_yx else out
 
 
-def _open_zarr(path: Path) -> tuple[_AxisView, StreamInfo, np.ndarray | None]:
-    import zarr
-
+def _open_zarr(path: Path) -> tuple[list[_AxisView], StreamInfo, list[np.ndarray] | None]:
+    """A run's raw image of every position (one view each) or one OME-Zarr image."""
     from scopestream.streaming.saved_run import SavedRun
 
     try:
         saved = SavedRun(path)
     except (OSError, ValueError):
         saved = None
-    if saved is not None and saved.is_collection:  # a run: replay its raw image
-        try:
-            path = saved.only_raw("replay").path
-        except ValueError as e:
-            raise SourceError(str(e)) from None
+    if saved is None or not saved.is_collection:
+        view, info, image_written = _open_zarr_image(path)
+        return [view], info, None if image_written is None else [image_written]
+    raws = sorted((im for im in saved.images if im.name == "raw"), key=lambda im: im.p)
+    if [im.p for im in raws] != list(range(len(raws))) or not raws:
+        raise SourceError(f"replay: {path} lacks the raw image of some of its positions")
+    opened = [_open_zarr_image(im.path) for im in raws]
+    first = opened[0][1]
+    for im, opened_image in zip(raws, opened, strict=True):
+        info = opened_image[1]
+        if (info.frame_shape, info.dtype, info.channel_names, info.n_z, info.n_t) != (
+            first.frame_shape, first.dtype, first.channel_names, first.n_z, first.n_t
+        ):  # fmt: skip
+            raise SourceError(
+                f"replay: position {im.position} of {path} differs in shape, dtype or "
+                "channels from the first; it cannot be replayed as one stream"
+            )
+    views = [o[0] for o in opened]
+    flags = [o[2] for o in opened]
+    positions = saved.positions if len(raws) > 1 else ()
+    info = replace(first, positions=positions)
+    if any(w is None for w in flags):
+        return views, info, None
+    return views, info, [w for w in flags if w is not None]
+
+
+def _open_zarr_image(path: Path) -> tuple[_AxisView, StreamInfo, np.ndarray | None]:
+    import zarr
+
     root = zarr.open_group(str(path), mode="r")
     attrs: dict[str, Any] = root.attrs.asdict()
     ome: dict[str, Any] = attrs.get("ome", attrs)  # 0.5 nests under "ome", 0.4 does not
@@ -195,7 +219,11 @@ def _open_ndtiff(path: Path) -> tuple[_AxisView, StreamInfo, None]:
 
 
 class ReplaySource(ThreadedSource):
-    """Stream a recorded dataset in acquisition order (t, then c, then z).
+    """Stream a recorded dataset in acquisition order (t, then position, c, z).
+
+    A scopestream run of several positions replays every field, interleaved as
+    it was acquired (``t, p, c, z``), with each frame's recorded stage position;
+    what it records is again a run of those positions.
 
     Parameters
     ----------
@@ -219,25 +247,30 @@ class ReplaySource(ThreadedSource):
             raise SourceError(f"replay: {self.path} does not exist")
         suffixes = "".join(self.path.suffixes).lower()
         ndtiff = _find_ndtiff(self.path) if self.path.is_dir() else None
+        views: list[_AxisView]
+        written: list[np.ndarray] | None = None
         if self.path.is_dir() and any((self.path / f).exists() for f in ("zarr.json", ".zattrs")):
-            data, info, written = _open_zarr(self.path)
+            views, info, written = _open_zarr(self.path)
         elif ndtiff is not None:
-            data, info, written = _open_ndtiff(ndtiff)
+            view, info, _ = _open_ndtiff(ndtiff)
+            views = [view]
         elif suffixes.endswith((".tif", ".tiff")):
-            data, info, written = _open_tiff(self.path)
+            view, info, _ = _open_tiff(self.path)
+            views = [view]
         else:
             raise SourceError(
                 f"replay: cannot read {self.path}; give an OME-Zarr or NDTiff directory "
                 "or a TIFF file"
             )
-        nbytes = int(np.prod(data.shape)) * np.dtype(info.dtype).itemsize
+        nbytes = sum(int(np.prod(v.shape)) for v in views) * np.dtype(info.dtype).itemsize
         self.preloaded = nbytes <= PRELOAD_BYTES
-        if self.preloaded and not isinstance(data.arr, np.ndarray):
-            try:
-                data.arr = np.asarray(data.arr[...])
-            finally:
-                data.close()  # everything is in memory now
-        self._data = data
+        for data in views:
+            if self.preloaded and not isinstance(data.arr, np.ndarray):
+                try:
+                    data.arr = np.asarray(data.arr[...])
+                finally:
+                    data.close()  # everything is in memory now
+        self._views = views
         self._written = written
         self.loop = max(1, int(loop))
         if fps is None:
@@ -255,18 +288,19 @@ class ReplaySource(ThreadedSource):
             pixel_size_um=info.pixel_size_um,
             z_step_um=info.z_step_um,
             interval_s=info.interval_s,
+            positions=info.positions,
         )
         self._n_t_once = info.n_t or 0
-        #: what was recorded per frame (a scopestream run's frames.npy), by (t, c, z)
+        #: what was recorded per frame (a scopestream run's frames.npy), by (t, p, c, z)
         self._recorded = _recorded_meta(self.path) if written is not None else {}
 
     @property
     def frames_planned(self) -> int:
         """Frames this replay will emit: a cut recording's complete frames, not its plan's."""
         per = (
-            int(self._written.sum())
+            sum(int(w.sum()) for w in self._written)
             if self._written is not None
-            else self._n_t_once * self.info.n_c * self.info.n_z
+            else self._n_t_once * self.info.n_c * self.info.n_z * len(self._views)
         )
         return per * self.loop
 
@@ -281,52 +315,56 @@ class ReplaySource(ThreadedSource):
 
     def finished(self) -> None:
         """Close the recording's files (a recording too large to preload is read until now)."""
-        self._data.close()
+        for data in self._views:
+            data.close()
 
     def stop(self) -> None:
         """Ask the thread to stop; a source never started closes its files here."""
         super().stop()
         if self._thread is None:
-            self._data.close()
+            for data in self._views:
+                data.close()
 
     def frames(self) -> Iterator[tuple[np.ndarray, FrameMeta]]:
         """Frames in order; frames a scopestream run never wrote are not replayed."""
         info = self.info
+        order = [
+            (t, p, c, z)
+            for t in range(self._n_t_once)
+            for p in range(len(self._views))
+            for c in range(info.n_c)
+            for z in range(info.n_z)
+        ]
         for rep in range(self.loop):
-            for t in range(self._n_t_once):
-                for c in range(info.n_c):
-                    for z in range(info.n_z):
-                        if self._written is not None and not self._written[t, c, z]:
-                            continue
-                        frame = self._data.frame(t, c, z)
-                        meta = make_meta(
-                            t=rep * self._n_t_once + t,
-                            c=c,
-                            z=z,
-                            source=f"replay:{self.path.name}",
-                        )
-                        rec = self._recorded.get((t, c, z))
-                        if rec is not None:  # what the microscope said of this frame
-                            for key in (
-                                "exposure_ms",
-                                "stage_x_um",
-                                "stage_y_um",
-                                "stage_z_um",
-                                "engine_time_ms",
-                                "image_number",
-                            ):
-                                meta[key] = rec[key]  # type: ignore[literal-required]
-                        yield frame, meta
+            for t, p, c, z in order:
+                if self._written is not None and not self._written[p][t, c, z]:
+                    continue
+                frame = self._views[p].frame(t, c, z)
+                meta = make_meta(
+                    t=rep * self._n_t_once + t, c=c, z=z, p=p, source=f"replay:{self.path.name}"
+                )
+                rec = self._recorded.get((t, p, c, z))
+                if rec is not None:  # what the microscope said of this frame
+                    for key in (
+                        "exposure_ms",
+                        "stage_x_um",
+                        "stage_y_um",
+                        "stage_z_um",
+                        "engine_time_ms",
+                        "image_number",
+                    ):
+                        meta[key] = rec[key]  # type: ignore[literal-required]
+                yield frame, meta
 
 
-def _recorded_meta(path: Path) -> dict[tuple[int, int, int], FrameMeta]:
-    """The raw image's per-frame metadata of a scopestream run, by (t, c, z)."""
+def _recorded_meta(path: Path) -> dict[tuple[int, int, int, int], FrameMeta]:
+    """The raw images' per-frame metadata of a scopestream run, by (t, p, c, z)."""
     from scopestream.streaming.frame_index import read_frame_index, to_meta
 
-    out: dict[tuple[int, int, int], FrameMeta] = {}
+    out: dict[tuple[int, int, int, int], FrameMeta] = {}
     for rec in read_frame_index(path):
         m = to_meta(rec)
-        out[(m["t"], m["c"], m["z"])] = m
+        out[(m["t"], m["p"], m["c"], m["z"])] = m
     return out
 
 
@@ -341,22 +379,32 @@ class ArraySource(ThreadedSource):
     hands_over_frames = True
 
     def __init__(
-        self, frames: np.ndarray, n_frames: int, *, fps: float = 0.0, channel: str = "raw"
+        self,
+        frames: np.ndarray,
+        n_frames: int,
+        *,
+        fps: float = 0.0,
+        channel: str = "raw",
+        positions: tuple[Position, ...] = (),
     ) -> None:
         if frames.ndim != 3 or len(frames) == 0:
             raise ValueError("frames must be a non-empty (n, y, x) array")
         super().__init__(fps=fps)
         self._frames = frames
         self.n_frames = int(n_frames)
+        n_p = max(1, len(positions))
         self.info = StreamInfo(
             frame_shape=(int(frames.shape[1]), int(frames.shape[2])),
             dtype=frames.dtype.name,
-            n_t=self.n_frames,
+            n_t=-(-self.n_frames // n_p),
             channel_names=(channel,),
+            positions=positions,
         )
 
     def frames(self) -> Iterator[tuple[np.ndarray, FrameMeta]]:
-        """The held frames, cycled."""
+        """The held frames, cycled (with positions: each time point visits them in turn)."""
         k = len(self._frames)
+        n_p = self.info.n_p
         for i in range(self.n_frames):
-            yield self._frames[i % k], make_meta(t=i, source=self.kind)
+            t, p = divmod(i, n_p)
+            yield self._frames[i % k], make_meta(t=t, p=p, source=self.kind)

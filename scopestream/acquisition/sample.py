@@ -42,7 +42,7 @@ import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Generic, Literal, TypeVar
 
 import numpy as np
 
@@ -579,9 +579,7 @@ class SimulatedMicroscope:
 
         return self._means.get(key, render)
 
-    def _window(
-        self, t_s: float, stage_xy_um: tuple[float, float] | None = None
-    ) -> tuple[Any, Any]:
+    def _window(self, t_s: float, stage_xy_um: tuple[float, float] | None = None) -> Window:
         """The part of the (periodic) sample the camera sees: stage drift, a slow bounded
         wander of the field of view, plus where the XY stage is (whole pixels).
 
@@ -628,36 +626,54 @@ class SimulatedMicroscope:
         """One noisy camera frame (uint16), written into ``out`` if given."""
         mean, sigma = self._mean_sigma(t_s, channel, z_um, exposure_ms)
         win = self._window(t_s, stage_xy_um)
-        h, w = self.shape
         if out is None:
             out = np.empty(self.shape, np.uint16)
         with self._snap_lock:  # one noise stream: frames snapped in one order are reproducible
             noise = self._noise[int(self._noise_rng.integers(len(self._noise)))]
             ny, nx = (int(v) for v in self._noise_rng.integers(0, 2 * MARGIN_PX, size=2))
             buf = self._buf
-            np.multiply(_crop(sigma, win), noise[ny : ny + h, nx : nx + w], out=buf)
-            np.add(buf, _crop(mean, win), out=buf)
+            # a window across the canvas edge is up to four blocks: views, never copies
+            for dst, src in _blocks(win):
+                b = buf[dst]
+                (r, c) = dst
+                nz = noise[ny + r.start : ny + r.stop, nx + c.start : nx + c.stop]
+                np.multiply(sigma[src], nz, out=b)
+                np.add(b, mean[src], out=b)
             np.clip(buf, 0, self.camera.max_adu, out=buf)
             np.rint(buf, out=buf)
             out[...] = buf
         return out
 
 
-def _wrapped(start: int, n: int, size: int) -> slice | np.ndarray:
-    """``n`` indices from ``start`` on a periodic axis of ``size``: a slice when they do
-    not wrap (a view, no copy), else an index array."""
+def _wrapped(start: int, n: int, size: int) -> list[tuple[slice, slice]]:
+    """``n`` indices from ``start`` on a periodic axis of ``size``, as (destination,
+    source) slice pairs: one when they do not wrap, two when they cross the edge."""
+    if n > size:
+        raise ValueError(f"a window of {n} px does not fit a canvas of {size}")
     start %= size
     if start + n <= size:
-        return slice(start, start + n)
-    return np.arange(start, start + n) % size
+        return [(slice(0, n), slice(start, start + n))]
+    first = size - start
+    return [(slice(0, first), slice(start, size)), (slice(first, n), slice(0, n - first))]
 
 
-def _crop(a: np.ndarray, win: tuple[Any, Any]) -> np.ndarray:
-    """``a`` at a `_window` (slices: a view; wrapped index arrays: a copy)."""
+Window = tuple[list[tuple[slice, slice]], list[tuple[slice, slice]]]
+
+
+def _blocks(win: Window) -> list[tuple[tuple[slice, slice], tuple[slice, slice]]]:
+    """The (destination, source) 2D blocks of a window: one, two or four."""
     rows, cols = win
-    if isinstance(rows, slice) and isinstance(cols, slice):
-        return a[rows, cols]
-    if isinstance(rows, slice):
-        return a[rows][:, cols]
-    out: np.ndarray = a[rows][:, cols]
+    return [((dr, dc), (sr, sc)) for dr, sr in rows for dc, sc in cols]
+
+
+def _crop(a: np.ndarray, win: Window) -> np.ndarray:
+    """``a`` at a `_window`: a view when it does not wrap, else a copy of its blocks."""
+    blocks = _blocks(win)
+    if len(blocks) == 1:
+        return a[blocks[0][1]]
+    h = win[0][-1][0].stop
+    w = win[1][-1][0].stop
+    out = np.empty((h, w), a.dtype)
+    for dst, src in blocks:
+        out[dst] = a[src]
     return out

@@ -7,6 +7,7 @@ not tests; they print JSON and compare ratios measured in one run):
 * `scopestream.bench.acquisition`: simulator frame rate and the acquisition callback's cost;
 * `scopestream.bench.inference`: Mpx/s per backend, model and size, vs eager torch fp32;
 * `scopestream.bench.viewer`: the live napari display under a fast stream (Qt, imported lazily);
+* `scopestream.bench.positions`: 16 fields × 100 time points vs one field's as many frames;
 * `scopestream.bench.long_run`: a long open-ended recording: memory, metadata size, fps;
 * `scopestream.bench.common`: the frames, memory sampler and writer ceiling they share.
 

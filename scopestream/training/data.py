@@ -158,17 +158,56 @@ def _complete_mask(group: Path) -> np.ndarray | None:
 def load_run(
     run: str | Path, input_channel: str | None = None, target_channels: list[str] | None = None
 ) -> FieldData:
-    """A field from a scopestream OME-Zarr run: input channel, targets as ``[image:]channel``."""
-    import zarr
+    """The field of a scopestream run of one position (see `load_run_fields`)."""
+    from scopestream.streaming.saved_run import SavedRun
 
+    try:
+        SavedRun(run).only_raw("load_run (use load_run_fields)")
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    (field,) = load_run_fields(run, input_channel, target_channels)
+    return field
+
+
+def load_run_fields(
+    run: str | Path, input_channel: str | None = None, target_channels: list[str] | None = None
+) -> list[FieldData]:
+    """Every field (position) of a scopestream OME-Zarr run, one `FieldData` each.
+
+    ``input_channel`` is a raw channel; targets are ``[image:]channel`` (an output or
+    truth image's channel of the same field, or a raw channel). Frames a field never
+    completed are left out of its data. Fields are the unit of the train/validation
+    split's regions, so frames of one field never straddle it with another's."""
     from scopestream.streaming.saved_run import SavedRun
 
     path = Path(run)
     saved = SavedRun(path)
-    try:
-        raw_group = saved.only_raw("the trainer").path
-    except ValueError as e:
-        raise DataError(str(e)) from None
+    raws = sorted((im for im in saved.images if im.name == "raw"), key=lambda im: im.p)
+    several = len(raws) > 1
+    return [
+        _load_field(
+            saved,
+            im.path,
+            im.p,
+            input_channel,
+            target_channels,
+            f"{path.name}@{im.position}" if several else path.name,
+        )
+        for im in raws
+    ]
+
+
+def _load_field(
+    saved: Any,
+    raw_group: Path,
+    p: int,
+    input_channel: str | None,
+    target_channels: list[str] | None,
+    name: str,
+) -> FieldData:
+    import zarr
+
+    path = saved.path
     root: Any = zarr.open_group(str(raw_group), mode="r")
     names = [c["label"] for c in root.attrs.asdict()["ome"]["omero"]["channels"]]
     raw: Any = root["0"]
@@ -184,7 +223,7 @@ def load_run(
     for spec in target_channels or []:
         image, _, chan = spec.rpartition(":")
         try:
-            image_path = saved.image(image).path if image else raw_group
+            image_path = saved.image(image, p).path if image else raw_group
         except KeyError as e:
             raise DataError(str(e.args[0])) from None
         group: Any = zarr.open_group(str(image_path), mode="r")
@@ -205,7 +244,7 @@ def load_run(
         idx = np.flatnonzero(keep)  # frames never acquired are not training data
         inp = _take(inp, idx)
         targets = [_take(t, idx) for t in targets]
-    return FieldData(path.name, inp, targets, tnames, z=z)
+    return FieldData(name, inp, targets, tnames, z=z)
 
 
 def _tiff_stack(path: Path) -> tuple[np.ndarray, int]:

@@ -22,7 +22,7 @@ from scopestream.training.data import (
     FieldData,
     PatchSampler,
     Region,
-    load_run,
+    load_run_fields,
     load_tiff_pairs,
     split_regions,
 )
@@ -95,7 +95,7 @@ def _load(cfg: TrainConfig) -> list[FieldData]:
         targets = list(cfg.target_channels)
         if needs_target and not targets:
             raise DataError(f"--mode {cfg.mode} needs --target-channel (pairs)")
-        fields = [load_run(p, cfg.input_channel, targets) for p in cfg.data]
+        fields = [f for p in cfg.data for f in load_run_fields(p, cfg.input_channel, targets)]
     elif cfg.inputs:
         if needs_target and not cfg.targets:
             raise DataError(f"--mode {cfg.mode} needs --targets (pairs)")
@@ -108,7 +108,8 @@ def _load(cfg: TrainConfig) -> list[FieldData]:
 def _eval_fields(cfg: TrainConfig, fields: list[FieldData]) -> list[FieldData]:
     """Fields with the evaluation target (ground truth when given, else the training target)."""
     if cfg.eval_target and cfg.data:
-        return [load_run(p, cfg.input_channel, [cfg.eval_target]) for p in cfg.data]
+        target = [cfg.eval_target]
+        return [f for p in cfg.data for f in load_run_fields(p, cfg.input_channel, target)]
     return fields
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+import pytest
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from pathlib import Path
@@ -61,3 +63,23 @@ def test_bench_long_run_reports_every_field(cli: Callable[..., CliResult], tmp_p
 def test_bench_long_run_refuses_bad_arguments(cli: Callable[..., CliResult]) -> None:
     assert cli("bench", "long-run", "--frames", "0", "--json").code == 2
     assert cli("bench", "long-run", "--shape", "axb", "--json").code == 2
+
+
+def test_bench_positions_reports_both_variants_and_their_ratio(
+    cli: Callable[..., CliResult], tmp_path: Path
+) -> None:
+    r = cli(
+        "bench", "positions", "--positions", "4", "--time-points", "3", "--shape", "64x64",
+        "--repeats", "1", "--workdir", str(tmp_path), "--json",
+    )  # fmt: skip
+    assert r.code == 0, r.stderr
+    b = r.json
+    assert b["benchmark"] == "positions" and b["frames"] == 12
+    assert set(b["fps"]) == set(b["all_fps"]) == {"recording", "simulator"}
+    for path, fps in b["fps"].items():
+        assert set(fps) == {"positions", "single"}
+        assert all(len(v) == 1 for v in b["all_fps"][path].values())
+        ratio = fps["positions"] / fps["single"]
+        assert b["ratio_positions_vs_single"][path] == pytest.approx(ratio, rel=0.02)
+    assert all(math.isfinite(x) for x in _numbers(b))
+    assert not list(tmp_path.iterdir())  # cleaned up

@@ -144,29 +144,75 @@ def test_micro_manager_engines_record_each_position_where_the_plan_put_it(
         assert im.complete().all()
 
 
-def test_readers_of_one_position_refuse_a_run_of_several_by_name(tmp_path: Path) -> None:
-    from scopestream.acquisition.base import SourceError
-    from scopestream.acquisition.replay import ReplaySource
+def _two_field_run(out: Path, *, skip: tuple[int, int] | None = None) -> Path:
+    """Fields a (x 0) and b (x 50), 3 time points of one channel; pixel = 100·(p+1) + t.
+    ``skip`` (t, p): a frame never written (a cut run)."""
     from scopestream.streaming.frame import make_meta
     from scopestream.streaming.layout import Position, StreamInfo
-    from scopestream.streaming.saved_run import complete_frames
     from scopestream.streaming.zarr_sink import ZarrSink
-    from scopestream.training.data import DataError, load_run
 
-    out = tmp_path / "two.ome.zarr"
     fields = (Position("a", 0.0, 0.0), Position("b", 50.0, 0.0))
-    info = StreamInfo((16, 16), n_t=1, positions=fields)
+    info = StreamInfo((16, 16), n_t=3, positions=fields, channel_names=("nuclei",))
     sink = ZarrSink(out, info)
+    seq = 0
+    for t in range(3):
+        for p in range(2):
+            if (t, p) == skip:
+                continue
+            m = make_meta(t=t, p=p)
+            m.update(seq=seq, stage_x_um=fields[p].x_um, stage_y_um=0.0)
+            seq += 1
+            sink.write(np.full((16, 16), 100 * (p + 1) + t, np.uint16), m)
+    sink.close("complete" if skip is None else "stopped")
+    return out
+
+
+def test_a_run_of_several_positions_replays_field_by_field(tmp_path: Path) -> None:
+    import scopestream as ss
+    from scopestream.acquisition.replay import ReplaySource
+
+    run = _two_field_run(tmp_path / "two.ome.zarr", skip=(1, 1))
+    src = ReplaySource(run)
+    assert [p.name for p in src.info.positions] == ["a", "b"]
+    assert src.frames_planned == 5  # the frame never written is not replayed
+    got = [(m["t"], m["p"], int(f[0, 0]), m["stage_x_um"]) for f, m in src.frames()]
+    assert got == [
+        (0, 0, 100, 0.0), (0, 1, 200, 50.0), (1, 0, 101, 0.0), (2, 0, 102, 0.0),
+        (2, 1, 202, 50.0),
+    ]  # fmt: skip
+    src.finished()
+    # through the pipeline with a model: a collection of the same two fields again
+    out = tmp_path / "again.ome.zarr"
+    with ss.Pipeline.from_config(
+        {"source": f"replay:{run}", "models": ["denoise"], "backend": "torch-cpu",
+         "model_policy": "all", "out": str(out), "fps": 0}
+    ) as pipe:  # fmt: skip
+        summary = pipe.run()
+    assert summary["frames_written"] == 5
+    again = SavedRun(out)
+    assert [(im.name, im.position) for im in again.images] == [
+        ("raw", "a"), ("raw", "b"), ("denoise", "a"), ("denoise", "b"),
+    ]  # fmt: skip
     for p in range(2):
-        m = make_meta(p=p)
-        m["seq"] = p
-        sink.write(np.full((16, 16), p + 1, np.uint16), m)
-    sink.close("complete")
-    assert [im.position for im in SavedRun(out).images] == ["a", "b"]
-    with pytest.raises(SourceError, match="2 positions; replay reads runs of one position"):
-        ReplaySource(out)
-    with pytest.raises(DataError, match="2 positions; the trainer reads runs of one position"):
-        load_run(out)
+        before = np.asarray(SavedRun(run).image("raw", p).array()[:, 0, 0, 0, 0])
+        after = np.asarray(again.image("raw", p).array()[:, 0, 0, 0, 0])
+        done = again.image("raw", p).complete()[:, 0, 0]
+        np.testing.assert_array_equal(after[done], before[done])
+        assert done.tolist() == ([True, True, True] if p == 0 else [True, False, True])
+        assert (again.image("denoise", p).complete()[:, 0, 0] == done).all()
+
+
+def test_training_reads_every_field_of_a_run(tmp_path: Path) -> None:
+    from scopestream.streaming.saved_run import complete_frames
+    from scopestream.training.data import DataError, load_run, load_run_fields
+
+    run = _two_field_run(tmp_path / "two.ome.zarr", skip=(2, 0))
+    fields = load_run_fields(run, "nuclei")
+    assert [f.name for f in fields] == ["two.ome.zarr@a", "two.ome.zarr@b"]
+    assert [np.asarray(f.input[:, 0, 0]).tolist() for f in fields] == [[100, 101], [200, 201, 202]]
+    # readers that take one field say so and name the way to several
+    with pytest.raises(DataError, match=r"2 positions; load_run \(use load_run_fields\)"):
+        load_run(run)
     with pytest.raises(ValueError, match="2 positions; complete_frames"):
-        complete_frames(out)
-    assert SavedRun(out).image("raw", 1).complete().all()  # one image: asked by name
+        complete_frames(run)
+    assert SavedRun(run).image("raw", 1).complete().all()  # one image: asked by name

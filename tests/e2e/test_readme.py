@@ -581,6 +581,9 @@ CASE_LIST = [
          check=json_keys("fps", "ratio_pipeline_vs_tensorstore")),
     Case("bench-acquisition", "bench acquisition", "--frames 20 --shape 64x64 --repeats 1",
          check=json_keys("renderer_fps", "callback_us")),
+    Case("bench-positions", "bench positions",
+         "--positions 2 --time-points 2 --shape 64x64 --repeats 1",
+         check=json_keys("fps", "ratio_positions_vs_single")),
     # ## Live AI
     Case("run-denoise-and-stain", "--model denoise --model stain --out",
          "--frames 6 --shape 64x64", check=check_side_by_side),
@@ -697,7 +700,7 @@ def test_bash_blocks_hold_only_scopestream_commands_and_make() -> None:
     assert other == ["make demo", "make test"]
     # ```text blocks are shown, not run (the store's file tree)
     assert {b.lang for b in BLOCKS} == {"bash", "python", "yaml", "text"}
-    assert len(COMMANDS) == len(CASE_LIST) == 37
+    assert len(COMMANDS) == len(CASE_LIST) == 38
 
 
 def test_every_readme_command_has_exactly_one_case() -> None:
