@@ -491,10 +491,11 @@ class SimulatedMicroscope:
             rc, rn = st["r_cell"][i] / px, st["r_nuc"][i] / px
             ecc, ang = st["ecc"][i], st["angle"][i]
             reach = (rc if kind in ("membrane", "phase") else rn) * max(ecc, 1 / ecc) + 4
-            y0, y1 = int(max(cy - reach, 0)), int(min(cy + reach + 1, h))
-            x0, x1 = int(max(cx - reach, 0)), int(min(cx + reach + 1, w))
-            if y0 >= y1 or x0 >= x1:
-                continue
+            # the sample is periodic (a torus: any stage position shows a field): a cell
+            # across the canvas edge goes on at the other side, never cut in half
+            reach = min(reach, (min(h, w) - 2) / 2)
+            y0, y1 = int(np.floor(cy - reach)), int(np.floor(cy + reach)) + 1
+            x0, x1 = int(np.floor(cx - reach)), int(np.floor(cx + reach)) + 1
             yy = np.arange(y0, y1, dtype=np.float32)[:, None] - cy
             xx = np.arange(x0, x1, dtype=np.float32)[None, :] - cx
             u = (yy * np.cos(ang) + xx * np.sin(ang)) / ecc
@@ -514,8 +515,13 @@ class SimulatedMicroscope:
                 value = 0.12 * np.sqrt(body) + 0.08 * nuc_mask
             else:
                 value = 0.03 * nuc_mask * (1 + 0.5 * tpatch)
-            target = maps[0 if kind == "absorb" else layer_of[i]][y0:y1, x0:x1]
-            np.maximum(target, value, out=target)
+            plane = maps[0 if kind == "absorb" else layer_of[i]]
+            if y0 >= 0 and y1 <= h and x0 >= 0 and x1 <= w:
+                target = plane[y0:y1, x0:x1]
+                np.maximum(target, value, out=target)
+            else:
+                at = np.ix_(np.arange(y0, y1) % h, np.arange(x0, x1) % w)
+                plane[at] = np.maximum(plane[at], value)
         return [np.fft.rfft2(m) for m in maps]
 
     def _keyframe(self, k: int) -> _Keyframe:

@@ -77,6 +77,23 @@ def test_brightfield_is_a_weak_phase_object(scope: SimulatedMicroscope) -> None:
     assert r < -0.5
 
 
+@pytest.mark.parametrize("kind", ["phase", "absorb", "nuclei", "membrane"])
+@pytest.mark.parametrize(("seed", "shape"), [(4, (192, 192)), (1, (256, 320))])
+def test_the_sample_is_periodic_with_no_seam_at_its_edge(
+    kind: str, seed: int, shape: tuple[int, int]
+) -> None:
+    """Fields of a plate or grid wrap around the sample's edge: no step across it is
+    larger than the largest between neighbouring pixels inside. Cells cut at the edge
+    (a dome of optical path ending in a cliff) made brightfield show a hard line and
+    half cells there: the step across was 2.1–2.5× the largest inside."""
+    scope = SimulatedMicroscope(shape, seed=seed)
+    kf = scope._keyframe(0)
+    m = sum(np.fft.irfft2(ft, s=scope.canvas) for ft in scope._layers(kf, kind))
+    inside = max(np.abs(np.diff(m, axis=0)).max(), np.abs(np.diff(m, axis=1)).max())
+    across = max(np.abs(m[0] - m[-1]).max(), np.abs(m[:, 0] - m[:, -1]).max())
+    assert across <= inside
+
+
 def test_stains_show_different_structures(scope: SimulatedMicroscope) -> None:
     nuc = scope.ground_truth(0.0, "nuclei", 0.0, 20.0)
     mem = scope.ground_truth(0.0, "membrane", 0.0, 20.0)
