@@ -20,6 +20,19 @@ position first (``p`` order), then each output for every position. The run's
 ``scopestream.series`` attribute maps each path to its image (``raw``, an
 output's name, ``truth``) and position, so nothing depends on that order.
 
+A **plate** (every position names its well) is the same collection, whose series
+are the fields of NGFF 0.5 HCS plates, one plate per image (parallel plates)::
+
+    P.ome.zarr/
+      zarr.json, OME/      the collection (its series: raw/A/1/0, raw/A/1/1, ..., stain/B/2/1)
+      raw/zarr.json        {"ome": {"plate": {rows, columns, wells, field_count, name: "raw"}}}
+      raw/A/1/zarr.json    {"ome": {"well": {"images": [{"path": "0"}, {"path": "1"}]}}}
+      raw/A/1/0/           the raw image of well A1's first field (an OME-Zarr image)
+      denoise/A/1/0/ ...   each output: a plate of its own, the same wells and fields
+
+so a reader of collections sees every field and output, and a plate viewer opens
+``P.ome.zarr/raw`` (or ``P.ome.zarr/denoise``) as a plate.
+
 This module writes the collection's own metadata (root, ``OME/``); images are
 written by `scopestream.streaming.zarr_sink.ImageWriter`.
 """
@@ -31,6 +44,8 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import quoteattr
+
+from scopestream.streaming.layout import row_index, split_well
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -58,7 +73,7 @@ _OME_TYPES = {
 class Series:
     """One image of the collection: where it is and what it holds."""
 
-    path: str  # "0", "1", ...
+    path: str  # "0", "1", ...; on a plate, "IMAGE/ROW/COLUMN/FIELD"
     image: str  # "raw", an output's name, "truth"
     p: int  # position index
     position: str | None  # the position's name (None: a run of one position)
@@ -95,6 +110,55 @@ def write_series_index(root: Path, series: list[Series]) -> None:
     }
     _write_atomic(ome / "zarr.json", json.dumps(group, indent=1))
     _write_atomic(ome / OME_XML, ome_xml(series))
+
+
+def plate_path(image: str, position: Position) -> str | None:
+    """Where a field of a plate goes (``raw/B/3/0``); None for a position in no well."""
+    rc = split_well(position.well or "")
+    if rc is None or position.field is None:
+        return None
+    return f"{image}/{rc[0]}/{rc[1]}/{int(position.field)}"
+
+
+def is_plate(positions: tuple[Position, ...]) -> bool:
+    """Whether every position is a field of a well (the run is stored as plates)."""
+    return bool(positions) and all(plate_path("raw", p) is not None for p in positions)
+
+
+def write_plate(root: Path, image: str, positions: tuple[Position, ...]) -> None:
+    """The HCS metadata of image ``image``'s plate: the plate, its rows and wells (NGFF 0.5)."""
+    wells: dict[tuple[str, int], list[int]] = {}
+    for pos in positions:
+        rc = split_well(pos.well or "")
+        if rc is None or pos.field is None:
+            raise ValueError(f"position {pos.name} is not a field of a well")
+        wells.setdefault(rc, []).append(int(pos.field))
+    rows = sorted({r for r, _ in wells}, key=row_index)
+    cols = sorted({c for _, c in wells})
+    plate = {
+        "name": image,
+        "rows": [{"name": r} for r in rows],
+        "columns": [{"name": str(c)} for c in cols],
+        "wells": [
+            {"path": f"{r}/{c}", "rowIndex": rows.index(r), "columnIndex": cols.index(c)}
+            for r, c in sorted(wells, key=lambda rc: (row_index(rc[0]), rc[1]))
+        ],
+        "field_count": max(len(f) for f in wells.values()),
+        "version": "0.5",
+    }
+    group = root / image
+    _write_group(group, {"ome": {"version": "0.5", "plate": plate}})
+    for r in rows:
+        _write_group(group / r, {})
+    for (r, c), fields in wells.items():
+        well = {"images": [{"path": str(f)} for f in sorted(fields)], "version": "0.5"}
+        _write_group(group / r / str(c), {"ome": {"version": "0.5", "well": well}})
+
+
+def _write_group(path: Path, attrs: dict[str, Any]) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    node = {"zarr_format": 3, "node_type": "group", "attributes": attrs}
+    _write_atomic(path / "zarr.json", json.dumps(node, indent=1))
 
 
 def ome_xml(series: list[Series]) -> str:

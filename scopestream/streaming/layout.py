@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,33 @@ class Position:
             well=None if d.get("well") is None else str(d["well"]),
             field=None if d.get("field") is None else int(d["field"]),
         )
+
+
+_WELL = re.compile(r"^([A-Za-z]{1,2})(\d{1,3})$")
+
+
+def split_well(name: str) -> tuple[str, int] | None:
+    """``"B12"`` → ``("B", 12)`` (two-letter rows on 1536-well plates); None if not a well."""
+    m = _WELL.match(name)
+    return None if m is None else (m.group(1).upper(), int(m.group(2)))
+
+
+def row_index(letters: str) -> int:
+    """``A`` → 0, ``H`` → 7, ``Z`` → 25, ``AA`` → 26."""
+    n = 0
+    for ch in letters.upper():
+        n = n * 26 + (ord(ch) - ord("A") + 1)
+    return n - 1
+
+
+def row_name(i: int) -> str:
+    """Inverse of `row_index`."""
+    out = ""
+    i += 1
+    while i:
+        i, rem = divmod(i - 1, 26)
+        out = chr(ord("A") + rem) + out
+    return out
 
 
 @dataclass(frozen=True)

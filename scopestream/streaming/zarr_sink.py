@@ -38,7 +38,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import tensorstore as ts
 
-from scopestream.streaming.collection import Series, root_attrs, write_series_index
+from scopestream.streaming.collection import (
+    Series,
+    is_plate,
+    plate_path,
+    root_attrs,
+    write_plate,
+    write_series_index,
+)
 from scopestream.streaming.frame_index import FrameIndexWriter, to_meta
 from scopestream.streaming.metrics import StageMetrics
 from scopestream.streaming.ome import Window, WindowSample, image_attrs
@@ -73,7 +80,7 @@ if TYPE_CHECKING:
     from scopestream.streaming.layout import StreamInfo
 
 STORE_FORMAT = 1
-RESERVED_NAMES = frozenset({"raw"})
+RESERVED_NAMES = frozenset({"raw", "OME"})
 _T_INITIAL = 64
 
 
@@ -557,13 +564,19 @@ class ZarrSink:
         max_in_flight: int,
         windows: Sequence[tuple[float, float]] | None = None,
     ) -> list[ImageWriter]:
-        """One image group per position, as the collection's next series."""
+        """One image group per position, as the collection's next series (on a plate:
+        the fields of the image's own HCS plate)."""
         info = self.info
         several = len(info.positions) > 1
+        plate = is_plate(info.positions)
+        if plate:
+            write_plate(self.path, image, info.positions)
         writers = []
         for p in range(info.n_p):
             pos = info.positions[p] if info.positions else None
             path = str(len(self._series))
+            if plate and pos is not None:
+                path = plate_path(image, pos) or path
             series = Series(
                 path=path,
                 image=image,

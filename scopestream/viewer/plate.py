@@ -9,27 +9,17 @@ chosen; a saved run has a ``p`` slider. The dock's selector and plate overview
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from scopestream.streaming.layout import row_index, row_name, split_well
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from scopestream.streaming.layout import Position
-
-_WELL = re.compile(r"^([A-Za-z]+)(\d+)$")
-
-
-def _row_index(letters: str) -> int:
-    """``A`` → 0, ``H`` → 7, ``AA`` → 26 (1536-well plates have two-letter rows)."""
-    n = 0
-    for ch in letters.upper():
-        n = n * 26 + (ord(ch) - ord("A") + 1)
-    return n - 1
-
 
 @dataclass
 class PlateLayout:
@@ -55,29 +45,20 @@ def plate_layout(positions: Sequence[Position]) -> PlateLayout | None:
     wells: dict[str, list[int]] = {}
     rc: dict[str, tuple[int, int]] = {}
     for p, pos in enumerate(positions):
-        m = _WELL.match(pos.well or "")
-        if m is None:
+        split = split_well(pos.well or "")
+        if split is None:
             return None  # a position outside any well: not a plate
         name = pos.well or ""
         wells.setdefault(name, []).append(p)
-        rc[name] = (_row_index(m.group(1)), int(m.group(2)))
+        rc[name] = (row_index(split[0]), split[1])
     if not wells:
         return None
     r0, r1 = min(r for r, _ in rc.values()), max(r for r, _ in rc.values())
     c0, c1 = min(c for _, c in rc.values()), max(c for _, c in rc.values())
-    rows = [_row_name(r) for r in range(r0, r1 + 1)]
+    rows = [row_name(r) for r in range(r0, r1 + 1)]
     columns = list(range(c0, c1 + 1))
     cells = {w: (r - r0, c - c0) for w, (r, c) in rc.items()}
     return PlateLayout(rows, columns, wells, cells)
-
-
-def _row_name(i: int) -> str:
-    s = ""
-    i += 1
-    while i:
-        i, rem = divmod(i - 1, 26)
-        s = chr(ord("A") + rem) + s
-    return s
 
 
 def thumbnail(plane: np.ndarray, size: int = 64) -> np.ndarray:

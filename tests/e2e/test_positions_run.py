@@ -67,11 +67,22 @@ def test_a_plate_run_records_and_predicts_every_field(
     b = np.asarray(run.image("raw", 2).array()[0, 1, 1], float)
     assert not np.allclose(a, b)
 
-    # OME-Zarr 0.5: a bioformats2raw collection whose every series is a valid image
-    from ome_zarr_models.v05 import BioFormats2Raw
+    # OME-Zarr 0.5: a bioformats2raw collection of the fields of three HCS plates (raw,
+    # denoise, stain), each a valid plate of 4 wells × 2 fields, each field a valid image
+    from ome_zarr_models.v05 import HCS, BioFormats2Raw, Image
 
-    model = BioFormats2Raw.from_zarr(zarr.open_group(str(out), mode="r"))
-    assert len(model.images) == 8 * 3  # raw, denoise and stain of every field
+    root = zarr.open_group(str(out), mode="r")
+    BioFormats2Raw.from_zarr(root)
+    series = [e["path"] for e in run.attrs["series"]]
+    assert len(series) == 8 * 3 and series[:2] == ["raw/A/1/0", "raw/A/1/1"]
+    for name in ("raw", "denoise", "stain"):
+        plate = HCS.from_zarr(root[name])
+        assert plate.n_wells == 4
+        assert plate.ome_attributes.plate.field_count == 2
+        wells = [w.ome_attributes.well for w in plate.well_groups]
+        assert all(len(w.images) == 2 for w in wells)
+    for path in series:
+        Image.from_zarr(root[path])
 
     # napari-ome-zarr opens every series, raw and both outputs of every field
     from napari_ome_zarr import napari_get_reader
@@ -93,6 +104,14 @@ def test_a_plate_run_records_and_predicts_every_field(
         arr = np.asarray(data[0])
         for c, (lo, hi) in enumerate(kw["contrast_limits"]):
             assert arr[:, c].min() <= lo < hi <= arr[:, c].max() + 1
+
+    # and each image's plate opens as a plate: every well's first field on the plate's grid
+    (plate_layer,) = napari_get_reader(str(out / "raw"))(str(out / "raw"))
+    data = plate_layer[0][0] if isinstance(plate_layer[0], list) else plate_layer[0]
+    assert tuple(data.shape) == (3, 2, 3, 2 * 32, 2 * 32)  # t, c, z; 2 × 2 wells of 32²
+    for p, (y, x) in ((0, (0, 0)), (2, (0, 32)), (4, (32, 0))):  # A1, A2, B1: first fields
+        tile = np.asarray(data[0, 0, 1, y : y + 32, x : x + 32])
+        np.testing.assert_array_equal(tile, np.asarray(run.image("raw", p).array()[0, 0, 1]))
 
     # `scopestream view` shows one field at a time (a p slider, the field selector, a plate
     # overview with every well's thumbnail), every layer of the same field
