@@ -115,23 +115,69 @@ def to_meta(rec: np.void, source: str = "recording") -> FrameMeta:
     )
 
 
+#: index files a process keeps open at once; the others are opened for each record.
+#: A 96-well plate with 4 fields, raw and two outputs is 1,152 images: one open file
+#: each would exceed the usual limit of 1,024 descriptors (``ulimit -n``).
+MAX_OPEN_INDEXES = 64
+_open_lock = threading.Lock()
+_open_count = 0
+
+
+def _reserve() -> bool:
+    global _open_count
+    with _open_lock:
+        if _open_count >= MAX_OPEN_INDEXES:
+            return False
+        _open_count += 1
+        return True
+
+
+def _release() -> None:
+    global _open_count
+    with _open_lock:
+        _open_count -= 1
+
+
 class FrameIndexWriter:
-    """Appends one record per frame to ``GROUP/frames.npy`` (see the module docstring)."""
+    """Appends one record per frame to ``GROUP/frames.npy`` (see the module docstring).
+
+    The first `MAX_OPEN_INDEXES` writers of a process keep their file open; the
+    others open it for each record (a few µs), so a run of many fields never runs
+    out of file descriptors.
+    """
 
     def __init__(self, group: Path, header_interval_s: float = 1.0) -> None:
         self.path = Path(group) / FILE_NAME
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        os.write(self._fd, _header(0))
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, _header(0))
+        except BaseException:
+            os.close(fd)
+            raise
+        self._held: int | None = fd if _reserve() else None
+        if self._held is None:
+            os.close(fd)
+        self._closed = False
         self.rows = 0
         self._interval = header_interval_s
         self._last_header = time.monotonic()
         self._lock = threading.Lock()  # appends (one writer thread) vs reads (others)
 
+    def _pwrite(self, data: bytes, offset: int) -> None:
+        if self._held is not None:
+            os.pwrite(self._held, data, offset)
+            return
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            os.pwrite(fd, data, offset)
+        finally:
+            os.close(fd)
+
     def append(self, meta: FrameMeta) -> None:
         """Persist one frame's metadata (before its pixels are submitted)."""
         data = to_record(meta).tobytes()
         with self._lock:
-            os.pwrite(self._fd, data, _HEADER_BYTES + self.rows * FRAME_DTYPE.itemsize)
+            self._pwrite(data, _HEADER_BYTES + self.rows * FRAME_DTYPE.itemsize)
             self.rows += 1
         now = time.monotonic()
         if now - self._last_header >= self._interval:
@@ -139,16 +185,16 @@ class FrameIndexWriter:
             self._write_header()
 
     def _write_header(self) -> None:
-        os.pwrite(self._fd, _header(self.rows), 0)
+        self._pwrite(_header(self.rows), 0)
 
     def read(self, row: int) -> np.void | None:
         """Record ``row`` (0-based, in write order), or None past the end."""
         if not 0 <= row < self.rows:
             return None
         offset = _HEADER_BYTES + row * FRAME_DTYPE.itemsize
-        if self._fd >= 0:
-            raw = os.pread(self._fd, FRAME_DTYPE.itemsize, offset)
-        else:  # closed: the file is still there
+        if self._held is not None:
+            raw = os.pread(self._held, FRAME_DTYPE.itemsize, offset)
+        else:  # not held open, or closed: the file is still there
             with open(self.path, "rb") as f:
                 f.seek(offset)
                 raw = f.read(FRAME_DTYPE.itemsize)
@@ -178,15 +224,19 @@ class FrameIndexWriter:
         return None
 
     def close(self) -> None:
-        """Write the final row count and close the file."""
-        if self._fd < 0:
+        """Write the final row count, sync, and close the file."""
+        if self._closed:
             return
+        self._closed = True
+        held, self._held = self._held, None
+        fd = held if held is not None else os.open(self.path, os.O_RDWR)
         try:
-            self._write_header()
-            os.fsync(self._fd)
+            os.pwrite(fd, _header(self.rows), 0)
+            os.fsync(fd)
         finally:
-            os.close(self._fd)
-            self._fd = -1
+            os.close(fd)
+            if held is not None:
+                _release()
 
 
 def read_frame_index(group: str | os.PathLike[str]) -> np.ndarray:

@@ -79,3 +79,52 @@ def test_a_followed_run_reads_only_what_was_written_since_the_last_look(
     assert np.array_equal(
         np.unique(read_frame_index(tmp_path)["t"]), np.array([0, 1, 2, 3, 5])
     )
+
+
+_MANY_FIELDS = """
+import sys
+import numpy as np
+from scopestream.streaming.frame import make_meta
+from scopestream.streaming.frame_index import read_frame_index
+from scopestream.streaming.layout import Position, StreamInfo
+from scopestream.streaming.saved_run import SavedRun
+from scopestream.streaming.zarr_sink import ZarrSink
+
+n, out = int(sys.argv[1]), sys.argv[2]
+fields = tuple(Position(f"f{i}", x_um=float(i)) for i in range(n))
+sink = ZarrSink(out, StreamInfo((16, 16), n_t=2, positions=fields))
+pred = sink.add_output("denoise", channel_names=("raw",))
+seq = 0
+for t in range(2):
+    for p in range(n):
+        m = make_meta(t=t, p=p)
+        m["seq"] = seq
+        seq += 1
+        sink.write(np.full((16, 16), p, np.uint16), m)
+        pred.write(np.full((16, 16), p, np.float32), m)
+sink.close()
+run = SavedRun(out)
+assert sink.frames_written == 2 * n and len(read_frame_index(out)) == 2 * n
+assert all(len(read_frame_index(im.path)) == 2 for im in run.images)
+print("ok", len(run.images))
+"""
+
+
+def test_a_run_of_more_fields_than_open_files_allowed_records_every_index(
+    tmp_path: Path,
+) -> None:
+    """300 images (150 fields, raw and one output) under a limit of 256 open files: each
+    image's frames.npy held open made image 247 fail with 'Too many open files'."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    r = subprocess.run(
+        [sys.executable, "-c", _MANY_FIELDS, "150", str(tmp_path / "many.ome.zarr")],
+        capture_output=True, text=True, timeout=600, preexec_fn=limit_files,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["ok", "300"]
