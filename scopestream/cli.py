@@ -611,15 +611,22 @@ def train(
     resume: Annotated[
         bool, typer.Option("--resume/--no-resume", help="Resume from the last checkpoint.")
     ] = True,
+    force: Annotated[
+        bool,
+        typer.Option(help="Publish even if it is worse than the untouched input held out."),
+    ] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the result as one JSON line last.")
     ] = False,
 ) -> None:
-    """Train a model from saved runs or TIFF pairs, evaluate it, register the new version."""
+    """Train a model from saved runs or TIFF pairs, evaluate it, register the new version.
+
+    A version whose held-out result is worse than the untouched input's (PSNR for a
+    denoiser, Pearson r for a stain model) is not published unless --force."""
     from scopestream.config import parse_shape
     from scopestream.training.data import DataError
     from scopestream.training.module import NaNLoss
-    from scopestream.training.train import TrainConfig
+    from scopestream.training.train import NotPublished, TrainConfig
     from scopestream.training.train import train as run_training
 
     try:
@@ -656,6 +663,7 @@ def train(
         num_nodes=num_nodes,
         work_dir=work_dir,
         resume=resume,
+        force=force,
     )
     if task not in ("denoise", "stain"):
         raise _die("--task must be denoise or stain")
@@ -667,6 +675,8 @@ def train(
         raise _die(
             f"{e}: lower --lr, or check the data for NaNs/saturation", EXIT_FAILED
         ) from None
+    except NotPublished as e:
+        raise _die(str(e), EXIT_FAILED) from None
     if not res:  # a non-zero DDP rank
         return
     m, b = res["metrics"], res["baseline_metrics"]
@@ -717,7 +727,7 @@ def evaluate(
     except (PackageError, DataError) as e:
         raise _die(str(e)) from None
     regions = [Region(i, slice(0, f.shape[0]), slice(0, f.shape[1])) for i, f in enumerate(fields)]
-    res = run_eval(pkg, fields, regions, backend=backend)
+    res = {"model": pkg.identity, **run_eval(pkg, fields, regions, backend=backend)}
     png = res.pop("figure_png")
     if report:
         d = Path(report)
@@ -782,6 +792,14 @@ def import_model(
     source: Annotated[Path, typer.Argument(help="A bioimage.io zip, folder or rdf.yaml.")],
     registry: Annotated[str | None, typer.Option(help="Model registry directory.")] = None,
     name: Annotated[str | None, typer.Option(help="Register under this name.")] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(help="denoise | stain (default: from the model's bioimage.io tags)."),
+    ] = None,
+    input_channel: Annotated[
+        str | None,
+        typer.Option(help="The channel it takes (default: any for a denoiser, else brightfield)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON last.")] = False,
 ) -> None:
     """Bring a bioimage.io model (ours, or another tool's ONNX/TorchScript) into the registry."""
@@ -798,7 +816,9 @@ def import_model(
             f"import needs the train extra (pip install 'scopestream[train]'): {e}"
         ) from None
     try:
-        pkg, notes = import_bioimageio(source, Registry(registry), name)
+        pkg, notes = import_bioimageio(
+            source, Registry(registry), name, task=task, input_channel=input_channel
+        )
     except (PackageError, BioimageioError) as e:
         raise _die(str(e)) from None
     err.print(f"[green]{pkg.name} v{pkg.version}[/] ← {source}: {pkg.path}")

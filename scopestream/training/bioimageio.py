@@ -395,9 +395,21 @@ def _sha(path: Path) -> str:
 
 
 def import_bioimageio(
-    source: str | os.PathLike[str], registry: Registry, name: str | None = None
+    source: str | os.PathLike[str],
+    registry: Registry,
+    name: str | None = None,
+    *,
+    task: str | None = None,
+    input_channel: str | None = None,
 ) -> tuple[ModelPackage, list[str]]:
-    """A bioimage.io model (zip, folder or rdf.yaml) into the registry; returns it and notes."""
+    """A bioimage.io model (zip, folder or rdf.yaml) into the registry; returns it and notes.
+
+    Another tool's model is a denoiser when ``task`` says so or its tags do
+    (denoising, n2v, noise2void, care, restoration, …), else a stain model;
+    ``input_channel`` names the channel it takes (a denoiser: any, by default; a
+    stain model: brightfield)."""
+    if task is not None and task not in ("denoise", "stain"):
+        raise BioimageioError(f"--task must be denoise or stain, not {task!r}")
     from bioimageio.spec import InvalidDescr, load_description
     from bioimageio.spec.model import v0_5
 
@@ -432,7 +444,7 @@ def import_bioimageio(
                 files[man.weights["onnx"]] = _read(descr.weights.onnx.source)
             notes: list[str] = []
         else:
-            man, files, notes = _foreign(descr, src)
+            man, files, notes = _foreign(descr, src, task=task, input_channel=input_channel)
         for fname, data in files.items():
             (d / fname).write_bytes(data)
         for att in descr.attachments:
@@ -460,7 +472,9 @@ def _read(source: Any) -> bytes:
     return data
 
 
-def _foreign(descr: Any, src: Path) -> tuple[Manifest, dict[str, bytes], list[str]]:
+def _foreign(
+    descr: Any, src: Path, *, task: str | None = None, input_channel: str | None = None
+) -> tuple[Manifest, dict[str, bytes], list[str]]:
     """Manifest and weights for a model exported by another tool."""
     inp, outp = descr.inputs[0], descr.outputs[0]
     spatial_ax, n_in = _axis_kind(inp.axes)
@@ -504,20 +518,27 @@ def _foreign(descr: Any, src: Path) -> tuple[Manifest, dict[str, bytes], list[st
             f"{descr.name} has {have} weights; scopestream imports ONNX or TorchScript weights "
             "(convert with `bioimageio.core`'s weight converters)"
         )
-    task = (
-        "denoise"
-        if n_out == 1
-        and any(t in ("denoising", "n2v", "noise2void", "restoration", "care") for t in descr.tags)
-        else "stain"
-    )
+    if task is None:
+        tags = " ".join(str(t).lower() for t in descr.tags)
+        said = any(
+            k in tags for k in ("denois", "n2v", "noise2void", "n2n", "restor", "care")
+        )
+        task = "denoise" if n_out == 1 and said else "stain"
+        why = "its tags say so" if said else "its tags name no denoising"
+        notes.append(f"imported as a {task} model ({why}); --task says otherwise")
+    elif task == "denoise" and n_out != 1:
+        raise BioimageioError(f"{descr.name} has {n_out} output channels; a denoiser has one")
+    default_in = "*" if task == "denoise" else "brightfield"
     chan_names = [str(n) for n in getattr(outp.axes[1], "channel_names", [])] or ["output"]
     man = Manifest(
         name=_safe_id(str(descr.id or descr.name)).replace("_", "-") or "imported",
         task=task,  # type: ignore[arg-type]
         description=str(descr.description)[:500],
         architecture=Architecture(kind="external", params={}),
-        inputs=("*",) if task == "denoise" else ("brightfield",),
-        outputs=("*",) if task == "denoise" else tuple(chan_names[:n_out]),
+        inputs=(input_channel or default_in,),
+        outputs=(
+            (input_channel or "*",) if task == "denoise" else tuple(chan_names[:n_out])
+        ),
         spatial="3d" if len(spatial_ax) == 3 else "2d",
         size_multiple=tuple(mult),
         halo=tuple(halo),

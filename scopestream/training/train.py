@@ -68,11 +68,13 @@ class TrainConfig:
     patience: int = 8
     work_dir: str | None = None
     resume: bool = True
+    #: publish even when the held-out result is worse than the untouched input
+    force: bool = False
 
     def key(self) -> str:
         """Identity of this training (its checkpoints live under it, so it can resume)."""
         d = asdict(self)
-        for k in ("work_dir", "resume", "devices", "num_nodes"):
+        for k in ("work_dir", "resume", "devices", "num_nodes", "force"):
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -199,6 +201,28 @@ def _eval_units(f: FieldData, spatial: str, window: int) -> list[tuple[int, Any,
     return [
         (s + k, slice(s + k - h, s + k + h + 1), s + k) for s in stacks for k in range(h, f.z - h)
     ]
+
+
+class NotPublished(RuntimeError):
+    """A trained version whose held-out result is worse than the untouched input."""
+
+
+def worse_than_input(
+    task: str, metrics: dict[str, float], baseline: dict[str, float]
+) -> str | None:
+    """Why a model is worse than its input on the held-out data (None if it is not, or
+    nothing was measured): PSNR for a denoiser, Pearson r for a stain model (its input,
+    another kind of image, is compared by correlation)."""
+    key, unit = ("psnr", " dB") if task == "denoise" else ("pearson", "")
+    if key not in metrics or key not in baseline:
+        return None
+    if metrics[key] >= baseline[key]:
+        return None
+    label = "PSNR" if key == "psnr" else "Pearson r"
+    return (
+        f"its held-out {label} is {metrics[key]:g}{unit}, below the untouched input's "
+        f"{baseline[key]:g}{unit}"
+    )
 
 
 def evaluate(
@@ -430,6 +454,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
 
     pkg = add_files(staging, final, ["report.json", "report.png", "losses.csv", "losses.png"])
     root, name = Path(cfg.out).parent, Path(cfg.out).name
+    worse = worse_than_input(manifest.task, ev["metrics"], ev["baseline_metrics"])
+    if worse is not None and not cfg.force:
+        raise NotPublished(
+            f"not published: {worse}, so {name} would make data worse than leaving it alone "
+            f"(the package is kept at {staging}; train longer or on more data, or --force "
+            "publishes it anyway)"
+        )
     # numbered above every root's newest (the bundled models too): a retrained 'denoise'
     # is v2 over the bundled v1, never a second v1 that hides it
     published = Registry(root).publish(pkg, name)

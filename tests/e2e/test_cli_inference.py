@@ -299,3 +299,30 @@ def test_offline_prediction_is_shown_and_reported_as_a_prediction(
     assert rep["panel"][0]["layers"] == ["nuclei (denoised)"]
     page = (tmp_path / "report.html").read_text()
     assert "offline prediction" in page and "did not end cleanly" not in page
+
+
+def test_calibrated_and_uncalibrated_denoising_of_matching_data_agree(
+    cli: Callable[..., CliResult], tmp_path: Path
+) -> None:
+    """On data like its training data (the simulator's nuclei at 1 ms), the bundled
+    denoiser with --calibrate gives the same quality as without, within 0.5 dB against
+    the truth: input and output constants are re-estimated together. Re-estimating the
+    input's alone compressed the output range (11 dB below raw at 20 ms)."""
+
+    def psnr_vs_truth(calibrate: int) -> float:
+        out = tmp_path / f"c{calibrate}.ome.zarr"
+        r = cli(
+            "run", "--source", "sim", "--channels", "nuclei:1", "--frames", "8",
+            "--shape", "128x128", "--model", "denoise", "--model-policy", "all",
+            "--backend", "onnxruntime", "--calibrate", str(calibrate), "--sim-truth",
+            "--out", str(out),
+        )  # fmt: skip
+        assert r.code == 0, r.stderr
+        run = SavedRun(out)
+        pred = np.asarray(run.image("denoise").array()[:, 0, 0], np.float64)
+        truth = np.asarray(run.image("truth").array()[:, 0, 0], np.float64)
+        mse = float(np.mean((pred - truth) ** 2))
+        return 10 * math.log10(float(truth.max()) ** 2 / mse)
+
+    plain, calibrated = psnr_vs_truth(0), psnr_vs_truth(4)
+    assert abs(plain - calibrated) < 0.5, (plain, calibrated)

@@ -503,6 +503,8 @@ def check_n2v(r: Ran, d: Path) -> None:
 def check_evaluate(r: Ran, d: Path) -> None:
     report = json.loads((d / "report" / "report.json").read_text())
     assert {"metrics", "baseline_metrics"} <= set(report)
+    # which version ran: the one train-n2v published (the newest denoise)
+    assert report["model"]["model"] == "denoise" and report["model"]["version"] >= 2
     assert (d / "report" / "report.png").exists()
 
 
@@ -611,21 +613,24 @@ CASE_LIST = [
     # ## Retraining from saved runs
     Case("record-field0", "--out field0.ome.zarr", "--time-points 3 --shape 128x128",
          check=frames(3, "field0.ome.zarr")),
-    Case("train-n2v(field1 recorded)", "--mode n2v", "--max-steps 2", after=("record-field0",),
+    Case("train-n2v(field1 recorded)", "--mode n2v", "--max-steps 2 --force",
+         after=("record-field0",),
          setup=field_like_field0(1, "field1.ome.zarr"), marks=SLOW, check=check_n2v),
-    Case("train-care(pairs.ome.zarr recorded)", "--target-channel nuclei_hi", "--max-steps 2",
+    Case("train-care(pairs.ome.zarr recorded)", "--target-channel nuclei_hi",
+         "--max-steps 2 --force",
          setup=PAIRS, marks=SLOW, check=trained("care")),
     Case("train-stain(pairs.ome.zarr recorded)", "--target-channel membrane --out ~",
-         "--max-steps 2", setup=PAIRS, marks=SLOW, check=trained("stain")),
-    Case("train-care-tiff(noisy/ clean/ written)", "--inputs noisy/", "--max-steps 2",
+         "--max-steps 2 --force", setup=PAIRS, marks=SLOW, check=trained("stain")),
+    Case("train-care-tiff(noisy/ clean/ written)", "--inputs noisy/", "--max-steps 2 --force",
          setup=tiff_pairs, marks=SLOW, check=trained("mycare")),
     Case("evaluate(field3 recorded)", "scopestream evaluate", after=("train-n2v", "record-field0"),
          setup=field_like_field0(3, "field3.ome.zarr"), marks=SLOW, check=check_evaluate),
-    Case("train-stain-2.5d-z(zstack.ome.zarr recorded)", "--spatial 2.5d-z", "--max-steps 2",
+    Case("train-stain-2.5d-z(zstack.ome.zarr recorded)", "--spatial 2.5d-z",
+         "--max-steps 2 --force",
          setup=ZSTACK, marks=SLOW, check=trained("stain25")),
-    Case("train-stain-3d(zstack.ome.zarr recorded)", "--spatial 3d", "--max-steps 2",
+    Case("train-stain-3d(zstack.ome.zarr recorded)", "--spatial 3d", "--max-steps 2 --force",
          setup=ZSTACK, marks=SLOW, check=trained("stain3d")),
-    Case("train-pix2pix", "--mode pix2pix", "--max-steps 2", after=("train-stain",),
+    Case("train-pix2pix", "--mode pix2pix", "--max-steps 2 --force", after=("train-stain",),
          setup=PAIRS, marks=SLOW, check=trained("stain-gan")),
     Case("export-bioimageio", "scopestream export", after=("train-n2v",), marks=SLOW,
          check=check_export),

@@ -228,6 +228,28 @@ def test_import_of_another_tools_model_runs_with_its_normalization(
     assert run.json["models"][f"model:{pkg.name}"]["predicted"] == 3
 
 
+def test_import_takes_the_task_and_input_channel_it_is_told(
+    cli: Callable[..., CliResult], tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    zip_path, _ = _foreign_zip(src, {"onnx"})
+    reg = tmp_path / "reg"
+    r = cli("import", str(zip_path), "--registry", str(reg), "--name", "dn-nuc",
+            "--input-channel", "nuclei", "--json")  # fmt: skip
+    assert r.code == 0, r.stderr
+    m = Registry(reg, bundled=False).resolve("dn-nuc").manifest
+    assert (m.task, m.inputs, m.outputs) == ("denoise", ("nuclei",), ("nuclei",))
+    assert any("tags say so" in n for n in r.json["notes"])
+    r = cli("import", str(zip_path), "--registry", str(reg), "--name", "as-stain",
+            "--task", "stain", "--json")  # fmt: skip
+    assert r.code == 0, r.stderr
+    m = Registry(reg, bundled=False).resolve("as-stain").manifest
+    assert (m.task, m.inputs, m.outputs) == ("stain", ("brightfield",), ("denoised",))
+    bad = cli("import", str(zip_path), "--registry", str(reg), "--task", "segment")
+    assert bad.code == 2 and "--task must be denoise or stain" in bad.stderr
+
+
 def test_import_refuses_weights_it_cannot_run(
     cli: Callable[..., CliResult], tmp_path: Path
 ) -> None:

@@ -124,7 +124,8 @@ def test_3d_and_25d_stain_models_train_and_run_live(
         "--json",
     ]
     r3 = cli(
-        "train", "--task", "stain", "--mode", "supervised", "--spatial", "3d", "--window", "8",
+        "train", "--force",
+        "--task", "stain", "--mode", "supervised", "--spatial", "3d", "--window", "8",
         "--out", str(tmp_path / "reg" / "st3"), "--work-dir", str(tmp_path / "w3"), *common,
     )  # fmt: skip
     assert r3.code == 0, r3.stderr
@@ -132,7 +133,7 @@ def test_3d_and_25d_stain_models_train_and_run_live(
     assert p3.manifest.spatial == "3d" and len(p3.manifest.size_multiple) == 3
     assert p3.build_module().dims == 3
     r25 = cli(
-        "train", "--task", "stain", "--mode", "supervised", "--spatial", "2.5d-z",
+        "train", "--force", "--task", "stain", "--mode", "supervised", "--spatial", "2.5d-z",
         "--window", "3", "--out", str(tmp_path / "reg" / "st25"),
         "--work-dir", str(tmp_path / "w25"), *common,
     )  # fmt: skip
@@ -171,12 +172,13 @@ def test_pix2pix_starts_from_a_supervised_model(
         "--target-channel", "nuclei", "--patch", "32x32", "--batch", "4", "--json",
     ]  # fmt: skip
     sup = cli(
-        "train", "--mode", "supervised", "--max-steps", "20",
+        "train", "--force", "--mode", "supervised", "--max-steps", "20",
         "--out", str(tmp_path / "reg" / "sup"), "--work-dir", str(tmp_path / "w1"), *common,
     )  # fmt: skip
     assert sup.code == 0, sup.stderr
     gan = cli(
-        "train", "--mode", "pix2pix", "--init-from", sup.json["package"], "--max-steps", "10",
+        "train", "--force",
+        "--mode", "pix2pix", "--init-from", sup.json["package"], "--max-steps", "10",
         "--out", str(tmp_path / "reg" / "gan"), "--work-dir", str(tmp_path / "w2"), *common,
     )  # fmt: skip
     assert gan.code == 0, gan.stderr
@@ -198,14 +200,14 @@ def test_pix2pix_starts_from_a_supervised_model(
     # ... by a few steps from the supervised weights, far from any random start
     assert dist(b, a) < 0.2 * dist(r, a), (dist(b, a), dist(r, a))
     bad = cli(
-        "train", "--mode", "pix2pix", "--init-from", "stain", "--max-steps", "2",
+        "train", "--force", "--mode", "pix2pix", "--init-from", "stain", "--max-steps", "2",
         "--out", str(tmp_path / "reg" / "gan2"), "--work-dir", str(tmp_path / "w3"),
         *common,
     )  # fmt: skip
     assert bad.code == 2
     assert "predicts ['nuclei', 'membrane']" in bad.stderr
     wrong = cli(
-        "train", "--task", "denoise", "--mode", "pix2pix", "--data", str(zstack_run),
+        "train", "--force", "--task", "denoise", "--mode", "pix2pix", "--data", str(zstack_run),
         "--input-channel", "nuclei", "--out", str(tmp_path / "reg" / "x"),
     )  # fmt: skip
     assert wrong.code == 2 and "pix2pix is for --task stain" in wrong.stderr

@@ -54,7 +54,7 @@ def n2v_trained(
             sys.executable,
             "-m",
             "scopestream",
-            "train",
+            "train", "--force",
             "--task",
             "denoise",
             "--mode",
@@ -125,7 +125,7 @@ def test_care_on_pairs_beats_n2v_on_the_same_data(
     n2v_trained: dict[str, Any],
 ) -> None:
     r = cli(
-        "train",
+        "train", "--force",
         "--task",
         "denoise",
         "--mode",
@@ -154,7 +154,7 @@ def test_care_on_pairs_beats_n2v_on_the_same_data(
     assert care["psnr"] > n2v["psnr"], (care, n2v)
     assert care["ssim"] > n2v["ssim"], (care, n2v)
     r = cli(
-        "train",
+        "train", "--force",
         "--task",
         "stain",
         "--mode",
@@ -205,7 +205,8 @@ def test_a_run_over_the_in_memory_threshold_trains_evaluates_and_registers(
     # 11 of 12 frames: nuclei_hi (and its truth) at the last time point was never acquired
     reg = tmp_path / "reg"
     r = _driven(
-        _LAZY, "train", "--task", "denoise", "--mode", "care", "--out", str(reg / "big"),
+        _LAZY, "train", "--force",
+        "--task", "denoise", "--mode", "care", "--out", str(reg / "big"),
         "--data", str(run), "--input-channel", "nuclei", "--target-channel", "nuclei_hi",
         "--eval-target", "truth:nuclei_hi", "--max-steps", "4", "--patch", "32x32",
         "--batch", "4", "--work-dir", str(tmp_path / "w"), "--json",
@@ -251,7 +252,8 @@ def test_interrupted_training_resumes_from_its_checkpoint(
 ) -> None:
     work = tmp_path / "work"
     args = [
-        "train", "--task", "denoise", "--mode", "n2v", "--out", str(tmp_path / "reg" / "dn"),
+        "train", "--force",
+        "--task", "denoise", "--mode", "n2v", "--out", str(tmp_path / "reg" / "dn"),
         *_args(low_light_runs), "--input-channel", "nuclei", "--max-steps", "200",
         "--patch", "32x32", "--batch", "8", "--work-dir", str(work), "--json",
     ]  # fmt: skip
@@ -268,6 +270,42 @@ def test_interrupted_training_resumes_from_its_checkpoint(
     assert (training["resumed_from_step"], training["steps"]) == (100, 200)
 
 
+def test_a_version_worse_than_the_input_is_not_published_unless_forced(
+    cli: Callable[..., CliResult], tmp_path: Path, low_light_runs: list[Path]
+) -> None:
+    """Evaluated against its own input (the input is then perfect), any model is worse
+    than leaving the data alone: refused, nothing registered; --force publishes it."""
+    reg = tmp_path / "reg"
+    args = [
+        "train", "--task", "denoise", "--mode", "care", "--out", str(reg / "dn"),
+        "--data", str(low_light_runs[0]), "--input-channel", "nuclei",
+        "--target-channel", "nuclei", "--max-steps", "2", "--patch", "32x32", "--batch", "4",
+        "--work-dir", str(tmp_path / "work"),
+    ]  # fmt: skip
+    refused = cli(*args)
+    assert refused.code == 1, refused.stderr
+    flat = " ".join(refused.stderr.split())
+    assert "not published" in flat and "below the untouched input's" in flat
+    assert "--force" in flat
+    assert Registry(reg).versions("dn") == []
+    forced = cli(*args, "--force", "--json")
+    assert forced.code == 0, forced.stderr
+    assert forced.json["version"] == 1
+    assert [v for v, _ in Registry(reg).versions("dn")] == [1]
+
+
+def test_worse_than_input_compares_psnr_for_denoisers_and_pearson_for_stains() -> None:
+    from scopestream.training.train import worse_than_input
+
+    m, b = {"psnr": 14.0, "pearson": 0.9}, {"psnr": 20.2, "pearson": 0.3}
+    assert "PSNR is 14 dB, below the untouched input's 20.2 dB" in str(
+        worse_than_input("denoise", m, b)
+    )
+    assert worse_than_input("stain", m, b) is None  # r 0.9 over the input's 0.3
+    assert "Pearson r is 0.2" in str(worse_than_input("stain", {"pearson": 0.2}, b))
+    assert worse_than_input("denoise", {}, {}) is None  # nothing measured: nothing to say
+
+
 def test_nan_loss_stops_and_says_when(cli: Callable[..., CliResult], tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     for i in range(3):
@@ -277,7 +315,7 @@ def test_nan_loss_stops_and_says_when(cli: Callable[..., CliResult], tmp_path: P
             photometric="minisblack",
         )
     r = cli(
-        "train",
+        "train", "--force",
         "--task",
         "denoise",
         "--mode",
@@ -303,7 +341,7 @@ def test_ddp_on_two_cpu_processes(
     cli: Callable[..., CliResult], tmp_path: Path, low_light_runs: list[Path]
 ) -> None:
     r = cli(
-        "train",
+        "train", "--force",
         "--task",
         "denoise",
         "--mode",
