@@ -1107,5 +1107,12 @@ def bench_long_run_cmd(
 
 
 def main() -> None:
-    """Entry point of the ``scopestream`` command."""
+    """Entry point of the ``scopestream`` command.
+
+    A crash in native code (a device adapter, a driver) prints every thread's Python
+    stack to stderr instead of dying silently."""
+    import faulthandler
+
+    if not faulthandler.is_enabled():
+        faulthandler.enable()
     app()
