@@ -904,6 +904,16 @@ def inspect(
         typer.echo(f"error: {report.error}")
 
 
+def _bench_shape(shape: str) -> tuple[int, int]:
+    """A benchmark's ``--shape HxW``, or a clear error."""
+    from scopestream.config import parse_shape
+
+    try:
+        return parse_shape(shape)
+    except ValueError as e:
+        raise _die(str(e)) from None
+
+
 @bench_app.command("streaming")
 def bench_streaming_cmd(
     frames: Annotated[int, typer.Option(help="Frames per measurement.")] = 200,
@@ -917,12 +927,7 @@ def bench_streaming_cmd(
 ) -> None:
     """Ring buffer + zarr sink throughput vs the tensorstore and plain-file ceilings."""
     from scopestream.bench.streaming import bench_streaming
-    from scopestream.config import parse_shape
-
-    try:
-        hw = parse_shape(shape)
-    except ValueError as e:
-        raise _die(str(e)) from None
+    hw = _bench_shape(shape)
     res = bench_streaming(
         n_frames=frames, shape=hw, repeats=repeats, in_flight=in_flight, workdir=workdir
     )
@@ -952,12 +957,7 @@ def bench_positions_cmd(
 ) -> None:
     """Many positions vs one (same frames) through the whole pipeline: frames/s and ratio."""
     from scopestream.bench.positions import bench_positions
-    from scopestream.config import parse_shape
-
-    try:
-        hw = parse_shape(shape)
-    except ValueError as e:
-        raise _die(str(e)) from None
+    hw = _bench_shape(shape)
     try:
         res = bench_positions(
             positions=positions,
@@ -988,12 +988,7 @@ def bench_acquisition_cmd(
 ) -> None:
     """Simulator frames/s and the acquisition callback's cost (copy vs adopt)."""
     from scopestream.bench.acquisition import bench_acquisition
-    from scopestream.config import parse_shape
-
-    try:
-        hw = parse_shape(shape)
-    except ValueError as e:
-        raise _die(str(e)) from None
+    hw = _bench_shape(shape)
     res = bench_acquisition(shape=hw, frames=frames, repeats=repeats)
     if not as_json:
         cb = res["callback_us"]
@@ -1084,12 +1079,7 @@ def bench_long_run_cmd(
 ) -> None:
     """A long open-ended recording: memory flat, root zarr.json small, fps vs tensorstore."""
     from scopestream.bench.long_run import bench_long_run
-    from scopestream.config import parse_shape
-
-    try:
-        hw = parse_shape(shape)
-    except ValueError as e:
-        raise _die(str(e)) from None
+    hw = _bench_shape(shape)
     if frames < 1:
         raise _die(f"--frames must be positive, got {frames}")
     res = bench_long_run(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -328,15 +329,10 @@ class ReplaySource(ThreadedSource):
     def frames(self) -> Iterator[tuple[np.ndarray, FrameMeta]]:
         """Frames in order; frames a scopestream run never wrote are not replayed."""
         info = self.info
-        order = [
-            (t, p, c, z)
-            for t in range(self._n_t_once)
-            for p in range(len(self._views))
-            for c in range(info.n_c)
-            for z in range(info.n_z)
-        ]
         for rep in range(self.loop):
-            for t, p, c, z in order:
+            for t, p, c, z in itertools.product(
+                range(self._n_t_once), range(len(self._views)), range(info.n_c), range(info.n_z)
+            ):
                 if self._written is not None and not self._written[p][t, c, z]:
                     continue
                 frame = self._views[p].frame(t, c, z)

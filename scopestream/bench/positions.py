@@ -47,25 +47,16 @@ def _record_memory(
     out: Path, *, shape: tuple[int, int], time_points: int, positions: int, **_: Any
 ) -> dict[str, Any]:
     """Frames in memory → ring buffer → `ZarrSink` (the recording alone)."""
-    from scopestream.acquisition.replay import ArraySource
     from scopestream.bench.common import realistic_frames
+    from scopestream.bench.streaming import pipeline_fps
     from scopestream.streaming.layout import Position
-    from scopestream.streaming.runner import SinkSpec, StreamRunner
-    from scopestream.streaming.zarr_sink import ZarrSink
 
     fields = tuple(
         Position(str(d["name"]), x_um=d["x_um"], y_um=d["y_um"]) for d in _grid(positions)
     )
     n = time_points * positions
-    src = ArraySource(realistic_frames(shape), n, positions=fields if positions > 1 else ())
-    sink = ZarrSink(out, src.info, source=src.describe())
-    runner = StreamRunner(src, [SinkSpec("zarr", sink, records=True)], buffer_mb=256)
-    t0 = time.perf_counter()
-    summary = runner.run()
-    dt = time.perf_counter() - t0
-    if summary["status"] != "complete" or summary["frames_written"] != n:
-        raise RuntimeError(f"{positions}-position recording failed: {summary.get('error')}")
-    return {"fps": n / dt}
+    fps = pipeline_fps(realistic_frames(shape), n, out, positions=fields if positions > 1 else ())
+    return {"fps": fps}
 
 
 def _record(

@@ -29,13 +29,23 @@ from scopestream.bench.common import realistic_frames, tensorstore_fps
 if TYPE_CHECKING:
     import numpy as np
 
+    from scopestream.streaming.layout import Position
 
-def _bench_pipeline(frames: np.ndarray, n: int, out: Path, in_flight: int) -> float:
+
+def pipeline_fps(
+    frames: np.ndarray,
+    n: int,
+    out: Path,
+    in_flight: int = 8,
+    positions: tuple[Position, ...] = (),
+) -> float:
+    """Frames/s of in-memory frames → ring buffer → `ZarrSink` (with ``positions``: the
+    frames visit them in turn, each field its own series)."""
     from scopestream.acquisition.replay import ArraySource
     from scopestream.streaming.runner import SinkSpec, StreamRunner
     from scopestream.streaming.zarr_sink import ZarrSink
 
-    src = ArraySource(frames, n)
+    src = ArraySource(frames, n, positions=positions)
     sink = ZarrSink(out, src.info, max_in_flight=in_flight, source=src.describe())
     runner = StreamRunner(src, [SinkSpec("zarr", sink, records=True)], buffer_mb=256)
     t0 = time.perf_counter()
@@ -94,7 +104,7 @@ def bench_streaming(
     frames = realistic_frames(shape)
     base = Path(tempfile.mkdtemp(prefix="scopestream-bench-", dir=workdir))
     results: dict[str, list[float]] = {"pipeline": [], "tensorstore": [], "file": []}
-    runs = {"pipeline": _bench_pipeline, "tensorstore": tensorstore_fps, "file": _bench_files}
+    runs = {"pipeline": pipeline_fps, "tensorstore": tensorstore_fps, "file": _bench_files}
     names = list(runs)
     try:
         for r in range(repeats):
