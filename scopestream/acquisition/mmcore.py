@@ -22,6 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 from scopestream.acquisition.base import SourceError
 from scopestream.streaming.frame import make_meta
+from scopestream.streaming.layout import Position
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from scopestream.acquisition.plan import AcquisitionPlan
+    from scopestream.acquisition.positions import StageTravel
     from scopestream.streaming.frame import FrameMeta
     from scopestream.streaming.layout import StreamInfo
     from scopestream.streaming.seams import FrameCallback, SpaceWaiter
@@ -195,6 +199,85 @@ def check_plan(core: Any, plan: AcquisitionPlan) -> None:
         raise SourceError("the plan's positions set z, but the configuration has no focus device")
 
 
+def _core_api(core: Any, camel: str) -> Callable[..., Any] | None:
+    """``core``'s method ``camel`` (pymmcore-plus) or its snake_case twin (pycromanager)."""
+    snake = "".join(f"_{ch.lower()}" if ch.isupper() else ch for ch in camel)
+    snake = snake.replace("x_y_", "xy_")
+    for name in (camel, snake):
+        try:
+            f: Callable[..., Any] | None = getattr(core, name, None)
+        except Exception:  # a remote core may fail on unknown names
+            f = None
+        if callable(f):
+            return f
+    return None
+
+
+def stage_travel(core: Any) -> StageTravel:
+    """How far this core's stages go, as far as it says (`StageTravel`; None: not said).
+
+    The focus drive: the core's ``getStageLimits`` when it has one, else the limits
+    of the focus device's ``Position`` property (how Micro-Manager's Z adapters
+    declare their range). The XY stage: the core's ``getXYStageLimits`` when it has
+    one (the simulator's does; Micro-Manager's core does not expose XY travel yet,
+    mmCoreAndDevices#979). A range a device fails to report is treated as unknown.
+    """
+    from scopestream.acquisition.positions import StageTravel
+
+    def ask(camel: str, *args: Any) -> Any:
+        f = _core_api(core, camel)
+        if f is None:
+            return None
+        try:
+            return f(*args)
+        except Exception as e:  # unsupported by this adapter: the range is unknown
+            log.debug("%s%r: %s", camel, args, e)
+            return None
+
+    x = y = z = None
+    xy = ask("getXYStageDevice")
+    if xy:
+        r = ask("getXYStageLimits", xy)
+        if r is not None and len(r) == 4:
+            x, y = (float(r[0]), float(r[1])), (float(r[2]), float(r[3]))
+    focus = ask("getFocusDevice")
+    if focus:
+        r = ask("getStageLimits", focus)
+        if r is not None and len(r) == 2:
+            z = (float(r[0]), float(r[1]))
+        elif ask("hasProperty", focus, "Position") and ask("hasPropertyLimits", focus, "Position"):
+            lo, hi = ask("getPropertyLowerLimit", focus, "Position"), ask(
+                "getPropertyUpperLimit", focus, "Position"
+            )
+            if lo is not None and hi is not None and float(lo) < float(hi):
+                z = (float(lo), float(hi))
+    return StageTravel(x, y, z)
+
+
+def check_travel(core: Any, plan: AcquisitionPlan, fields: Sequence[Position]) -> None:
+    """Refuse a plan whose fields (or z-stacks) lie outside the stages' travel, if known."""
+    from scopestream.acquisition.positions import outside_travel
+
+    travel = stage_travel(core)
+    if not travel.known:
+        return
+    z_now = 0.0
+    if travel.z is not None:
+        try:
+            z_now = float(_core_api(core, "getPosition")())  # type: ignore[misc]
+        except Exception as e:
+            raise SourceError(f"cannot read the focus position: {e}") from e
+    here = fields or (Position("the current position"),)
+    bad = outside_travel(here, travel, z_offsets=plan.z_offsets, z_now_um=z_now)
+    if bad:
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise SourceError(
+            f"{len(bad)} of the plan's {len(here)} field(s) lie outside the stage's travel: "
+            + "; ".join(bad[:5])
+            + more
+        )
+
+
 def xy_origin(core: Any) -> tuple[float, float]:
     """Where the XY stage is now (µm; (0, 0) without one): the centre of a plan's grid."""
     if not core.getXYStageDevice():
@@ -254,7 +337,17 @@ class MMCoreSource:
         on_event: Callable[[Any], None] | None = None,
         teardown: Callable[[Any], None] | None = None,
     ) -> None:
-        check_plan(core, plan)
+        try:
+            check_plan(core, plan)
+            shape = (int(core.getImageHeight()), int(core.getImageWidth()))
+            px = float(core.getPixelSizeUm() or 1.0)
+            dtype = pixel_dtype(core.getBytesPerPixel())
+            info = plan.stream_info(shape, dtype, px, origin_um=xy_origin(core))
+            check_travel(core, plan, info.positions)
+        except BaseException:
+            if teardown is not None:  # a refused plan leaves no core loaded behind
+                teardown(core)
+            raise
         self.core: Any = core
         self._camera = str(core.getCameraDevice())
         self.plan = plan
@@ -262,10 +355,7 @@ class MMCoreSource:
         self._extra = dict(extra or {})
         self._on_event = on_event
         self._teardown = teardown
-        shape = (int(core.getImageHeight()), int(core.getImageWidth()))
-        px = float(core.getPixelSizeUm() or 1.0)
-        dtype = pixel_dtype(core.getBytesPerPixel())
-        self.info: StreamInfo = plan.stream_info(shape, dtype, px, origin_um=xy_origin(core))
+        self.info: StreamInfo = info
         self._sequence = plan.to_mda_sequence(self.info.positions)
         self._done = threading.Event()
         self._thread: threading.Thread | None = None

@@ -18,6 +18,7 @@ field of view, so fields are expanded when the camera is known.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -227,6 +228,63 @@ def expand_fields(
         dup = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"position names must be unique; repeated: {', '.join(dup[:5])}")
     return tuple(out)
+
+
+@dataclass(frozen=True)
+class StageTravel:
+    """How far the stages go (µm, ``(low, high)`` per axis), where the core reports it.
+
+    None on an axis: its travel is not known (Micro-Manager's core reports the focus
+    drive's range only as limits of its ``Position`` property, and no XY range yet),
+    so nothing is checked there.
+    """
+
+    x: tuple[float, float] | None = None
+    y: tuple[float, float] | None = None
+    z: tuple[float, float] | None = None
+
+    @property
+    def known(self) -> bool:
+        """Whether any axis has a known range."""
+        return any(r is not None for r in (self.x, self.y, self.z))
+
+
+def outside_travel(
+    fields: Sequence[Position],
+    travel: StageTravel,
+    *,
+    z_offsets: Sequence[float] = (0.0,),
+    z_now_um: float = 0.0,
+) -> list[str]:
+    """Each field the stages cannot reach, as ``"name: z 9000 µm (range −5000…5000)"``.
+
+    A field's z-stack is checked from its lowest to its highest plane: ``z_offsets``
+    are relative to the field's ``z_um``, or to ``z_now_um`` (the focus when the run
+    starts) when the field leaves z alone. Empty: every field is reachable (or no
+    range is known).
+    """
+    if not travel.known:
+        return []
+    lo_off, hi_off = min(z_offsets, default=0.0), max(z_offsets, default=0.0)
+    out = []
+    for f in fields:
+        z0 = f.z_um if f.z_um is not None else z_now_um
+        checks: list[tuple[str, float | None, tuple[float, float] | None]] = [
+            ("x", f.x_um, travel.x),
+            ("y", f.y_um, travel.y),
+            ("z", z0 + lo_off, travel.z),
+            ("z", z0 + hi_off, travel.z),
+        ]
+        bad = []
+        for axis, v, rng in checks:
+            if v is None or rng is None or rng[0] <= v <= rng[1]:
+                continue
+            what = f"{axis} {v:g} µm (range {rng[0]:g}…{rng[1]:g})"
+            if what not in bad:
+                bad.append(what)
+        if bad:
+            out.append(f"{f.name}: {', '.join(bad)}")
+    return out
 
 
 def _plate_fields(plate: PlanPlate, fov_um: tuple[float, float]) -> list[Position]:

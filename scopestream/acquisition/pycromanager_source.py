@@ -34,6 +34,7 @@ from scopestream.acquisition.base import SourceError
 from scopestream.acquisition.mmcore import (
     MM_EXTRA_HINT,
     check_config,
+    check_travel,
     demo_config,
     finite_or_none,
     pixel_dtype,
@@ -183,6 +184,7 @@ class PycromanagerSource:
             if self.core.get_xy_stage_device():
                 origin = (float(self.core.get_x_position()), float(self.core.get_y_position()))
             self.info: StreamInfo = plan.stream_info(shape, dtype, px, origin_um=origin)
+            check_travel(self.core, plan, self.info.positions)
             self._z0 = float(self.core.get_position()) if self.core.get_focus_device() else 0.0
         except Exception:
             self._shutdown()

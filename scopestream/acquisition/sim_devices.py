@@ -44,6 +44,10 @@ if TYPE_CHECKING:
     from scopestream.acquisition.sample import SimulatedMicroscope
 
 CHANNEL_GROUP = "Channel"
+#: the simulated XY stage's travel (µm): ±130 mm × ±90 mm around where it starts
+SIM_XY_TRAVEL_UM = (-130_000.0, 130_000.0, -90_000.0, 90_000.0)
+#: the simulated focus drive's travel (µm)
+SIM_Z_TRAVEL_UM = (-5_000.0, 5_000.0)
 
 
 class CameraDied(RuntimeError):
@@ -74,6 +78,10 @@ class ScopeState:
     failure: str | None = None
     t0: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: how far the stages go from where they start (µm): x low/high, y low/high; z
+    #: (a stage with room for any standard plate whose A1 is where it starts)
+    xy_travel_um: tuple[float, float, float, float] = SIM_XY_TRAVEL_UM
+    z_travel_um: tuple[float, float] = SIM_Z_TRAVEL_UM
     #: called before each frame is rendered: a simulated camera may wait for the pipeline
     #: (a real one never does); set by `SimulatedSource.start`
     pace: Callable[[], None] | None = None
@@ -262,6 +270,25 @@ class SimCore(UniMMCore):  # type: ignore[misc]
     never busy is the same wait without the threads.
     """
 
+    #: the devices' shared state (set by `build_sim_core`)
+    scope_state: ScopeState | None = None
+
+    def getXYStageLimits(self, xyStageLabel: str = "") -> tuple[float, float, float, float]:
+        """The XY stage's travel (µm): x low, x high, y low, y high.
+
+        Micro-Manager's core has no such call yet (its device API does:
+        ``XYStage::GetLimitsUm``, mmCoreAndDevices#979); named as proposed there.
+        """
+        if self.scope_state is None:
+            raise RuntimeError("no simulated stage")
+        return self.scope_state.xy_travel_um
+
+    def getStageLimits(self, stageLabel: str = "") -> tuple[float, float]:
+        """The focus drive's travel (µm): low, high (``Stage::GetLimits``)."""
+        if self.scope_state is None:
+            raise RuntimeError("no simulated stage")
+        return self.scope_state.z_travel_um
+
     def waitForDeviceType(self, devType: int) -> None:
         """Wait for every device of the type (Python devices one by one)."""
         super(UniMMCore, self).waitForDeviceType(devType)
@@ -274,6 +301,7 @@ def build_sim_core(state: ScopeState) -> UniMMCore:
 
     with psygnal_events():
         core = SimCore()
+    core.scope_state = state
     try:
         core.loadPyDevice("Camera", SimCamera(state))
         core.loadPyDevice("Z", SimZStage(state))

@@ -9,11 +9,14 @@ import pytest
 import useq
 from pydantic import ValidationError
 
+from scopestream.acquisition.base import SourceError
 from scopestream.acquisition.factory import make_source
+from scopestream.acquisition.mmcore import MMCoreSource, stage_travel
 from scopestream.acquisition.plan import AcquisitionPlan, PlanError
-from scopestream.acquisition.positions import well_index, well_name
+from scopestream.acquisition.positions import StageTravel, outside_travel, well_index, well_name
 from scopestream.acquisition.sim import SimulatedSource
 from scopestream.config import ConfigError, RunConfig, build_plan
+from scopestream.streaming.layout import Position
 
 if TYPE_CHECKING:
     from scopestream.streaming.frame import FrameMeta
@@ -228,3 +231,98 @@ def test_micro_managers_engines_visit_every_position_in_order(engine: str) -> No
         f = src.info.positions[m["p"]]
         assert m["stage_x_um"] == pytest.approx(f.x_um, abs=0.1)
         assert m["stage_y_um"] == pytest.approx(f.y_um, abs=0.1)
+
+
+def test_fields_outside_the_stage_travel_are_named_with_the_axis_and_range() -> None:
+    travel = StageTravel(x=(0.0, 1000.0), y=(0.0, 500.0), z=(-10.0, 10.0))
+    fields = [
+        Position("in", 10.0, 10.0, 0.0),
+        Position("far-x", 1500.0, 10.0, 0.0),
+        Position("deep", 10.0, 10.0, 9.0),  # its stack reaches 11 µm
+        Position("stays", None, None, None),  # x/y stay where the stage is: not checked
+    ]
+    bad = outside_travel(fields, travel, z_offsets=(-2.0, 0.0, 2.0), z_now_um=-9.0)
+    assert bad == [
+        "far-x: x 1500 µm (range 0…1000)",
+        "deep: z 11 µm (range -10…10)",
+        "stays: z -11 µm (range -10…10)",  # its stack is around the focus at -9
+    ]
+    assert outside_travel(fields, StageTravel()) == []  # nothing known: nothing refused
+
+
+@pytest.mark.parametrize(
+    ("plan", "message"),
+    [
+        ({"positions": [{"name": "ok", "x_um": 0}, {"name": "far", "x_um": 200_000}]},
+         "1 of the plan's 2 field\\(s\\) lie outside the stage's travel: far: x 200000 µm"),
+        ({"positions": [{"name": "top", "z_um": 4999}], "z_planes": 3, "z_step_um": 2},
+         "top: z 5001 µm \\(range -5000…5000\\)"),
+        ({"grid": {"rows": 2, "columns": 1}, "positions": [{"name": "edge", "y_um": -89_999}]},
+         "1 of the plan's 2 .*: edge_000[01]: y -90"),  # the grid's lower row
+    ],
+)
+def test_a_plan_beyond_the_simulated_stage_is_refused_before_it_starts(
+    plan: dict[str, Any], message: str
+) -> None:
+    # the simulator's stages report their travel through the core, as a real core would
+    with pytest.raises(SourceError, match=message):
+        SimulatedSource((64, 64), AcquisitionPlan.model_validate({"time_points": 1, **plan}))
+    with pytest.raises(SourceError, match="outside the stage's travel"):
+        make_source("pycromanager:sim", shape=(64, 64),
+                    plan=AcquisitionPlan.model_validate({"time_points": 1, **plan}))
+
+
+def test_a_whole_plate_fits_the_simulated_stage() -> None:
+    plan = AcquisitionPlan.model_validate(
+        {"time_points": 1, "plate": {"plate": "384-well", "wells": "A1,P24"}}
+    )
+    src = SimulatedSource((32, 32), plan)
+    assert len(collect(src)) == 2
+
+
+def test_the_focus_range_of_a_micro_manager_z_adapter_is_its_position_limits() -> None:
+    """Micro-Manager Z adapters declare their range as limits of the ``Position`` property."""
+    from pymmcore_plus.experimental.unicore import StageDevice, UniMMCore
+
+    from scopestream.acquisition.sim_devices import SnakeCaseCore
+
+    class Piezo(StageDevice):
+        def __init__(self) -> None:
+            super().__init__()
+            self._z = 50.0
+            self.register_property(
+                "Position", default_value=50.0, limits=(0.0, 100.0),
+                getter=lambda d: d._z, setter=lambda d, v: d.set_position_um(v),
+            )
+
+        def set_position_um(self, val: float) -> None:
+            self._z = float(val)
+
+        def get_position_um(self) -> float:
+            return self._z
+
+        def home(self) -> None:
+            self._z = 0.0
+
+        def stop(self) -> None:
+            pass
+
+        def set_origin(self) -> None:
+            self._z = 0.0
+
+    core = UniMMCore()
+    try:
+        core.loadSystemConfiguration()  # the DemoCamera (its Z stage unloaded below)
+        core.loadPyDevice("Piezo", Piezo())
+        core.initializeDevice("Piezo")
+        core.setFocusDevice("Piezo")
+        assert stage_travel(core) == StageTravel(z=(0.0, 100.0))
+        assert stage_travel(SnakeCaseCore(core)) == StageTravel(z=(0.0, 100.0))  # pycromanager
+        deep = AcquisitionPlan.model_validate(
+            {"time_points": 1, "z_planes": 11, "z_step_um": 12}  # 50 ± 60 µm
+        )
+        with pytest.raises(SourceError, match=r"the current position: z -10 µm .*z 110 µm"):
+            MMCoreSource(core, deep)
+        MMCoreSource(core, deep.model_copy(update={"z_step_um": 4.0}))  # 50 ± 20: fine
+    finally:
+        core.unloadAllDevices()

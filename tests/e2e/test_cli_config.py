@@ -90,6 +90,10 @@ BOMB = (
         (b"shape: 100000x100000\n", "would need 18.6 GiB"),
         (b"plan:\n  z_planes: 100000000\n", "z_planes: Input should be less than or equal"),
         (b"frames: 100000000000\n", "frames: Input should be less than or equal"),
+        (
+            b"shape: 64x64\nplan:\n  time_points: 1\n  positions: [{name: far, x_um: 5.0e5}]\n",
+            "lie outside the stage's travel: far: x 500000 µm (range -130000",
+        ),
     ],
     ids=[
         "utf16",
@@ -101,6 +105,7 @@ BOMB = (
         "huge-shape",
         "huge-z",
         "huge-frames",
+        "beyond-stage",
     ],
 )
 def test_bad_config_files_exit_2_with_a_message_and_write_nothing(
