@@ -161,6 +161,11 @@ class RunConfig(BaseModel):
     sim_nuclei: str | None = Field(
         None, description="a real nuclei volume (TIFF, z/y/x) to texture the simulated sample"
     )
+    sim_triggered_stage: bool = Field(
+        False,
+        description="the simulated XY stage is triggered (takes the fields' positions as a "
+        "sequence, stepped by the camera, as ASI's ring buffer): many fields run as one burst",
+    )
 
     @field_validator("shape", mode="before")
     @classmethod

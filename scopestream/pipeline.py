@@ -178,6 +178,7 @@ class Pipeline:
                 hooks=hooks,
                 sim_nuclei=nuclei,
                 sim_time_step_s=cfg.sim_time_step_s,
+                sim_triggered_stage=cfg.sim_triggered_stage,
             )
         except (SourceError, ConfigError, ValueError, OSError) as e:
             raise PipelineError(str(e)) from None

@@ -33,6 +33,7 @@ def make_source(
     hooks: dict[str, Callable[..., Any]] | None = None,
     sim_nuclei: np.ndarray | None = None,
     sim_time_step_s: float | None = None,
+    sim_triggered_stage: bool = False,
 ) -> FrameSource:
     """The source a spec names; raises `SourceError` with the valid forms otherwise.
 
@@ -63,6 +64,7 @@ def make_source(
     match kind:
         case "sim":
             from scopestream.acquisition.sim import SimulatedSource
+            from scopestream.acquisition.sim_devices import SIM_XY_SEQUENCE_MAX
 
             if arg:
                 raise SourceError(f"'sim' takes no argument, got {spec!r}")
@@ -74,6 +76,7 @@ def make_source(
                 nuclei_volume=sim_nuclei,
                 time_step_s=sim_time_step_s or 0.1,
                 clock_from_plan=sim_time_step_s is None,
+                xy_sequence_max=SIM_XY_SEQUENCE_MAX if sim_triggered_stage else 0,
             )
         case "mmcore":
             from scopestream.acquisition.mmcore import (

@@ -47,6 +47,10 @@ class SimulatedSource(MMCoreSource):
         than the acquisition, e.g. an hour of cell motion recorded in seconds).
     stall_every, stall_s, die_after
         Fault injection (see `ScopeState`).
+    xy_sequence_max
+        > 0: the XY stage is triggered (takes a sequence of that many positions and
+        steps through it with the camera's frames), so pymmcore-plus runs many fields
+        as one hardware burst; 0 (default): it is moved before each frame.
     """
 
     kind = "sim"
@@ -64,6 +68,7 @@ class SimulatedSource(MMCoreSource):
         nuclei_volume: np.ndarray | None = None,
         microscope: SimulatedMicroscope | None = None,
         clock_from_plan: bool = True,
+        xy_sequence_max: int = 0,
     ) -> None:
         require_pymmcore_plus()
         from scopestream.acquisition.sim_devices import ScopeState, build_sim_core, teardown_core
@@ -78,6 +83,7 @@ class SimulatedSource(MMCoreSource):
             stall_every=stall_every,
             stall_s=stall_s,
             die_after=die_after,
+            xy_sequence_max=xy_sequence_max,
         )
         core = build_sim_core(self.scope)
         self.seed = seed
@@ -88,6 +94,7 @@ class SimulatedSource(MMCoreSource):
             extra={
                 "seed": seed,
                 "time_step_s": self.scope.time_step_s,
+                "xy_sequence_max": xy_sequence_max,
                 "camera": vars(self.microscope.camera),
                 "optics": vars(self.microscope.optics),
                 "sample": vars(self.microscope.sample),

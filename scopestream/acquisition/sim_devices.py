@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 CHANNEL_GROUP = "Channel"
 #: the simulated XY stage's travel (µm): ±130 mm × ±90 mm around where it starts
 SIM_XY_TRAVEL_UM = (-130_000.0, 130_000.0, -90_000.0, 90_000.0)
+#: positions a triggered simulated XY stage holds in one sequence (``sim_triggered_stage``)
+SIM_XY_SEQUENCE_MAX = 10_000
 #: the simulated focus drive's travel (µm)
 SIM_Z_TRAVEL_UM = (-5_000.0, 5_000.0)
 
@@ -82,6 +84,12 @@ class ScopeState:
     #: (a stage with room for any standard plate whose A1 is where it starts)
     xy_travel_um: tuple[float, float, float, float] = SIM_XY_TRAVEL_UM
     z_travel_um: tuple[float, float] = SIM_Z_TRAVEL_UM
+    #: longest sequence of positions the XY stage takes (0: it is moved by software
+    #: before each frame; > 0: a triggered stage, as with ASI's ring buffer: the MDA
+    #: loads the fields' positions and each camera frame advances it to the next)
+    xy_sequence_max: int = 0
+    xy_sequence: tuple[tuple[float, float], ...] = ()
+    xy_sequence_next: int | None = None
     #: called before each frame is rendered: a simulated camera may wait for the pipeline
     #: (a real one never does); set by `SimulatedSource.start`
     pace: Callable[[], None] | None = None
@@ -163,6 +171,9 @@ class SimCamera(SimpleCameraDevice):
             lit = st.camera_triggers_light or st.shutter_open
             t_s = st.sim_time_s()
             z = st.z_um
+            if st.xy_sequence_next is not None and st.xy_sequence:  # triggered: next position
+                st.x_um, st.y_um = st.xy_sequence[st.xy_sequence_next % len(st.xy_sequence)]
+                st.xy_sequence_next += 1
             xy = (st.x_um, st.y_um)
         scope = st.microscope
         exposure = self._exposure_ms if lit else 1e-6  # dark: offset and read noise only
@@ -226,6 +237,25 @@ class SimXYStage(XYStageDevice):
     def home(self) -> None:
         """Go to (0, 0)."""
         self._state.x_um = self._state.y_um = 0.0
+
+    def get_sequence_max_length(self) -> int:
+        """Positions a loaded sequence may hold (0: not sequenceable, the default)."""
+        return self._state.xy_sequence_max
+
+    def send_sequence(self, sequence: tuple[tuple[float, float], ...]) -> None:
+        """Load the positions the camera's triggers step through."""
+        with self._state.lock:
+            self._state.xy_sequence = tuple((float(x), float(y)) for x, y in sequence)
+
+    def start_sequence(self) -> None:
+        """Arm: each following camera frame moves the stage to the sequence's next position."""
+        with self._state.lock:
+            self._state.xy_sequence_next = 0
+
+    def stop_sequence(self) -> None:
+        """Disarm: the stage stays where the last trigger left it."""
+        with self._state.lock:
+            self._state.xy_sequence_next = None
 
 
 class SimShutter(ShutterDevice):

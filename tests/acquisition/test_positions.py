@@ -326,3 +326,27 @@ def test_the_focus_range_of_a_micro_manager_z_adapter_is_its_position_limits() -
         MMCoreSource(core, deep.model_copy(update={"z_step_um": 4.0}))  # 50 ± 20: fine
     finally:
         core.unloadAllDevices()
+
+
+def test_a_triggered_stage_runs_the_fields_as_one_burst_with_the_same_frames() -> None:
+    """pymmcore-plus sequences a triggered XY stage: each frame must still show its field."""
+    plan = AcquisitionPlan.model_validate(
+        {"time_points": 3, "interval_s": 0,
+         "positions": [{"name": f"f{i}", "x_um": 700.0 * i, "y_um": -300.0 * i}
+                       for i in range(4)]}
+    )  # fmt: skip
+    runs = {}
+    for max_len in (0, 10_000):
+        src = SimulatedSource((48, 48), plan, seed=3, xy_sequence_max=max_len)
+        events: list[Any] = []
+        src.core.mda.events.eventStarted.connect(events.append)
+        runs[max_len] = (collect(src), events)
+    (moved, moved_events), (burst, burst_events) = runs[0], runs[10_000]
+    assert len(moved) == len(burst) == 12
+    assert len(moved_events) == 12 and len(burst_events) == 1  # one hardware sequence
+    for (a, ma), (b, mb) in zip(moved, burst, strict=True):
+        assert (ma["t"], ma["p"]) == (mb["t"], mb["p"])
+        assert (mb["stage_x_um"], mb["stage_y_um"]) == (700.0 * mb["p"], -300.0 * mb["p"])
+        assert (ma["stage_x_um"], ma["stage_y_um"]) == (mb["stage_x_um"], mb["stage_y_um"])
+        assert np.array_equal(a, b)  # the triggered stage was where the frame says
+    assert not np.array_equal(burst[0][0], burst[1][0])  # and the fields differ

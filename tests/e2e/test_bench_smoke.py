@@ -75,7 +75,9 @@ def test_bench_positions_reports_both_variants_and_their_ratio(
     assert r.code == 0, r.stderr
     b = r.json
     assert b["benchmark"] == "positions" and b["frames"] == 12
-    assert set(b["fps"]) == set(b["all_fps"]) == {"recording", "simulator"}
+    assert set(b["fps"]) == set(b["all_fps"]) == {
+        "recording", "simulator", "simulator_triggered"
+    }
     for path, fps in b["fps"].items():
         assert set(fps) == {"positions", "single"}
         assert all(len(v) == 1 for v in b["all_fps"][path].values())
