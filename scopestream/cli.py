@@ -505,11 +505,45 @@ def publish(
     _finish(summary, as_json)
 
 
+def default_prediction_path(input: str, model: str) -> Path:
+    """Where ``predict`` writes without ``--output``: beside the input, named after it and
+    the model (``model``: the model's name)."""
+    src = Path(input.rstrip("/"))
+    stem = src.name
+    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".ome.zarr", ".zarr"):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    label = "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in model) or "model"
+    ext = ".tif" if src.name.lower().endswith((".tif", ".tiff")) else ".ome.zarr"
+    return src.parent / f"{stem}_{label}{ext}"
+
+
 @app.command()
 def predict(
     model: Annotated[str, typer.Option(help="Model name, name@version or package path.")],
     input: Annotated[str, typer.Option("--input", help="TIFF / OME-TIFF / OME-Zarr / NDTiff.")],
-    output: Annotated[str, typer.Option(help="Output: .ome.zarr (default) or .tif")],
+    output: Annotated[
+        str | None,
+        typer.Option(
+            help="Output: .ome.zarr or .tif (default: beside the input, INPUT_MODEL.tif for "
+            "a TIFF, INPUT_MODEL.ome.zarr otherwise)"
+        ),
+    ] = None,
+    axes: Annotated[
+        str | None,
+        typer.Option(
+            help="A TIFF's axes, e.g. TYX, ZYX, CYX, TCZYX (default: from its OME/ImageJ "
+            "metadata; a plain stack's planes are time points)"
+        ),
+    ] = None,
+    input_channel: Annotated[
+        str | None,
+        typer.Option(
+            "--input-channel",
+            help="The input's channel the model takes (when none is named as its input)",
+        ),
+    ] = None,
     tile: Annotated[str | None, typer.Option(help="Tile size HxW (default: whole frame).")] = None,
     backend: Annotated[
         str, typer.Option(help="auto | tensorrt | torch | torch-cpu | onnxruntime")
@@ -529,14 +563,20 @@ def predict(
     from scopestream.streaming.zarr_sink import SinkError
 
     try:
-        src = ReplaySource(input, fps=0)
+        src = ReplaySource(input, fps=0, axes=axes)
     except SourceError as e:
         raise _die(str(e)) from None
     try:
+        if output is None:
+            from scopestream.inference.package import Registry
+
+            name = Registry(registry).resolve(model).name
+            output = str(default_prediction_path(input, name))
         res = predict_file(
             src,
             model,
             output,
+            input_channel=input_channel,
             tile=tile,
             backend=backend,
             registry=registry,
@@ -553,6 +593,8 @@ def predict(
         f"[green]wrote[/] {res['output']}: {res['frames']} predictions "
         f"in {res['seconds']} s ({res['backend']})"
     )
+    for note in res["notes"]:
+        err.print(f"[yellow]note:[/] {escape(str(note))}")
     if as_json:
         typer.echo(json.dumps(res))
 

@@ -151,23 +151,112 @@ def _open_zarr_image(path: Path) -> tuple[_AxisView, StreamInfo, np.ndarray | No
     return data, info, written
 
 
-def _open_tiff(path: Path) -> tuple[_AxisView, StreamInfo, None]:
+#: what ``--axes`` may name: time, channel, z, y, x, and q for "some other stack axis"
+#: (folded into time, as any axis that is not c, z, y or x)
+TIFF_AXES = "TCZYXQ"
+
+
+def check_axes(axes: str, shape: tuple[int, ...]) -> str:
+    """``axes`` (``TYX``, ``ZYX``, ``CYX``, ``TCZYX``, …) checked against ``shape``; lower case."""
+    a = axes.strip().upper()
+    bad = sorted(set(a) - set(TIFF_AXES))
+    if bad:
+        raise SourceError(
+            f"--axes {axes!r}: unknown letter(s) {', '.join(bad)}; use T, C, Z, Y, X (Q: other)"
+        )
+    if len(set(a)) != len(a):
+        raise SourceError(f"--axes {axes!r} names an axis twice")
+    if "Y" not in a or "X" not in a:
+        raise SourceError(f"--axes {axes!r} must name Y and X")
+    if len(a) != len(shape):
+        raise SourceError(
+            f"--axes {axes!r} has {len(a)} axes; the image has {len(shape)} (shape "
+            f"{tuple(shape)})"
+        )
+    return a.lower()
+
+
+def _tiff_axes(tf: Any, series: Any) -> str:
+    """The series' axes as scopestream reads them (lower case, c for colour samples only).
+
+    tifffile reads a plain stack of 3 or 4 planes (as ``tifffile.imwrite`` writes a
+    (3, H, W) or (4, H, W) array without metadata) as planar RGB(A) samples ``S``; a
+    microscope's 16-bit planes are not colours, so separate-plane samples of more than
+    8 bits are a stack axis (``q``), while interleaved 8-bit RGB(A) stays channels.
+    """
+    axes = str(series.axes).lower()
+    if "s" in axes:
+        page = series.pages[0] if series.pages else tf.pages[0]
+        interleaved = getattr(page, "planarconfig", 1) == 1
+        colour = interleaved and np.dtype(series.dtype).itemsize == 1
+        axes = axes.replace("s", "c" if colour and "c" not in axes else "q")
+    for other in "ir":  # tifffile's "image series" / "tile" letters: stack axes
+        axes = axes.replace(other, "q")
+    return axes
+
+
+def _ome_pixels(tf: Any) -> dict[str, Any]:
+    """Channel names and pixel size of an OME-TIFF's first image (empty if none or unreadable)."""
+    if not tf.is_ome or not tf.ome_metadata:
+        return {}
     import tifffile
 
-    with tifffile.TiffFile(path) as tf:
+    try:
+        image = tifffile.xml2dict(tf.ome_metadata)["OME"]["Image"]
+        pixels = (image[0] if isinstance(image, list) else image)["Pixels"]
+    except (KeyError, IndexError, TypeError, ValueError):
+        return {}
+    channels = pixels.get("Channel") or []
+    channels = channels if isinstance(channels, list) else [channels]
+    out: dict[str, Any] = {
+        "names": [str(c.get("Name", "")) for c in channels if isinstance(c, dict)]
+    }
+    size = pixels.get("PhysicalSizeX")
+    if isinstance(size, int | float) and size > 0 and pixels.get("PhysicalSizeXUnit", "µm") in (
+        "µm",
+        "um",
+    ):
+        out["pixel_size_um"] = float(size)
+    return out
+
+
+def _open_tiff(path: Path, axes: str | None = None) -> tuple[_AxisView, StreamInfo, None]:
+    """A TIFF / OME-TIFF read plane by plane (through tifffile's zarr store).
+
+    Axes come from ``axes`` when given, else the file's OME or ImageJ metadata, else
+    tifffile's reading of its shape (see `_tiff_axes`): unknown stack axes are time.
+    Channel names and the pixel size come from OME metadata when present; a single
+    unnamed channel is ``raw``, several are ``c0``, ``c1``, ….
+    """
+    import tifffile
+    import zarr
+
+    tf = tifffile.TiffFile(path)
+    try:
         series = tf.series[0]
-        axes = series.axes.lower().replace("s", "c")
-        arr = series.asarray()
-    if ("y" not in axes or "x" not in axes) and arr.ndim >= 2:
-        axes = "qrstuvw"[: arr.ndim - 2] + "yx"
-    data = _AxisView(arr, axes)
+        shape = tuple(int(n) for n in series.shape)
+        letters = check_axes(axes, shape) if axes else _tiff_axes(tf, series)
+        if ("y" not in letters or "x" not in letters) and len(shape) >= 2:
+            letters = "q" * (len(shape) - 2) + "yx"
+        arr: Any = zarr.open(series.aszarr(), mode="r")
+        ome = _ome_pixels(tf)
+        data = _AxisView(arr, letters, on_close=tf.close)
+    except BaseException:
+        tf.close()
+        raise
     n_t, n_c, n_z, h, w = data.shape
+    names = ome.get("names") or []
+    if len(names) == n_c and all(names) and len(set(names)) == n_c:
+        channel_names = tuple(names)
+    else:
+        channel_names = tuple(f"c{i}" for i in range(n_c)) if n_c > 1 else ("raw",)
     info = StreamInfo(
         frame_shape=(h, w),
-        dtype=str(arr.dtype),
+        dtype=str(series.dtype),
         n_t=n_t,
-        channel_names=tuple(f"c{i}" for i in range(n_c)) if n_c > 1 else ("raw",),
+        channel_names=channel_names,
         n_z=n_z,
+        pixel_size_um=float(ome.get("pixel_size_um", 1.0)),
         interval_s=0.0,
     )
     return data, info, None
@@ -236,13 +325,23 @@ class ReplaySource(ThreadedSource):
         ``0``: as fast as the pipeline takes frames; otherwise that rate.
     loop
         Replay this many times (for soak tests and benchmarks).
+    axes
+        A TIFF's axes (``TYX``, ``ZYX``, ``CYX``, ``TCZYX``, …) when its metadata does
+        not say or says wrong; see `_open_tiff`.
     """
 
     kind = "replay"
     #: frames are views of a recording nobody modifies: the ring adopts them
     hands_over_frames = True
 
-    def __init__(self, path: str | Path, *, fps: float | None = None, loop: int = 1) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        fps: float | None = None,
+        loop: int = 1,
+        axes: str | None = None,
+    ) -> None:
         self.path = Path(path)
         if not self.path.exists():
             raise SourceError(f"replay: {self.path} does not exist")
@@ -256,12 +355,16 @@ class ReplaySource(ThreadedSource):
             view, info, _ = _open_ndtiff(ndtiff)
             views = [view]
         elif suffixes.endswith((".tif", ".tiff")):
-            view, info, _ = _open_tiff(self.path)
+            view, info, _ = _open_tiff(self.path, axes)
             views = [view]
         else:
             raise SourceError(
                 f"replay: cannot read {self.path}; give an OME-Zarr or NDTiff directory "
                 "or a TIFF file"
+            )
+        if axes is not None and not suffixes.endswith((".tif", ".tiff")):
+            raise SourceError(
+                "--axes is for TIFF files; OME-Zarr and NDTiff name their own axes"
             )
         nbytes = sum(int(np.prod(v.shape)) for v in views) * np.dtype(info.dtype).itemsize
         self.preloaded = nbytes <= PRELOAD_BYTES

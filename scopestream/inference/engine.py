@@ -55,15 +55,37 @@ def output_names(predictor: Predictor, source_channels: tuple[str, ...]) -> tupl
     return m.outputs
 
 
-def check_channels(predictor: Predictor, source_channels: tuple[str, ...]) -> list[int]:
-    """Indices of the source channels the model takes; a clear error if none."""
+#: how a live run names the channel a model takes (the plan's channel names)
+RUN_CHANNEL_HINT = "name the channel in the plan, e.g. --channels {input}:20"
+
+
+def check_channels(
+    predictor: Predictor,
+    source_channels: tuple[str, ...],
+    *,
+    input_channel: str | None = None,
+    hint: str = RUN_CHANNEL_HINT,
+) -> list[int]:
+    """Indices of the source channels the model takes; a clear error if none.
+
+    ``input_channel``: the one source channel to give the model, whatever its name
+    (a file whose channels are not named as the model's input). ``hint`` ends the
+    error (``{input}``: the model's first input), naming what the caller's command
+    offers.
+    """
     m = predictor.manifest
+    if input_channel is not None:
+        if input_channel not in source_channels:
+            raise ModelChannelError(
+                f"input channel {input_channel!r} is not one of the source's "
+                f"{list(source_channels)}"
+            )
+        return [source_channels.index(input_channel)]
     idx = [i for i, c in enumerate(source_channels) if m.accepts(c)]
     if not idx:
         raise ModelChannelError(
             f"model {m.name!r} takes channel {list(m.inputs)}; the source has "
-            f"{list(source_channels)} (name the channel in the plan, e.g. --channels "
-            f"{m.inputs[0]}:20)"
+            f"{list(source_channels)} ({hint.format(input=m.inputs[0])})"
         )
     return idx
 
@@ -92,6 +114,9 @@ class InferenceEngine:
         recomputed after. A version swapped in later runs with the same frozen
         constants. A denoiser's output constants follow (see
         `Predictor.with_input_norm`).
+    input_channel
+        The one source channel the model takes, whatever its name (offline
+        prediction of a file whose channel is named otherwise, `check_channels`).
     """
 
     def __init__(
@@ -104,6 +129,7 @@ class InferenceEngine:
         on_prediction: Callable[[np.ndarray, FrameMeta], None] | None = None,
         calibrate: int = 0,
         policy: Literal["latest", "every"] = "latest",
+        input_channel: str | None = None,
     ) -> None:
         self.predictor = predictor
         self.calibrate = max(0, calibrate)
@@ -117,7 +143,10 @@ class InferenceEngine:
         self._calib_frames: dict[tuple[int, int], int] = {}
         self.writer = writer
         self.source_channels = source_channels
-        self.targets = set(check_channels(predictor, source_channels))
+        self.input_channel = input_channel
+        self.targets = set(
+            check_channels(predictor, source_channels, input_channel=input_channel)
+        )
         self.wildcard = predictor.manifest.inputs == ("*",)
         self.n_z = n_z
         self.on_prediction = on_prediction
@@ -185,7 +214,7 @@ class InferenceEngine:
         reason = swap_incompatibility(self.predictor.manifest, predictor.manifest)
         if reason is not None:
             raise SwapRefused(reason)
-        check_channels(predictor, self.source_channels)
+        check_channels(predictor, self.source_channels, input_channel=self.input_channel)
         with self._swap_lock:
             self._pending = predictor
 

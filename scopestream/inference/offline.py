@@ -28,52 +28,42 @@ class PredictionFailed(RuntimeError):
 
 
 class TiffPlaneWriter:
-    """Writes predictions plane by plane into an OME-TIFF (BigTIFF), t-c-z order."""
+    """Writes predictions plane by plane into an OME-TIFF (BigTIFF, t-c-z-y-x, float32).
+
+    The file is laid out whole at the start (every plane NaN: not predicted) and
+    memory-mapped; each prediction goes to its plane as it comes, so nothing is held
+    in memory and a plane never predicted reads as NaN, never as a black prediction.
+    """
 
     def __init__(self, path: Path, info: StreamInfo, channel_names: tuple[str, ...]) -> None:
         import tifffile
 
         self.path = path
         self.shape = (info.n_t or 1, len(channel_names), info.n_z, *info.frame_shape)
-        self._planes: dict[tuple[int, int, int], np.ndarray] = {}
-        self._next = 0
-        self._order = [
-            (t, c, z)
-            for t in range(self.shape[0])
-            for c in range(self.shape[1])
-            for z in range(self.shape[2])
-        ]
-        self._tif = tifffile.TiffWriter(path, bigtiff=True, ome=True)
-        self._meta = {"axes": "TCZYX", "Channel": {"Name": list(channel_names)}}
+        meta: dict[str, Any] = {"axes": "TCZYX", "Channel": {"Name": list(channel_names)}}
+        if info.pixel_size_um and info.pixel_size_um != 1.0:
+            meta.update(PhysicalSizeX=info.pixel_size_um, PhysicalSizeY=info.pixel_size_um)
+        self._map: Any = tifffile.memmap(
+            path, shape=self.shape, dtype=np.float32, ome=True, bigtiff=True, metadata=meta
+        )
+        for t in range(self.shape[0]):  # plane by plane: never a whole-stack buffer
+            self._map[t] = np.nan
         self.name = path.stem
         self.frames_written = 0
 
-    def _planes_in_order(self) -> Any:
-        while self._next < len(self._order):
-            key = self._order[self._next]
-            while key not in self._planes:
-                yield np.zeros(self.shape[-2:], np.float32)  # never predicted: left empty
-                self._next += 1
-                if self._next >= len(self._order):
-                    return
-                key = self._order[self._next]
-            yield self._planes.pop(key)
-            self._next += 1
-
     def write(self, data: np.ndarray, meta: FrameMeta) -> None:
-        """Keep a plane until the file can take it in order."""
-        self._planes[(meta["t"], meta["c"], meta["z"])] = np.asarray(data, np.float32)
+        """Write a plane at its (t, c, z)."""
+        self._map[meta["t"], meta["c"], meta["z"]] = np.asarray(data, np.float32)
         self.frames_written += 1
 
     def update_attrs(self, **kw: Any) -> None:
         """TIFF has no room for live attributes."""
 
     def close(self, status: str = "complete", **kw: Any) -> None:
-        """Write all planes (in t, c, z order)."""
-        self._tif.write(
-            self._planes_in_order(), shape=self.shape, dtype=np.float32, metadata=self._meta
-        )
-        self._tif.close()
+        """Flush the planes to the file."""
+        if self._map is not None:
+            self._map.flush()
+            self._map = None
 
 
 def predict_file(
@@ -86,14 +76,36 @@ def predict_file(
     registry: str | None = None,
     overwrite: bool = False,
     progress: Console | None = None,
+    input_channel: str | None = None,
 ) -> dict[str, Any]:
-    """Run ``model`` over every frame of ``src`` and write the outputs to ``output``."""
+    """Run ``model`` over every frame of ``src`` and write the outputs to ``output``.
+
+    ``input_channel``: the source channel to give the model when none is named as
+    its input. A source of one unnamed channel (``raw``: a plain TIFF) goes to a model
+    of one input without being named.
+    """
     pkg = Registry(registry).resolve(model)
     predictor = Predictor(
         pkg, make_backend(pkg, backend), tile=tile_from_string(tile, pkg.manifest.n_spatial)
     )
     info = src.info
-    check_channels(predictor, info.channel_names)  # bad input: before anything is written
+    m = pkg.manifest
+    notes: list[str] = []
+    if (
+        input_channel is None
+        and info.channel_names == ("raw",)
+        and len(m.inputs) == 1
+        and not m.accepts("raw")
+    ):
+        input_channel = "raw"
+        notes.append(f"the input's one unnamed channel is taken as {m.inputs[0]!r}")
+    # bad input: before anything is written
+    check_channels(
+        predictor,
+        info.channel_names,
+        input_channel=input_channel,
+        hint="choose the one it takes with --input-channel NAME",
+    )
     names = output_names(predictor, info.channel_names)
     out = Path(output)
     prepare_output_path(out, overwrite)
@@ -128,7 +140,12 @@ def predict_file(
             },
         )
     engine = InferenceEngine(
-        predictor, writer, source_channels=info.channel_names, n_z=info.n_z, policy="every"
+        predictor,
+        writer,
+        source_channels=info.channel_names,
+        n_z=info.n_z,
+        policy="every",
+        input_channel=input_channel,
     )
     total = info.expected_frames
     t0 = time.perf_counter()
@@ -158,5 +175,5 @@ def predict_file(
         "frames": engine.predicted,
         "seconds": round(time.perf_counter() - t0, 3),
         "backend": predictor.backend.describe()["backend"],
-        "notes": predictor.notes,
+        "notes": [*notes, *predictor.notes],
     }

@@ -265,7 +265,12 @@ def _files(p: Path) -> list[Path]:
 
 
 def load_tiff_pairs(inputs: str | Path, targets: str | Path | None = None) -> list[FieldData]:
-    """Fields from TIFF files or folders; inputs and targets matched by file name."""
+    """Fields from TIFF files or folders.
+
+    Two folders: inputs and targets paired by file name, the target channel named
+    after the targets' folder. Two files: they are one pair, the target channel named
+    after the target file (``nuclei.tif``: ``nuclei``).
+    """
     ins = _files(Path(inputs))
     if not ins:
         raise DataError(f"no TIFF files in {inputs}")
@@ -275,10 +280,18 @@ def load_tiff_pairs(inputs: str | Path, targets: str | Path | None = None) -> li
             a, z = _tiff_stack(f)
             out.append(FieldData(f.stem, a, z=z))
         return out
-    tgts = {f.name: f for f in _files(Path(targets))}
+    single = not Path(inputs).is_dir() and not Path(targets).is_dir()
+    if single:  # two files: they are the pair, whatever their names; the target names it
+        tgts = {ins[0].name: Path(targets)}
+        target_name = Path(targets).name.split(".")[0]
+    else:
+        tgts = {f.name: f for f in _files(Path(targets))}
+        target_name = ""
     missing = [f.name for f in ins if f.name not in tgts]
     if missing:
-        raise DataError(f"no target for {missing} in {targets} (pairs are matched by file name)")
+        raise DataError(
+            f"no target for {missing} in {targets} (files in folders are paired by name)"
+        )
     fields = []
     for f in ins:
         (a, z), (b, _) = _tiff_stack(f), _tiff_stack(tgts[f.name])
@@ -287,7 +300,8 @@ def load_tiff_pairs(inputs: str | Path, targets: str | Path | None = None) -> li
                 f"{f.name}: input {a.shape} and target {b.shape} differ; crop them to the same "
                 "shape (or pair other files)"
             )
-        fields.append(FieldData(f.stem, a, [b], [tgts[f.name].parent.name], z=z))
+        name = target_name or tgts[f.name].parent.name
+        fields.append(FieldData(f.stem, a, [b], [name], z=z))
     return fields
 
 

@@ -95,6 +95,15 @@ def test_tiff_pairs_match_by_name_and_check_shapes(tmp_path: Path) -> None:
         load_tiff_pairs(tmp_path / "in", tmp_path / "gt")
 
 
+def test_two_tiff_files_are_one_pair_whatever_their_names(tmp_path: Path) -> None:
+    low = np.arange(2 * 32 * 32, dtype=np.uint16).reshape(2, 32, 32)
+    tifffile.imwrite(tmp_path / "low.tif", low)
+    tifffile.imwrite(tmp_path / "nuclei.ome.tif", low + 1)
+    (field,) = load_tiff_pairs(tmp_path / "low.tif", tmp_path / "nuclei.ome.tif")
+    assert field.name == "low" and field.target_names == ["nuclei"]
+    assert np.array_equal(np.asarray(field.targets[0]), low + 1)
+
+
 def test_n2v_blind_spots_replace_pixels_by_their_neighbourhood_median() -> None:
     patch = np.arange(64 * 64, dtype=np.float32).reshape(64, 64)
     masked, mask = n2v_mask(patch, np.random.default_rng(0), fraction=0.01)
