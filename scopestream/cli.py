@@ -169,6 +169,13 @@ def _print_summary(summary: dict[str, Any]) -> None:
         t.add_row(f"skipped ({escape(name)})", str(n))
     for name, counts in (summary.get("not_fed") or {}).items():
         t.add_row(f"not predicted ({escape(name)})", escape(json.dumps(counts)))
+    for name, m in (summary.get("models") or {}).items():
+        for w in (m.get("domain_shift") or {}).get("warnings") or []:
+            where = f"field {w['p']}, " if w.get("p", -1) >= 0 else ""
+            t.add_row(
+                f"[yellow]unlike its training data[/] ({escape(name)})",
+                escape(f"{where}{w['channel']}: {w['message']} ({w['frames']} frames)"),
+            )
     if summary.get("out"):
         t.add_row("out", escape(str(summary["out"])))
     if summary.get("stopped"):

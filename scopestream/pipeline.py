@@ -346,6 +346,7 @@ class Pipeline:
             n_z=info.n_z,
             calibrate=self.config.calibrate,
             policy="latest" if self.config.model_policy == "latest" else "every",
+            pixel_size_um=info.pixel_size_um,
         )
         events = self.events
         errs = self.listener_errors
@@ -368,6 +369,9 @@ class Pipeline:
                 str(identity.get("backend", "")),
             )
 
+        engine.on_domain_shift = lambda w: safe_emit(
+            events.domainShift, name, w.kind, w.p, w.channel, w.message, errors=errs
+        )
         engine.on_swapped = lambda ident: safe_emit(
             events.modelSwapped, name, version_of(ident), errors=errs
         )
@@ -504,6 +508,7 @@ class Pipeline:
                 ],
                 "swaps_refused": list(e.swaps_refused),
                 "notes": e.predictor.notes,
+                "domain_shift": e.guard.describe(),
             }
             if m.watcher is not None:
                 out[m.stage]["registry_watcher"] = m.watcher.describe()

@@ -25,11 +25,13 @@ the running one goes on.
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from scopestream.inference.guard import DomainGuard, ShiftWarning
 from scopestream.streaming.assembler import StackAssembler
 from scopestream.streaming.metrics import StageMetrics
 from scopestream.streaming.seams import InputContract
@@ -41,6 +43,9 @@ if TYPE_CHECKING:
     from scopestream.inference.predictor import Predictor
     from scopestream.streaming.assembler import Stack
     from scopestream.streaming.frame import FrameMeta
+
+
+log = logging.getLogger(__name__)
 
 
 class ModelChannelError(ValueError):
@@ -130,6 +135,7 @@ class InferenceEngine:
         calibrate: int = 0,
         policy: Literal["latest", "every"] = "latest",
         input_channel: str | None = None,
+        pixel_size_um: float | None = None,
     ) -> None:
         self.predictor = predictor
         self.calibrate = max(0, calibrate)
@@ -162,6 +168,17 @@ class InferenceEngine:
         self._swap_lock = threading.Lock()
         #: called on the inference thread when a version takes over / is refused there
         self.on_swapped: Callable[[dict[str, Any]], None] | None = None
+        #: compares the stream with the model's training data (warnings, never a stop)
+        self.guard = DomainGuard(
+            predictor.manifest.fingerprint, source_channels, pixel_size_um=pixel_size_um
+        )
+        #: called with each new `ShiftWarning` (on the inference thread)
+        self.on_domain_shift: Callable[[ShiftWarning], None] | None = None
+        load_warnings = self.guard.check_stream(sorted(self.targets))
+        for w in load_warnings:
+            log.warning("%s: %s: %s", predictor.manifest.name, w.channel, w.message)
+        if load_warnings:
+            self._store_domain_shift()
         self.on_swap_refused: Callable[[dict[str, Any], str], None] | None = None
         self.swaps_refused: list[str] = []
         self._assembler = self._make_assembler()
@@ -250,6 +267,7 @@ class InferenceEngine:
         if meta["c"] not in self.targets:
             self.ignored += 1
             return
+        self._check_domain(data, meta)
         if self._assembler is not None:
             if self._assembler.frame_shape != data.shape:
                 self._assembler = StackAssembler(
@@ -272,6 +290,7 @@ class InferenceEngine:
         m = self.predictor.manifest
         live = stack.data if m.spatial != "2.5d-z" else stack.data[:1].repeat(m.window, 0)
         self._apply_swap(stack.newest, live)
+        self._check_domain(stack.data[-1], stack.newest)
         self._take_stack(stack)
 
     def _take_stack(self, stack: Stack) -> None:
@@ -287,6 +306,26 @@ class InferenceEngine:
                 self._freeze_calibration(key)
             return
         self._predict_stack(stack)
+
+    def _check_domain(self, frame: np.ndarray, meta: FrameMeta) -> None:
+        """The guard's per-frame check; a new warning is logged, stored and announced."""
+        w = self.guard.check_frame(frame, meta)
+        if w is None:
+            return
+        where = f"field {w.p}, " if w.p >= 0 else ""
+        log.warning("%s: %s%s: %s", self.predictor.manifest.name, where, w.channel, w.message)
+        self._store_domain_shift()
+        if self.on_domain_shift is not None:
+            self.on_domain_shift(w)
+
+    def _store_domain_shift(self) -> None:
+        """The guard's findings in the output's attributes, each field's in its own image."""
+        per_field = getattr(self.writer, "writers", None)  # `PositionWriters`: one per field
+        if per_field is None:
+            self.writer.update_attrs(domain_shift=self.guard.describe())
+            return
+        for p, w in enumerate(per_field):
+            w.update_attrs(domain_shift=self.guard.describe(p))
 
     def _freeze_calibration(self, key: tuple[int, int]) -> None:
         """Freeze field ``key``'s constants from its burst, then predict what was held."""
@@ -378,6 +417,8 @@ class InferenceEngine:
             for stack in self._assembler.flush():
                 if not stack.complete:
                     self.incomplete_stacks += 1
+        if self.guard.fingerprint is not None:
+            self._store_domain_shift()
         self.writer.close(
             status,
             versions=self.versions,

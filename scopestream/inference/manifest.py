@@ -13,6 +13,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from scopestream.inference.guard import Fingerprint  # noqa: TC001 (pydantic reads it at runtime)
+
 MANIFEST_FORMAT = 1
 Task = Literal["denoise", "stain"]
 Spatial = Literal["2d", "2.5d-z", "2.5d-t", "3d"]
@@ -116,6 +118,9 @@ class Manifest(BaseModel):
     input_norm: Normalization = Normalization()
     output_norm: Normalization = Normalization()
     training: dict[str, Any] = Field(default_factory=dict)
+    fingerprint: Fingerprint | None = Field(
+        None, description="what the training data looked like (the domain-shift guard's)"
+    )
     weights: dict[Literal["torch", "onnx"], str] = Field(default_factory=_default_weights)
     files_sha256: dict[str, str] = Field(default_factory=dict)
 

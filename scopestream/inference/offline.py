@@ -146,6 +146,7 @@ def predict_file(
         n_z=info.n_z,
         policy="every",
         input_channel=input_channel,
+        pixel_size_um=info.pixel_size_um,
     )
     total = info.expected_frames
     t0 = time.perf_counter()
@@ -176,4 +177,5 @@ def predict_file(
         "seconds": round(time.perf_counter() - t0, 3),
         "backend": predictor.backend.describe()["backend"],
         "notes": [*notes, *predictor.notes],
+        "domain_shift": engine.guard.describe(),
     }

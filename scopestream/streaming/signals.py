@@ -87,6 +87,10 @@ class RunSignals:
     modelSwapped = Signal(str, ModelVersion)
     #: (output image, the version refused, why) — the running version goes on
     swapRefused = Signal(str, ModelVersion, str)
+    #: (output image, kind, field p (-1: every field), channel, message): the live data
+    #: is unlike the model's training data (pixel_size | channel | exposure | statistics);
+    #: a warning, the run goes on
+    domainShift = Signal(str, str, int, str, str)
     #: (stage name, reason) a stage failed; the run ends as failed
     stageFailed = Signal(str, str)
     #: the source was paused (True) or resumed (False)

@@ -49,6 +49,9 @@ class FieldData:
     targets: list[Any] = field(default_factory=list)
     target_names: list[str] = field(default_factory=list)
     z: int = 1  # planes per stack: frame i is plane i % z of stack i // z
+    #: what is known of how the input was acquired (the model's `Fingerprint`):
+    #: ``channels`` (name, preset), ``pixel_size_um``, ``exposures_ms``, ``dtype``
+    context: dict[str, Any] = field(default_factory=dict)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -236,6 +239,7 @@ def _load_field(
         if tc is not None:
             tk = tc[:, ct].reshape(-1)
             keep = tk if keep is None else keep & tk
+    context = _acquisition_context(saved, raw_group, root, ci, input_channel, p)
     z = int(raw.shape[2])
     if keep is not None and z > 1:
         # a stack with a missing plane is dropped whole (windows stay within one stack)
@@ -244,7 +248,37 @@ def _load_field(
         idx = np.flatnonzero(keep)  # frames never acquired are not training data
         inp = _take(inp, idx)
         targets = [_take(t, idx) for t in targets]
-    return FieldData(name, inp, targets, tnames, z=z)
+    return FieldData(name, inp, targets, tnames, z=z, context=context)
+
+
+def _acquisition_context(
+    saved: Any, raw_group: Path, root: Any, ci: int, channel: str, p: int
+) -> dict[str, Any]:
+    """How a run's input channel was acquired, as far as its attributes and frames say."""
+    from scopestream.streaming.frame_index import read_frame_index
+
+    ctx: dict[str, Any] = {"channels": [channel], "dtype": str(root["0"].dtype)}
+    try:
+        scale = root.attrs.asdict()["ome"]["multiscales"][0]["datasets"][0][
+            "coordinateTransformations"
+        ][0]["scale"]
+        ctx["pixel_size_um"] = float(scale[-1])
+    except (KeyError, IndexError, TypeError, ValueError):
+        pass
+    try:
+        plan = saved.attrs["source"]["plan"]["channels"]
+        presets = [c.get("preset") for c in plan if c.get("name") == channel]
+        ctx["channels"] += [str(x) for x in presets if x and x != channel]
+    except (KeyError, TypeError, AttributeError):
+        pass
+    try:
+        table = read_frame_index(raw_group)
+        if table is not None:
+            sel = table[table["c"] == ci]
+            ctx["exposures_ms"] = sorted({float(e) for e in sel["exposure_ms"] if e > 0})
+    except (OSError, KeyError, ValueError):
+        pass
+    return ctx
 
 
 def _tiff_stack(path: Path) -> tuple[np.ndarray, int]:
@@ -278,7 +312,7 @@ def load_tiff_pairs(inputs: str | Path, targets: str | Path | None = None) -> li
         out = []
         for f in ins:
             a, z = _tiff_stack(f)
-            out.append(FieldData(f.stem, a, z=z))
+            out.append(FieldData(f.stem, a, z=z, context={"dtype": str(a.dtype)}))
         return out
     single = not Path(inputs).is_dir() and not Path(targets).is_dir()
     if single:  # two files: they are the pair, whatever their names; the target names it
@@ -301,7 +335,7 @@ def load_tiff_pairs(inputs: str | Path, targets: str | Path | None = None) -> li
                 "shape (or pair other files)"
             )
         name = target_name or tgts[f.name].parent.name
-        fields.append(FieldData(f.stem, a, [b], [name], z=z))
+        fields.append(FieldData(f.stem, a, [b], [name], z=z, context={"dtype": str(a.dtype)}))
     return fields
 
 

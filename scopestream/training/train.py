@@ -29,6 +29,7 @@ from scopestream.training.data import (
 from scopestream.training.metrics import image_metrics, mean_metrics
 
 if TYPE_CHECKING:
+    from scopestream.inference.guard import Fingerprint
     from scopestream.inference.package import ModelPackage
 
 MODES = ("n2v", "care", "supervised", "pix2pix")
@@ -125,6 +126,34 @@ def _norm_from(fields: list[FieldData], regions: list[Region], which: int | None
         for i in rng.choice(f.n, size=min(4, f.n), replace=False):
             vals.append(np.asarray(arr[int(i), r.y, r.x], np.float32).ravel()[::7])
     return Normalization.from_percentiles(np.concatenate(vals), source="training")
+
+
+def training_fingerprint(fields: list[FieldData], regions: list[Region]) -> Fingerprint:
+    """The `Fingerprint` of the training fields' inputs (up to 64 frames spread over them).
+
+    A pixel size of exactly 1 µm is what a recording without a pixel-size
+    calibration says, so it is taken as unknown; fields of different pixel sizes
+    leave it unknown too.
+    """
+    from scopestream.inference.guard import fingerprint_of
+
+    used = sorted({r.field for r in regions}) or list(range(len(fields)))
+    per = max(1, 64 // len(used))
+    frames = []
+    for i in used:
+        n = fields[i].n
+        for k in np.unique(np.linspace(0, n - 1, min(n, per)).round().astype(int)):
+            frames.append(np.asarray(fields[i].input[int(k)]))
+    ctx = [fields[i].context for i in used]
+    sizes = {c.get("pixel_size_um") for c in ctx} - {None, 1.0}
+    dtypes = {c.get("dtype") for c in ctx} - {None}
+    return fingerprint_of(
+        frames,
+        channels=[ch for c in ctx for ch in c.get("channels", [])],
+        pixel_size_um=sizes.pop() if len(sizes) == 1 else None,
+        exposures_ms=[e for c in ctx for e in c.get("exposures_ms", [])],
+        dtype=dtypes.pop() if len(dtypes) == 1 else None,
+    )
 
 
 def _architecture(cfg: TrainConfig, n_out: int) -> Architecture:
@@ -407,6 +436,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         halo=halo_for(receptive_radius(net), mult),
         input_norm=in_norm,
         output_norm=in_norm if cfg.mode == "n2v" else tgt_norm,  # type: ignore[arg-type]
+        fingerprint=training_fingerprint(fields, splits["train"]),
         training={
             "mode": cfg.mode,
             "data": cfg.data or [cfg.inputs, cfg.targets],

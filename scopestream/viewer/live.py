@@ -55,6 +55,23 @@ class RunControls:
     scales: tuple[float, ...] = (1.0, 1.0)
 
 
+#: the badge's look: dark text on amber, as a warning (never red: the run goes on)
+BADGE_STYLE = "background-color: #ffb000; color: #1a1a1a; padding: 6px; font-weight: bold;"
+
+
+def domain_badge(s: dict[str, Any]) -> str | None:
+    """The badge text when a model sees data unlike its training data (None: all is well)."""
+    lines = []
+    for name, m in (s.get("models") or {}).items():
+        for w in (m.get("domain_shift") or {}).get("warnings") or []:
+            where = f"field {w['p']}, " if w.get("p", -1) >= 0 else ""
+            lines.append(f"{name}: {where}{w['channel']}: {w['message']}")
+    if not lines:
+        return None
+    more = f"\n… and {len(lines) - 4} more" if len(lines) > 4 else ""
+    return "⚠ unlike the training data\n" + "\n".join(lines[:4]) + more
+
+
 def format_status(s: dict[str, Any]) -> dict[str, str]:
     """The widget's rows, from a summary-shaped dict (live or final)."""
     src = s.get("source") or {}
@@ -379,6 +396,12 @@ class StatusWidget(_qt_widgets().QWidget):  # type: ignore[misc]
         self.values: dict[str, str] = {}
         self._labels: dict[str, Any] = {}
         layout = qw.QVBoxLayout(self)
+        #: shown while a model sees data unlike its training data (`domain_badge`)
+        self.badge = qw.QLabel("")
+        self.badge.setWordWrap(True)
+        self.badge.setStyleSheet(BADGE_STYLE)
+        self.badge.hide()
+        layout.addWidget(self.badge)
         self.form = qw.QFormLayout()
         layout.addLayout(self.form)
         buttons = qw.QGridLayout()
@@ -453,6 +476,10 @@ class StatusWidget(_qt_widgets().QWidget):  # type: ignore[misc]
             elif self.values.get(key) != text:
                 self._labels[key].setText(text)
         self.values = rows
+        badge = domain_badge(status)
+        if badge is not None and badge != self.badge.text():
+            self.badge.setText(badge)
+        self.badge.setVisible(badge is not None)
 
     def finished(self) -> None:
         """The run ended: controls that act on it are off; the recording can be opened."""
