@@ -59,6 +59,11 @@ class RunControls:
 BADGE_STYLE = "background-color: #ffb000; color: #1a1a1a; padding: 6px; font-weight: bold;"
 
 
+def dock_screenshot_path(canvas: Path) -> Path:
+    """Where ``--screenshot shot.png``'s dock is saved: ``shot.dock.png``."""
+    return canvas.with_name(f"{canvas.stem}.dock{canvas.suffix or '.png'}")
+
+
 def domain_badge(s: dict[str, Any]) -> str | None:
     """The badge text when a model sees data unlike its training data (None: all is well)."""
     lines = []
@@ -300,6 +305,7 @@ class LiveViewer:
         self.widget.finished()
         if self.screenshot_path is not None:
             self.save_screenshot(self.screenshot_path)
+            self.save_dock_screenshot(dock_screenshot_path(self.screenshot_path))
             self.described = self.describe()
             self.timer.stop()
             self.viewer.close()
@@ -317,6 +323,13 @@ class LiveViewer:
     def save_screenshot(self, path: Path) -> Path:
         """PNG of the canvas (every layer in its grid cell) as it is now."""
         save_canvas(self.viewer, path)
+        return path
+
+    def save_dock_screenshot(self, path: Path) -> Path:
+        """PNG of the dock (status, badge, controls) as it is now."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.widget.grab().save(str(path)):
+            raise OSError(f"cannot write {path}")
         return path
 
     def snapshot(self) -> Path:
@@ -362,6 +375,11 @@ class LiveViewer:
             "screenshot": str(self.screenshot_path) if self.screenshot_path else None,
             "snapshots": [str(p) for p in self.snapshots],
             "widget": dict(self.widget.values),
+            "badge": self.widget.badge.text() if self.widget.badge.isVisibleTo(self.widget)
+            else None,
+            "dock_screenshot": str(dock_screenshot_path(self.screenshot_path))
+            if self.screenshot_path
+            else None,
             **self._describe_fields(),
         }
 
