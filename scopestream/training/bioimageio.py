@@ -459,8 +459,87 @@ def import_bioimageio(
             pkg = load_package(d)
         except PackageError as e:
             raise BioimageioError(f"{src}: {e}") from None
+        notes.append(reproduces_test_output(pkg, descr))
         published = registry.publish(pkg, name or man.name)
     return published, notes
+
+
+#: how close an imported model's prediction of its own test input must be to the
+#: package's test output: this fraction of the test output's range (max abs difference)
+REPRODUCE_TOLERANCE = 1e-3
+
+
+def _by_axes(arr: np.ndarray, axes: list[Any], *, keep_channel: bool) -> np.ndarray:
+    """A test tensor as scopestream feeds / gets it: batch 0, channel first (or dropped)."""
+    idx: list[Any] = []
+    channel_first = None
+    for i, a in enumerate(axes):
+        drop_channel = a.type == "channel" and not keep_channel and arr.shape[i] == 1
+        if a.type == "batch" or drop_channel:
+            idx.append(0)
+        else:
+            idx.append(slice(None))
+            if a.type == "channel":
+                channel_first = i
+    out = arr[tuple(idx)]
+    if channel_first is not None:
+        kept = [i for i, a in enumerate(axes) if not isinstance(idx[i], int)]
+        out = np.moveaxis(out, kept.index(channel_first), 0)
+    return np.asarray(out)
+
+
+def reproduces_test_output(pkg: ModelPackage, descr: Any) -> str:
+    """Run ``pkg`` on the description's test input; `BioimageioError` unless it gives the
+    test output to `REPRODUCE_TOLERANCE` of the output's range (the note otherwise).
+
+    A model whose weights were converted wrongly (traced in training mode, say), or whose
+    normalization scopestream read otherwise than its authors meant, fails here instead
+    of predicting wrong data later. Outputs cropped by a halo are compared where both
+    have pixels (centred).
+    """
+    from scopestream.inference.backends import make_backend
+    from scopestream.inference.predictor import Predictor
+
+    inp, outp = descr.inputs[0], descr.outputs[0]
+    m = pkg.manifest
+    x = _by_axes(np.load(io.BytesIO(_read(inp.test_tensor.source))), list(inp.axes),
+                 keep_channel=m.spatial.startswith("2.5d"))  # fmt: skip
+    ref = _by_axes(
+        np.load(io.BytesIO(_read(outp.test_tensor.source))), list(outp.axes), keep_channel=True
+    ).astype(np.float32)
+    backend = make_backend(pkg, "torch-cpu" if "torch" in m.weights else "onnxruntime")
+    try:
+        got = np.asarray(Predictor(pkg, backend).predict(x), np.float32)
+    except Exception as e:
+        raise BioimageioError(
+            f"{descr.name}: running it on its own test input failed ({e}); not imported"
+        ) from None
+    if got.ndim == ref.ndim - 1:
+        got = got[None]
+    if got.ndim != ref.ndim or got.shape[0] != ref.shape[0]:
+        raise BioimageioError(
+            f"{descr.name}: its prediction of its test input has shape {got.shape}, its test "
+            f"output {ref.shape}; not imported"
+        )
+    crop = tuple(
+        slice((g - r) // 2, (g - r) // 2 + r) if g > r else slice(None)
+        for g, r in zip(got.shape, ref.shape, strict=True)
+    )
+    got = got[crop]
+    ref = ref[tuple(
+        slice((r - g) // 2, (r - g) // 2 + g) if r > g else slice(None)
+        for g, r in zip(got.shape, ref.shape, strict=True)
+    )]  # fmt: skip
+    span = float(np.ptp(ref)) or 1.0
+    err = float(np.max(np.abs(got - ref))) / span
+    if not np.isfinite(err) or err > REPRODUCE_TOLERANCE:
+        raise BioimageioError(
+            f"{descr.name}: its prediction of the package's own test input differs from the "
+            f"test output by {err:.2%} of the output's range (at most "
+            f"{REPRODUCE_TOLERANCE:.1%} is accepted): its weights or normalization are not "
+            "what its authors ran; not imported"
+        )
+    return f"reproduces its test output to {err:.1e} of the output's range"
 
 
 def _read(source: Any) -> bytes:

@@ -108,14 +108,19 @@ class _Tiny(nn.Module):
         return out
 
 
-def _foreign_zip(tmp: Path, weights: set[str]) -> tuple[Path, nn.Module]:
-    """A bioimage.io 0.5 model written the way other tools write theirs."""
+def _foreign_zip(
+    tmp: Path, weights: set[str], *, output_off_by: float = 0.0
+) -> tuple[Path, nn.Module]:
+    """A bioimage.io 0.5 model written the way other tools write theirs (its test output
+    ``output_off_by`` of its range away from what its weights give, as a model converted
+    wrongly is)."""
     torch.manual_seed(1)
     net = _Tiny().eval()
     x = np.random.default_rng(1).normal(100, 20, (1, 1, 64, 64)).astype(np.float32)
     with torch.no_grad():
         y = net(torch.from_numpy((x - 100) / 20)).numpy() * 20 + 100
     np.save(tmp / "in.npy", x)
+    y = y + output_off_by * float(np.ptp(y))
     np.save(tmp / "out.npy", y.astype(np.float32))
     w: dict[str, Any] = {}
     if "torchscript" in weights:
@@ -207,6 +212,7 @@ def test_import_of_another_tools_model_runs_with_its_normalization(
     r = cli("import", str(zip_path), "--registry", str(reg), "--json")
     assert r.code == 0, r.stderr
     assert any("halo" in n for n in r.json["notes"])  # it declared none: we say what we do
+    assert any("reproduces its test output" in n for n in r.json["notes"])
     pkg = Registry(reg, bundled=False).resolve(r.json["model"])
     m = pkg.manifest
     assert (m.task, m.architecture.kind, m.inputs) == ("denoise", "external", ("*",))
@@ -262,3 +268,17 @@ def test_import_refuses_weights_it_cannot_run(
     (tmp_path / "junk.zip").write_bytes(b"not a zip")
     r = cli("import", str(tmp_path / "junk.zip"), "--registry", str(tmp_path / "reg"))
     assert r.code == 2
+
+
+def test_import_refuses_a_model_that_does_not_reproduce_its_own_test_output(
+    tmp_path: Path,
+) -> None:
+    from scopestream.training.bioimageio import BioimageioError, import_bioimageio
+
+    src = tmp_path / "src"
+    src.mkdir()
+    zip_path, _ = _foreign_zip(src, {"onnx"}, output_off_by=0.028)  # 2.8 % off, as seen
+    reg = Registry(tmp_path / "reg", bundled=False)
+    with pytest.raises(BioimageioError, match=r"differs from the test output by 2\.8\d% "):
+        import_bioimageio(zip_path, reg)
+    assert reg.names() == []  # nothing published
