@@ -101,22 +101,31 @@ class _Tiny(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.a = nn.Conv2d(1, 4, 3, padding=1)
+        self.drop = nn.Dropout(0.5)  # nothing in eval mode; traced in training mode, noise
         self.b = nn.Conv2d(4, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = x + self.b(torch.relu(self.a(x)))
+        out: torch.Tensor = x + self.b(self.drop(torch.relu(self.a(x))))
         return out
 
 
 def _foreign_zip(
-    tmp: Path, weights: set[str], *, output_off_by: float = 0.0
+    tmp: Path,
+    weights: set[str],
+    *,
+    output_off_by: float = 0.0,
+    careamics: bool = False,
+    fixed_size: int | None = None,
 ) -> tuple[Path, nn.Module]:
     """A bioimage.io 0.5 model written the way other tools write theirs (its test output
     ``output_off_by`` of its range away from what its weights give, as a model converted
-    wrongly is)."""
+    wrongly is). ``careamics``: its de-normalization written as CAREamics writes it, a
+    ``fixed_zero_mean_unit_variance`` post-processing with the inverse constants, and
+    (``fixed_size``) one fixed input size, as CAREamics declares 256."""
     torch.manual_seed(1)
     net = _Tiny().eval()
-    x = np.random.default_rng(1).normal(100, 20, (1, 1, 64, 64)).astype(np.float32)
+    n = fixed_size or 64
+    x = np.random.default_rng(1).normal(100, 20, (1, 1, n, n)).astype(np.float32)
     with torch.no_grad():
         y = net(torch.from_numpy((x - 100) / 20)).numpy() * 20 + 100
     np.save(tmp / "in.npy", x)
@@ -144,8 +153,10 @@ def _foreign_zip(
             "import torch\nfrom torch import nn\n\nclass Tiny(nn.Module):\n"
             "    def __init__(self):\n        super().__init__()\n"
             "        self.a = nn.Conv2d(1, 4, 3, padding=1)\n"
+            "        self.drop = nn.Dropout(0.5)\n"
             "        self.b = nn.Conv2d(4, 1, 1)\n\n"
-            "    def forward(self, x):\n        return x + self.b(torch.relu(self.a(x)))\n"
+            "    def forward(self, x):\n"
+            "        return x + self.b(self.drop(torch.relu(self.a(x))))\n"
         )
         torch.save(net.state_dict(), tmp / "sd.pt")
         w["pytorch_state_dict"] = {
@@ -153,8 +164,15 @@ def _foreign_zip(
             "architecture": {"source": "tiny.py", "callable": "Tiny"},
             "pytorch_version": "2.13",
         }
+    if "keras_hdf5" in weights:  # weights scopestream cannot run
+        (tmp / "w.h5").write_bytes(b"not really keras")
+        w["keras_hdf5"] = {"source": "w.h5", "tensorflow_version": "2.15"}
     (tmp / "README.md").write_text("# tiny\n")
-    space = [{"type": "space", "id": a, "size": {"min": 16, "step": 8}} for a in ("y", "x")]
+    post: dict[str, Any] = {"id": "scale_linear", "kwargs": {"gain": 20.0, "offset": 100.0}}
+    if careamics:  # (y - mean) / std with mean = -100/20, std = 1/20: y × 20 + 100
+        post = {"id": "fixed_zero_mean_unit_variance", "kwargs": {"mean": -5.0, "std": 0.05}}
+    size: Any = fixed_size or {"min": 16, "step": 8}
+    space = [{"type": "space", "id": a, "size": size} for a in ("y", "x")]
     rdf = {
         "type": "model",
         "format_version": "0.5.12",
@@ -189,9 +207,7 @@ def _foreign_zip(
                     ],
                 ],
                 "test_tensor": {"source": "out.npy"},
-                "postprocessing": [
-                    {"id": "scale_linear", "kwargs": {"gain": 20.0, "offset": 100.0}}
-                ],
+                "postprocessing": [post],
             }
         ],
         "weights": w,
@@ -211,7 +227,8 @@ def test_import_of_another_tools_model_runs_with_its_normalization(
     reg = tmp_path / "reg"
     r = cli("import", str(zip_path), "--registry", str(reg), "--json")
     assert r.code == 0, r.stderr
-    assert any("halo" in n for n in r.json["notes"])  # it declared none: we say what we do
+    # it declared no halo: measured on the network (3×3 conv: 1 px), and said so
+    assert any("halo 8 px measured on the network" in n for n in r.json["notes"])
     assert any("reproduces its test output" in n for n in r.json["notes"])
     pkg = Registry(reg, bundled=False).resolve(r.json["model"])
     m = pkg.manifest
@@ -256,18 +273,32 @@ def test_import_takes_the_task_and_input_channel_it_is_told(
     assert bad.code == 2 and "--task must be denoise or stain" in bad.stderr
 
 
-def test_import_refuses_weights_it_cannot_run(
+def test_import_traces_state_dict_weights_in_eval_mode_and_refuses_others(
     cli: Callable[..., CliResult], tmp_path: Path
 ) -> None:
+    """CAREamics exports ``pytorch_state_dict`` weights with their architecture's source."""
     src = tmp_path / "src"
     src.mkdir()
-    zip_path, _ = _foreign_zip(src, {"pytorch_state_dict"})
-    r = cli("import", str(zip_path), "--registry", str(tmp_path / "reg"))
-    assert r.code == 2
-    assert "imports ONNX or TorchScript weights" in r.stderr
-    (tmp_path / "junk.zip").write_bytes(b"not a zip")
-    r = cli("import", str(tmp_path / "junk.zip"), "--registry", str(tmp_path / "reg"))
-    assert r.code == 2
+    zip_path, net = _foreign_zip(src, {"pytorch_state_dict"}, careamics=True, fixed_size=96)
+    reg = tmp_path / "reg"
+    r = cli("import", str(zip_path), "--registry", str(reg), "--json")
+    assert r.code == 0, r.stderr
+    assert any("traced to TorchScript in eval mode" in n for n in r.json["notes"])
+    pkg = Registry(reg, bundled=False).resolve(r.json["model"])
+    frame = np.random.default_rng(5).normal(100, 20, (48, 40)).astype(np.float32)
+    with torch.no_grad():
+        want = net(torch.from_numpy((frame - 100) / 20)[None, None]).numpy()[0] * 20 + 100
+    got = Predictor(pkg, make_backend(pkg, "torch-cpu")).predict(frame)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)  # dropout off: eval mode
+    # its fixed 96-px input is not a 96-px halo: the network's reach is, so it tiles
+    assert pkg.manifest.halo == (8, 8) and pkg.manifest.size_multiple == (1, 1)
+    tiled = Predictor(pkg, make_backend(pkg, "torch-cpu"), tile=(24, 24)).predict(frame)
+    np.testing.assert_allclose(tiled, got, rtol=1e-5, atol=1e-4)
+    other = tmp_path / "other"
+    other.mkdir()
+    bad, _ = _foreign_zip(other, {"keras_hdf5"})
+    r = cli("import", str(bad), "--registry", str(reg))
+    assert r.code == 2 and "keras_hdf5" in r.stderr
 
 
 def test_import_refuses_a_model_that_does_not_reproduce_its_own_test_output(
