@@ -171,10 +171,12 @@ def _print_summary(summary: dict[str, Any]) -> None:
         t.add_row(f"not predicted ({escape(name)})", escape(json.dumps(counts)))
     for name, m in (summary.get("models") or {}).items():
         for w in (m.get("domain_shift") or {}).get("warnings") or []:
-            where = f"field {w['p']}, " if w.get("p", -1) >= 0 else ""
+            field = w.get("p", -1) >= 0  # -1: the whole stream (pixel size, channel)
+            where = f"field {w['p']}, " if field else ""
+            count = f" ({w['frames']} frames)" if field else ""
             t.add_row(
                 f"[yellow]unlike its training data[/] ({escape(name)})",
-                escape(f"{where}{w['channel']}: {w['message']} ({w['frames']} frames)"),
+                escape(f"{where}{w['channel']}: {w['message']}{count}"),
             )
     if summary.get("out"):
         t.add_row("out", escape(str(summary["out"])))
