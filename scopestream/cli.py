@@ -199,9 +199,15 @@ def _finish(summary: dict[str, Any], as_json: bool) -> None:
 
 
 def execute_run(
-    cfg: RunConfig, *, as_json: bool, label: str = "acquiring", screenshot: Path | None = None
+    cfg: RunConfig,
+    *,
+    as_json: bool,
+    label: str = "acquiring",
+    screenshot: Path | None = None,
+    after: Callable[[dict[str, Any]], None] | None = None,
 ) -> None:
-    """Run one configured stream to its end (shared by ``run`` and ``demo``)."""
+    """Run one configured stream to its end (shared by ``run`` and ``demo``); ``after``
+    adds to the summary before it is printed."""
     if cfg.viewer:
         _check_display(  # before the store is created: a refusal leaves nothing behind
             "--viewer",
@@ -235,6 +241,8 @@ def execute_run(
     summary = _drive(pipe, show_progress=err.is_terminal, label=label, live=loop)
     if "described" in live_state:
         summary["viewer"] = live_state["described"]
+    if after is not None:
+        after(summary)
     _finish(summary, as_json)
 
 
@@ -455,13 +463,41 @@ def demo(
         registry=registry,
         model_policy=policy,  # type: ignore[arg-type]
         viewer=viewer,
+        sim_truth=True,  # what the outputs are scored against at the end
     )
     err.print(
         f"[bold]scopestream demo[/]: simulated microscope, {cfg.shape[0]}x{cfg.shape[1]} at "
         f"{fps:g} fps, {frames} frames, models {list(models) or 'none'} → {cfg.out}"
     )
-    execute_run(cfg, as_json=as_json, label="demo", screenshot=screenshot)
+    def score(summary: dict[str, Any]) -> None:
+        from scopestream.training.metrics import compare_with_truth
+
+        if summary.get("status") != "complete" or not cfg.out:
+            return
+        rows = compare_with_truth(cfg.out)
+        summary["quality"] = rows
+        if rows:
+            _print_quality(rows)
+
+    execute_run(cfg, as_json=as_json, label="demo", screenshot=screenshot, after=score)
     err.print(f"open it with: [bold]scopestream view {cfg.out}[/]")
+
+
+def _print_quality(rows: list[dict[str, Any]]) -> None:
+    """Each output against the simulator's truth, beside the raw frames'."""
+    from rich.table import Table
+
+    t = Table(title="against the simulator's truth (PSNR dB for denoising, Pearson r for stains)")
+    for col in ("model", "channel", "metric", "output", "raw", "better"):
+        t.add_column(col)
+    for r in rows:
+        raw = r["raw"]
+        better = "" if raw is None else ("[green]yes[/]" if r["output"] > raw else "[red]no[/]")
+        t.add_row(
+            escape(str(r["model"])), escape(str(r["channel"])), r["metric"],
+            str(r["output"]), "-" if raw is None else str(raw), better,
+        )  # fmt: skip
+    err.print(t)
 
 
 @app.command()

@@ -9,8 +9,13 @@ is invariant to that anyway.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 from scipy.ndimage import gaussian_filter
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 def _norm(target: np.ndarray) -> tuple[np.ndarray, float, float]:
@@ -58,3 +63,66 @@ def mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
     if not rows:
         return {}
     return {k: round(float(np.mean([r[k] for r in rows])), 4) for k in rows[0]}
+
+
+def compare_with_truth(run: str | Path, max_frames: int = 12) -> list[dict[str, Any]]:
+    """Each model output of a simulated run against the simulator's truth, beside raw's.
+
+    For every output channel the truth has (a run recorded with ``--sim-truth``): the
+    mean PSNR (denoisers) or Pearson r (stains) over up to ``max_frames`` predicted
+    frames spread over the run, of the output and of the raw frame of that channel
+    (for a stain: the measured fluorescence it stands in for, where it was recorded),
+    both against the same noise-free truth (`image_metrics`). Empty without a truth.
+    """
+    from scopestream.streaming.saved_run import SavedRun, display_kind
+
+    saved = SavedRun(run)
+    truths = {im.p: im for im in saved.images if display_kind(im) == "truth"}
+    raws = {im.p: im for im in saved.images if im.kind == "raw"}
+    rows: list[dict[str, Any]] = []
+    for im in saved.images:
+        kind = display_kind(im)
+        truth, raw = truths.get(im.p), raws.get(im.p)
+        if kind not in ("denoised", "predicted") or truth is None:
+            continue
+        metric = "psnr" if kind == "denoised" else "pearson"
+        out_arr, truth_arr = im.array(), truth.array()
+        raw_arr = raw.array() if raw is not None else None
+        for j, ch in enumerate(im.channels):
+            if ch not in truth.channels:
+                continue
+            tc = truth.channels.index(ch)
+            rc = raw.channels.index(ch) if raw is not None and ch in raw.channels else None
+            done = [
+                (t, z)
+                for t in range(int(out_arr.shape[0]))
+                for z in range(int(out_arr.shape[2]))
+                if np.isfinite(out_arr[t, j, z, :1, :1]).all()
+            ]
+            if not done:
+                continue
+            spread = np.linspace(0, len(done) - 1, min(max_frames, len(done)))
+            pick = [done[int(i)] for i in spread]
+            ours, base = [], []
+            for t, z in dict.fromkeys(pick):
+                ref = np.asarray(truth_arr[t, tc, z], np.float64)
+                pred = np.asarray(out_arr[t, j, z], np.float64)
+                if not np.isfinite(pred).all():
+                    continue
+                ours.append(image_metrics(pred, ref)[metric])
+                if rc is not None and raw_arr is not None:
+                    measured = np.asarray(raw_arr[t, rc, z], np.float64)
+                    base.append(image_metrics(measured, ref)[metric])
+            if ours:
+                rows.append(
+                    {
+                        "model": im.name,
+                        "field": im.position,
+                        "channel": ch,
+                        "metric": metric,
+                        "output": round(float(np.mean(ours)), 3),
+                        "raw": round(float(np.mean(base)), 3) if base else None,
+                        "frames": len(ours),
+                    }
+                )
+    return rows

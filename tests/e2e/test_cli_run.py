@@ -284,6 +284,13 @@ def test_demo_runs_to_its_summary(cli: Callable[..., CliResult], tmp_path: Path)
     assert s["frames_written"] == 30
     assert s["status"] == "complete"
     assert "run summary" in r.stderr
+    # each output scored against the simulator's truth, beside the raw frames'
+    q = {(row["model"], row["channel"]): row for row in s["quality"]}
+    assert set(q) == {("denoise", "brightfield"), ("denoise", "nuclei"), ("stain", "nuclei")}
+    assert all(row["raw"] is not None and row["frames"] >= 1 for row in q.values())
+    assert q["denoise", "nuclei"]["output"] > q["denoise", "nuclei"]["raw"]  # low-light nuclei
+    assert q["stain", "nuclei"]["metric"] == "pearson" and q["stain", "nuclei"]["output"] > 0.5
+    assert "against the simulator's truth" in r.stderr
 
 
 def test_inspect_reports_a_run(cli: Callable[..., CliResult], tmp_path: Path) -> None:
