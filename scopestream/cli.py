@@ -685,6 +685,13 @@ def train(
     max_channels: Annotated[
         int | None, typer.Option(help="Cap on the channels of deeper levels.")
     ] = None,
+    variant: Annotated[
+        str,
+        typer.Option(
+            help="n2v: n2v2 (no top skip, blur-pool) or n2v (the plain U-Net: top skip, "
+            "max-pooling)"
+        ),
+    ] = "n2v2",
     loss: Annotated[str, typer.Option(help="l1 | l2 (care).")] = "l2",
     ssim_weight: Annotated[
         float, typer.Option(help="Weight of an SSIM loss term (care/supervised).")
@@ -744,6 +751,7 @@ def train(
         loss=loss,
         ssim_weight=ssim_weight,
         max_channels=max_channels,
+        variant=variant,
         base=base,
         seed=seed,
         devices=devices,

@@ -62,6 +62,9 @@ class TrainConfig:
     ssim_weight: float = 0.0
     base: int = 16
     max_channels: int | None = None
+    #: n2v: which network: "n2v2" (no top skip, blur-pool: no checkerboard artefacts)
+    #: or "n2v" (the plain U-Net of the original N2V: top skip, max-pooling)
+    variant: str = "n2v2"
     seed: int = 0
     devices: int = 1
     num_nodes: int = 1
@@ -83,6 +86,8 @@ class TrainConfig:
 def _load(cfg: TrainConfig) -> list[FieldData]:
     if cfg.mode not in MODES:
         raise DataError(f"--mode must be one of {MODES}, got {cfg.mode!r}")
+    if cfg.variant not in ("n2v", "n2v2"):
+        raise DataError(f"--variant must be n2v or n2v2, got {cfg.variant!r}")
     if cfg.spatial not in SPATIAL:
         raise DataError(f"--spatial must be one of {SPATIAL}, got {cfg.spatial!r}")
     if cfg.spatial != "2d" and cfg.task != "stain":
@@ -161,7 +166,7 @@ def _architecture(cfg: TrainConfig, n_out: int) -> Architecture:
         params: dict[str, Any] = {"base": cfg.base}
         if cfg.max_channels:
             params["max_channels"] = cfg.max_channels
-        if cfg.mode == "n2v":
+        if cfg.mode == "n2v" and cfg.variant == "n2v2":
             params["n2v2"] = True
         return Architecture(kind="denoise_unet", params=params)
     params = {"base": cfg.base, "out_channels": n_out}

@@ -13,6 +13,7 @@ from scopestream.acquisition.base import SourceError
 from scopestream.acquisition.replay import ReplaySource
 from scopestream.inference.engine import ModelChannelError
 from scopestream.inference.offline import predict_file
+from scopestream.inference.package import load_package
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -95,9 +96,12 @@ def test_a_denoiser_trained_on_one_tiff_predicts_another(
     tifffile.imwrite(tmp_path / "train.tif", noisy)
     tr = cli(
         "train", "--task", "denoise", "--mode", "n2v", "--inputs", str(tmp_path / "train.tif"),
-        "--out", str(tmp_path / "dn"), "--work-dir", str(tmp_path / "w"), *COMMON,
+        "--variant", "n2v", "--out", str(tmp_path / "dn"), "--work-dir", str(tmp_path / "w"),
+        *COMMON,
     )  # fmt: skip
     assert tr.code == 0, tr.stderr
+    arch = load_package(tr.json["package"]).manifest.architecture  # the plain N2V U-Net
+    assert arch.kind == "denoise_unet" and "n2v2" not in arch.params
     _imwrite_plain(tmp_path / "more.tif", noisy[:3])  # three planes: "SYX" to tifffile
     out = tmp_path / "more_dn.tif"
     pr = cli("predict", "--model", tr.json["package"], "--input", str(tmp_path / "more.tif"))
