@@ -48,6 +48,8 @@ def _read(path: Path) -> tuple[str, np.ndarray]:
         return tf.series[0].axes, tf.series[0].asarray()
 
 
+#: CPU semantics, pinned: on a machine with a GPU `auto` would build TensorRT engines
+CPU = ["--backend", "onnxruntime"]
 COMMON = ["--patch", "32x32", "--batch", "4", "--max-steps", "6", "--force", "--json"]
 
 
@@ -68,7 +70,8 @@ def test_a_stain_model_trained_on_tiff_stacks_predicts_a_tiff_stack(
     assert tr.code == 0, tr.stderr
     test, _ = _pairs(4, 96, seed=9)
     _imwrite_plain(tmp_path / "test.tif", test)  # tifffile reads (4, Y, X) as "SYX"
-    pr = cli("predict", "--model", tr.json["package"], "--input", str(tmp_path / "test.tif"))
+    pr = cli("predict", "--model", tr.json["package"], "--input", str(tmp_path / "test.tif"),
+             *CPU)  # fmt: skip
     assert pr.code == 0, pr.stderr
     assert "taken as 'brightfield'" in pr.stderr  # the one unnamed channel, said so
     axes, out = _read(tmp_path / "test_stainho.tif")  # beside the input, named after both
@@ -82,7 +85,7 @@ def test_the_bundled_stain_model_predicts_a_plain_single_channel_tiff(
     img, _ = _pairs(1, 64, seed=3)
     plain = np.tile(img[0], (16, 18))[:1000, :1100]  # 1000 × 1100, one channel, no metadata
     tifffile.imwrite(tmp_path / "plain.tif", plain)
-    r = cli("predict", "--model", "stain", "--input", str(tmp_path / "plain.tif"))
+    r = cli("predict", "--model", "stain", "--input", str(tmp_path / "plain.tif"), *CPU)
     assert r.code == 0, r.stderr
     axes, out = _read(tmp_path / "plain_stain.tif")
     assert out.shape == (2, 1000, 1100) and axes == "CYX"  # nuclei and membrane
@@ -104,14 +107,15 @@ def test_a_denoiser_trained_on_one_tiff_predicts_another(
     assert arch.kind == "denoise_unet" and "n2v2" not in arch.params
     _imwrite_plain(tmp_path / "more.tif", noisy[:3])  # three planes: "SYX" to tifffile
     out = tmp_path / "more_dn.tif"
-    pr = cli("predict", "--model", tr.json["package"], "--input", str(tmp_path / "more.tif"))
+    pr = cli("predict", "--model", tr.json["package"], "--input", str(tmp_path / "more.tif"),
+             *CPU)  # fmt: skip
     assert pr.code == 0, pr.stderr
     axes, den = _read(out)
     assert axes == "TYX" and den.shape == (3, 96, 96) and np.isfinite(den).all()
     # --axes: the same planes read as one z-stack
     z = cli(
         "predict", "--model", tr.json["package"], "--input", str(tmp_path / "more.tif"),
-        "--axes", "ZYX", "--output", str(tmp_path / "z.tif"),
+        "--axes", "ZYX", "--output", str(tmp_path / "z.tif"), *CPU,
     )  # fmt: skip
     assert z.code == 0, z.stderr
     axes, zs = _read(tmp_path / "z.tif")
@@ -123,10 +127,12 @@ def test_predict_names_only_options_it_has(tmp_path: Path) -> None:
     src = ReplaySource(tmp_path / "three.tif", fps=0, axes="CYX")
     try:
         with pytest.raises(ModelChannelError, match="--input-channel") as e:
-            predict_file(src, "stain", str(tmp_path / "x.tif"))
+            predict_file(src, "stain", str(tmp_path / "x.tif"), backend="onnxruntime")
         assert "--channels" not in str(e.value)  # `run`'s option, not predict's
         assert not (tmp_path / "x.tif").exists()
-        res = predict_file(src, "stain", str(tmp_path / "x.tif"), input_channel="c1")
+        res = predict_file(
+            src, "stain", str(tmp_path / "x.tif"), input_channel="c1", backend="onnxruntime"
+        )
     finally:
         src.finished()
     assert res["frames"] == 1
