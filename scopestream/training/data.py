@@ -267,7 +267,7 @@ def _acquisition_context(
         pass
     try:
         plan = saved.attrs["source"]["plan"]["channels"]
-        presets = [c.get("preset") for c in plan if c.get("name") == channel]
+        presets = [c.get("config") or c.get("preset") for c in plan if c.get("name") == channel]
         ctx["channels"] += [str(x) for x in presets if x and x != channel]
     except (KeyError, TypeError, AttributeError):
         pass

@@ -12,6 +12,7 @@ from scopestream.training.data import (
     FieldData,
     LazyPlanes,
     PatchSampler,
+    load_run_fields,
     load_tiff_pairs,
     split_regions,
 )
@@ -163,3 +164,16 @@ def test_lazy_planes_are_indexed_like_the_array_they_stand_for(tmp_path: Path) -
     for bad in (6, -7, (0, 0, 0, 0), (Ellipsis, 0)):
         with pytest.raises(IndexError):
             lazy[bad]
+
+
+def test_a_runs_fields_say_how_their_input_was_acquired(tmp_path: Path) -> None:
+    """What a model's fingerprint is made of: channel and preset, pixel size, exposures."""
+    from tests.conftest import record_sim
+
+    run = record_sim(tmp_path / "r.ome.zarr", "--channels", "nuclei_low=nuclei:2",
+                     "--time-points", "2", "--shape", "32x32")  # fmt: skip
+    (field,) = load_run_fields(run, "nuclei_low")
+    assert field.context == {
+        "channels": ["nuclei_low", "nuclei"], "dtype": "uint16",
+        "pixel_size_um": 0.325, "exposures_ms": [2.0],
+    }  # fmt: skip
