@@ -24,7 +24,7 @@ the fingerprint does not say (a TIFF's exposure, a model imported without one).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -133,14 +133,7 @@ class ShiftWarning:
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able form (the summary, the output's attributes)."""
-        return {
-            "kind": self.kind,
-            "p": self.p,
-            "channel": self.channel,
-            "message": self.message,
-            "first_seq": self.first_seq,
-            "frames": self.frames,
-        }
+        return asdict(self)
 
 
 @dataclass
