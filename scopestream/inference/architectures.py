@@ -168,18 +168,41 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
+def _support_twin(module: UNet) -> UNet:
+    """The same U-Net with one channel at every level.
+
+    With every weight positive and no bias, which pixels of an output are non-zero
+    depends only on the kernels' sizes, the poolings and the skips, never on how
+    many channels carry the signal: every channel of a layer has the same support.
+    The twin measures the same receptive field at a fraction of the cost (a 3D
+    stain network's probe is large).
+    """
+    return UNet(
+        dims=module.dims,
+        depth=module.depth,
+        pool_z=module.pool_z,
+        top_skip=module.top_skip,
+        blurpool=module._blurpool,
+        base=1,
+        max_channels=1,
+    )
+
+
 @torch.no_grad()
-def receptive_radius(module: UNet, probe: int = 64) -> tuple[int, ...]:
+def receptive_radius(module: UNet, probe: int = 64, *, twin: bool = True) -> tuple[int, ...]:
     """Measured receptive-field radius (pixels) per spatial axis.
 
     A copy of the network with all weights made positive and biases zeroed (so no
     path cancels and nothing lights up on its own) is fed a single bright pixel;
     the extent of the non-zero response is the receptive field, whatever the
-    architecture. The probe grows until the response fits well inside it.
+    weights. The probe grows until the response fits well inside it. With
+    ``twin`` (the default) the copy is the one-channel `_support_twin`, which
+    has the same support.
     """
     import copy
 
-    m = copy.deepcopy(module).float().eval()
+    m = _support_twin(module) if twin else copy.deepcopy(module)
+    m = m.float().eval()
     for name, p in m.named_parameters():
         if name.endswith("bias"):
             p.zero_()  # a bias would light up every pixel
@@ -187,7 +210,7 @@ def receptive_radius(module: UNet, probe: int = 64) -> tuple[int, ...]:
             p.abs_()
             p.add_(1e-3)
     mult = module.size_multiple
-    cin = module.in_channels
+    cin = m.in_channels
     sizes = [max(probe, 4 * k) // k * k for k in mult]
     while True:
         x = torch.zeros(1, cin, *sizes)

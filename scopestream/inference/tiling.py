@@ -50,8 +50,7 @@ def _axis_plan(size: int, tile: int, halo: int, mult: int) -> list[tuple[int, in
         return [(0, 0, size)]
     if tile % mult or size % mult:
         raise TilingError(f"tile {tile} and size {size} must be multiples of {mult}")
-    step = (tile - 2 * halo) // mult * mult
-    if step < mult:
+    if (tile - 2 * halo) // mult * mult < mult:  # no core left between two halos
         raise TilingError(
             f"tile size {tile} is too small for a halo of {halo} px: use at least "
             f"{2 * halo + 2 * mult}"
@@ -59,11 +58,10 @@ def _axis_plan(size: int, tile: int, halo: int, mult: int) -> list[tuple[int, in
     plan = []
     a = 0
     while a < size:
-        b = min(a + step, size)
         start = max(0, min(a - halo, size - tile))
         start = start // mult * mult  # aligned; only widens the left margin
-        if start + tile < size and b > start + tile - halo:
-            b = (start + tile - halo) // mult * mult  # keep a halo on the right
+        # the widest core that keeps a halo on the right (none needed at the border)
+        b = size if start + tile >= size else (start + tile - halo) // mult * mult
         if b <= a:
             raise TilingError(f"tile size {tile} cannot cover the image with halo {halo}")
         plan.append((start, a, b))

@@ -70,3 +70,17 @@ def test_shift_equivariant_by_the_size_multiple() -> None:
 def test_unknown_architecture_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown architecture"):
         build("resnet", {})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [
+        ("denoise_unet", {"in_channels": 3}),
+        ("denoise_unet", {"n2v2": True}),
+        ("stain_unet", {"base": 8, "out_channels": 2}),
+        ("stain_unet", {"dims": 3, "base": 4, "pool_z": (False, True, False)}),
+    ],
+)
+def test_one_channel_twin_measures_the_same_receptive_field(arch: tuple) -> None:  # type: ignore[type-arg]
+    m = build(*arch)
+    assert receptive_radius(m) == receptive_radius(m, twin=False)
