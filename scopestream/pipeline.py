@@ -29,7 +29,7 @@ import datetime as _dt
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -83,6 +83,18 @@ class ModelStage:
     def stage(self) -> str:
         """The stage's name in the summary (``model:<image>``)."""
         return f"model:{self.image}"
+
+
+class _ResolvedModel(NamedTuple):
+    """A model of the config, found: its spec without channels, package and registry."""
+
+    spec: str
+    package: ModelPackage
+    registry: Registry
+    #: named by name (a registry watcher follows its newer versions)
+    by_name: bool
+    #: ``NAME:CH,...``: the channels it runs on, instead of those it was trained on
+    channels: tuple[str, ...] | None
 
 
 def _input_shape(predictor: Predictor, frame: tuple[int, int], n_z: int) -> tuple[int, ...]:
@@ -190,20 +202,29 @@ class Pipeline:
                 "--sim-truth needs --source sim (only the simulator knows the truth)"
             )
 
-    def _resolve_models(self) -> list[tuple[str, ModelPackage, Registry, bool]]:
-        from scopestream.inference.package import PackageError, Registry, is_path_spec
+    def _resolve_models(self) -> list[_ResolvedModel]:
+        from scopestream.inference.package import (
+            PackageError,
+            Registry,
+            is_path_spec,
+            split_model_spec,
+        )
 
         registry = Registry(self.config.registry)
         out = []
-        for spec in self.config.models:
+        for given in self.config.models:
+            spec, channels = split_model_spec(given)
             try:
                 pkg = registry.resolve(spec)
             except PackageError as e:
-                raise PipelineError(f"model {spec!r}: {e}") from None
-            out.append((spec, pkg, registry, "@" not in spec and not is_path_spec(spec)))
+                raise PipelineError(f"model {given!r}: {e}") from None
+            by_name = "@" not in spec and not is_path_spec(spec)
+            out.append(_ResolvedModel(spec, pkg, registry, by_name, channels))
         return out
 
-    def _predictor(self, pkg: ModelPackage, source: FrameSource) -> Predictor:
+    def _predictor(
+        self, pkg: ModelPackage, source: FrameSource, channels: tuple[str, ...] | None
+    ) -> Predictor:
         """Load, check, compile and warm one model for this source (before the run)."""
         from scopestream.inference.backends import make_backend
         from scopestream.inference.engine import check_channels
@@ -215,11 +236,20 @@ class Pipeline:
             make_backend(pkg, self.config.backend),
             tile=tile_from_string(self.config.tile, pkg.manifest.n_spatial),
         )
-        check_channels(predictor, info.channel_names)
+        check_channels(predictor, info.channel_names, channels=channels)
         shape = _input_shape(predictor, info.frame_shape, info.n_z)
         # compiled and warm before the first frame, with the live dtype and shape
-        predictor.predict(np.zeros(shape, np.dtype(info.dtype)))
+        zeros = np.zeros(shape, np.dtype(info.dtype))
+        if self.tta:  # every member's shape (8 members: square frames only)
+            predictor.predict_tta(zeros, self.tta)
+        else:
+            predictor.predict(zeros)
         return predictor
+
+    @property
+    def tta(self) -> int:
+        """Members of the flip ensemble each prediction is (0: none; ``uncertainty``)."""
+        return {"none": 0, "tta": 2, "tta8": 8}[self.config.uncertainty]
 
     def build(self, source: FrameSource | None = None) -> Pipeline:
         """Open the source (or take ``source``), load and warm the models, create the store.
@@ -236,11 +266,11 @@ class Pipeline:
         self.source = src
         try:
             predictors = []
-            for spec, pkg, _reg, _by_name in resolved:
+            for r in resolved:
                 try:
-                    predictors.append(self._predictor(pkg, src))
+                    predictors.append(self._predictor(r.package, src, r.channels))
                 except Exception as e:  # CUDA init, compile, channel errors: all bad input
-                    raise PipelineError(f"model {spec!r}: {e}") from None
+                    raise PipelineError(f"model {r.spec!r}: {e}") from None
             self._assemble(src, resolved, predictors)
         except BaseException:
             self._release_source()
@@ -256,7 +286,7 @@ class Pipeline:
     def _assemble(
         self,
         src: FrameSource,
-        resolved: list[tuple[str, ModelPackage, Registry, bool]],
+        resolved: list[_ResolvedModel],
         predictors: list[Predictor],
     ) -> None:
         from scopestream.streaming.ringbuffer import OverflowPolicy
@@ -291,8 +321,8 @@ class Pipeline:
             from scopestream.viewer.frames import LatestFrames
 
             self.display = LatestFrames(src.info)
-        for (spec, _pkg, registry, by_name), predictor in zip(resolved, predictors, strict=True):
-            model = self._attach_model(src, spec, registry, predictor, by_name)
+        for r, predictor in zip(resolved, predictors, strict=True):
+            model = self._attach_model(src, r, predictor)
             self.models.append(model)
             specs.append(SinkSpec(model.stage, model.engine))
         if self.display is not None:
@@ -318,13 +348,11 @@ class Pipeline:
     def _attach_model(
         self,
         src: FrameSource,
-        spec: str,
-        registry: Registry,
+        resolved: _ResolvedModel,
         predictor: Predictor,
-        by_name: bool,
     ) -> ModelStage:
         """An output image, an engine, and (for a model named by name) a registry watcher."""
-        from scopestream.inference.engine import InferenceEngine, output_names
+        from scopestream.inference.engine import InferenceEngine, check_channels, output_names
         from scopestream.inference.watcher import RegistryWatcher
         from scopestream.viewer.frames import output_kind
 
@@ -333,12 +361,30 @@ class Pipeline:
         name = predictor.manifest.name
         while name in self.store.outputs:
             name += "_"
+        targets = check_channels(predictor, info.channel_names, channels=resolved.channels)
         writer = self.store.add_output(
             name,
-            channel_names=output_names(predictor, info.channel_names),
+            channel_names=output_names(predictor, info.channel_names, targets),
             dtype="float32",
             provenance=predictor.describe(),
         )
+        spread = None
+        if self.tta:  # the ensemble's spread beside the output, channel for channel
+            spread_name = f"{name}_spread"
+            while spread_name in self.store.outputs:
+                spread_name += "_"
+            spread = self.store.add_output(
+                spread_name,
+                channel_names=tuple(writer.channel_names),
+                dtype="float32",
+                provenance={
+                    **predictor.describe(),
+                    "kind": "uncertainty",
+                    "of": name,
+                    "method": "tta",
+                    "members": self.tta,
+                },
+            )
         engine = InferenceEngine(
             predictor,
             writer,
@@ -346,7 +392,10 @@ class Pipeline:
             n_z=info.n_z,
             calibrate=self.config.calibrate,
             policy="latest" if self.config.model_policy == "latest" else "every",
+            channels=resolved.channels,
             pixel_size_um=info.pixel_size_um,
+            tta=self.tta,
+            spread_writer=spread,
         )
         events = self.events
         errs = self.listener_errors
@@ -355,8 +404,9 @@ class Pipeline:
         names = tuple(writer.channel_names)
 
         def on_prediction(y: np.ndarray, meta: Any) -> None:
-            if display is not None:
-                display.put_prediction(name, kind, names, engine.wildcard, y, meta)
+            if display is not None:  # a model of any input: the output of this frame's channel
+                frame_names = (names[engine.out_channel[meta["c"]]],) if engine.wildcard else names
+                display.put_prediction(name, kind, frame_names, y, meta)
             safe_emit(events.predictionReady, name, FrameEvent.of(meta), errors=errs)
 
         engine.on_prediction = on_prediction
@@ -378,6 +428,7 @@ class Pipeline:
         engine.on_swap_refused = lambda ident, why: safe_emit(
             events.swapRefused, name, version_of(ident), why, errors=errs
         )
+        spec, registry, by_name = resolved.spec, resolved.registry, resolved.by_name
         stage = ModelStage(spec, name, engine, registry, by_name)
         if by_name and self.config.watch_registry:
             stage.watcher = RegistryWatcher(
@@ -510,6 +561,8 @@ class Pipeline:
                 "notes": e.predictor.notes,
                 "domain_shift": e.guard.describe(),
             }
+            if e.tta:
+                out[m.stage]["uncertainty"] = e.describe_uncertainty()
             if m.watcher is not None:
                 out[m.stage]["registry_watcher"] = m.watcher.describe()
         return out

@@ -139,7 +139,7 @@ def test_attach_to_a_users_own_pymmcore_plus_mda(tmp_path: Path, demo_core: Any)
     )
     pipe = ss.Pipeline.from_config(
         {
-            "models": ["denoise"],
+            "models": ["denoise:DAPI,FITC"],  # the DemoCamera's channels: not what it knows
             "model_policy": "all",
             "backend": "onnxruntime",
             "out": str(tmp_path / "mda.ome.zarr"),
@@ -177,7 +177,7 @@ def test_pycromanager_hook_in_a_users_own_acquisition(tmp_path: Path) -> None:
         pipe = ss.Pipeline.from_config(
             {
                 "plan": {"channels": "DAPI,FITC"},
-                "models": ["denoise"],
+                "models": ["denoise:DAPI,FITC"],
                 "model_policy": "all",
                 "backend": "onnxruntime",
                 "out": str(tmp_path / "pm.ome.zarr"),

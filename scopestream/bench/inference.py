@@ -63,7 +63,10 @@ def _end_to_end(pkg: Any, backend: Any, frames: np.ndarray, n: int, out: Path) -
     from scopestream.streaming.runner import SinkSpec, StreamRunner
     from scopestream.streaming.zarr_sink import ZarrSink
 
-    channel = pkg.manifest.inputs[0] if pkg.manifest.inputs != ("*",) else "raw"
+    m = pkg.manifest
+    trained = m.fingerprint.channels if m.fingerprint is not None else ()
+    # the channel the model runs on: its named input, or the one a denoiser was trained on
+    channel = m.inputs[0] if m.inputs != ("*",) else (trained[0] if trained else "raw")
     src = ArraySource(frames, n, channel=channel)
     sink = ZarrSink(out, src.info)
     predictor = Predictor(pkg, backend)

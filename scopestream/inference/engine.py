@@ -52,16 +52,45 @@ class ModelChannelError(ValueError):
     """A model whose input channel the source does not have."""
 
 
-def output_names(predictor: Predictor, source_channels: tuple[str, ...]) -> tuple[str, ...]:
-    """Channel names of a model's output image for a source with ``source_channels``."""
+def uncertainty_score(y: np.ndarray, spread: np.ndarray) -> float:
+    """One number per prediction: the ensemble's mean spread over the output's range
+    (its 1st to 99.8th percentile, from a strided sample), so scores of frames and
+    channels of different brightness compare. 0: every member agreed."""
+    sample = y[..., ::4, ::4]
+    lo, hi = np.percentile(sample, [1.0, 99.8])
+    return float(np.mean(spread) / max(float(hi - lo), 1e-12))
+
+
+def output_names(
+    predictor: Predictor, source_channels: tuple[str, ...], targets: list[int] | None = None
+) -> tuple[str, ...]:
+    """Channel names of a model's output image for a source with ``source_channels``.
+
+    A model of any input (``*``) has one output channel per source channel it runs
+    on: ``targets`` (indices, as `check_channels` returns them; default every one).
+    """
     m = predictor.manifest
     if m.inputs == ("*",):
-        return tuple(m.output_channel_names(c)[0] for c in source_channels)
+        idx = range(len(source_channels)) if targets is None else sorted(targets)
+        return tuple(m.output_channel_names(source_channels[i])[0] for i in idx)
     return m.outputs
 
 
 #: how a live run names the channel a model takes (the plan's channel names)
 RUN_CHANNEL_HINT = "name the channel in the plan, e.g. --channels {input}:20"
+#: how a live run tells a model of any input to run on a channel it was not trained on
+RUN_FORCE_HINT = "to run it there anyway, name the channel: --model {model}:{channel}"
+
+
+def trained_channels(predictor: Predictor) -> tuple[str, ...]:
+    """The channels a model of any input (``*``) was trained on (its fingerprint's).
+
+    Empty for a model with named inputs (they say it) or without a fingerprint.
+    """
+    m = predictor.manifest
+    if m.inputs != ("*",) or m.fingerprint is None:
+        return ()
+    return tuple(m.fingerprint.channels)
 
 
 def check_channels(
@@ -69,14 +98,21 @@ def check_channels(
     source_channels: tuple[str, ...],
     *,
     input_channel: str | None = None,
+    channels: tuple[str, ...] | None = None,
     hint: str = RUN_CHANNEL_HINT,
+    force_hint: str = RUN_FORCE_HINT,
 ) -> list[int]:
-    """Indices of the source channels the model takes; a clear error if none.
+    """Indices of the source channels the model runs on; a clear error if none.
 
-    ``input_channel``: the one source channel to give the model, whatever its name
-    (a file whose channels are not named as the model's input). ``hint`` ends the
-    error (``{input}``: the model's first input), naming what the caller's command
-    offers.
+    A model with named inputs runs on those. A model of any input (``*``) runs
+    only on the channels it was trained on (its fingerprint's), never on every
+    channel: a denoiser trained on nuclei makes brightfield worse. ``channels``
+    (``--model NAME:CH,...``) overrides that; ``input_channel``: the one source
+    channel to give the model, whatever its name (a file whose channels are not
+    named as the model's input). ``hint`` ends the error for a channel the model
+    cannot take (``{input}``: its first input), ``force_hint`` the one for a
+    channel it was not trained on (``{model}``, ``{channel}``), naming what the
+    caller's command offers.
     """
     m = predictor.manifest
     if input_channel is not None:
@@ -86,7 +122,30 @@ def check_channels(
                 f"{list(source_channels)}"
             )
         return [source_channels.index(input_channel)]
+    if channels is not None:
+        if not channels:
+            raise ModelChannelError(f"model {m.name!r}: no channel named")
+        for c in channels:
+            if c not in source_channels:
+                raise ModelChannelError(
+                    f"channel {c!r} is not one of the source's {list(source_channels)}"
+                )
+            if not m.accepts(c):
+                raise ModelChannelError(
+                    f"model {m.name!r} takes channel {list(m.inputs)}, not {c!r}"
+                )
+        return sorted({source_channels.index(c) for c in channels})
     idx = [i for i, c in enumerate(source_channels) if m.accepts(c)]
+    trained = trained_channels(predictor)
+    if trained:
+        idx = [i for i in idx if source_channels[i] in trained]
+        if not idx:
+            raise ModelChannelError(
+                f"model {m.name!r} was trained on channel {list(trained)}; the source has "
+                f"{list(source_channels)} ("
+                + force_hint.format(model=m.name, channel=source_channels[0])
+                + ")"
+            )
     if not idx:
         raise ModelChannelError(
             f"model {m.name!r} takes channel {list(m.inputs)}; the source has "
@@ -122,6 +181,9 @@ class InferenceEngine:
     input_channel
         The one source channel the model takes, whatever its name (offline
         prediction of a file whose channel is named otherwise, `check_channels`).
+    channels
+        The source channels a model of any input runs on (``--model NAME:CH,...``),
+        instead of those it was trained on (`check_channels`).
     """
 
     def __init__(
@@ -135,7 +197,10 @@ class InferenceEngine:
         calibrate: int = 0,
         policy: Literal["latest", "every"] = "latest",
         input_channel: str | None = None,
+        channels: tuple[str, ...] | None = None,
         pixel_size_um: float | None = None,
+        tta: int = 0,
+        spread_writer: Any = None,
     ) -> None:
         self.predictor = predictor
         self.calibrate = max(0, calibrate)
@@ -150,10 +215,20 @@ class InferenceEngine:
         self.writer = writer
         self.source_channels = source_channels
         self.input_channel = input_channel
+        self.channels = channels
         self.targets = set(
-            check_channels(predictor, source_channels, input_channel=input_channel)
+            check_channels(
+                predictor, source_channels, input_channel=input_channel, channels=channels
+            )
         )
         self.wildcard = predictor.manifest.inputs == ("*",)
+        #: members of the flip ensemble (0: none); its spread goes to ``spread_writer``
+        self.tta = tta
+        self.spread_writer = spread_writer
+        #: (t, p, c, z, score) of every prediction of an ensemble (`uncertainty_score`)
+        self.uncertainty_scores: list[tuple[int, int, int, int, float]] = []
+        #: a model of any input: the output channel of each source channel it runs on
+        self.out_channel = {c: k for k, c in enumerate(sorted(self.targets))}
         self.n_z = n_z
         self.on_prediction = on_prediction
         self.metrics = StageMetrics(f"predict:{predictor.manifest.name}")
@@ -231,7 +306,12 @@ class InferenceEngine:
         reason = swap_incompatibility(self.predictor.manifest, predictor.manifest)
         if reason is not None:
             raise SwapRefused(reason)
-        check_channels(predictor, self.source_channels, input_channel=self.input_channel)
+        check_channels(
+            predictor,
+            self.source_channels,
+            input_channel=self.input_channel,
+            channels=self.channels,
+        )
         with self._swap_lock:
             self._pending = predictor
 
@@ -283,7 +363,7 @@ class InferenceEngine:
             if len(burst) >= self.calibrate:
                 self._freeze_calibration(key)
             return
-        self._emit(self._predict(data, key), meta, meta["z"])
+        self._emit(*self._predict(data, key), meta, meta["z"])
 
     def write_stack(self, stack: Stack) -> None:
         """Predict one complete z-stack or window (handed over by the runner)."""
@@ -358,7 +438,7 @@ class InferenceEngine:
             }
         )
         for data, meta in burst:
-            self._emit(self._predict(data, key), meta, meta["z"])
+            self._emit(*self._predict(data, key), meta, meta["z"])
         for st in held:
             self._predict_stack(st)
 
@@ -366,8 +446,14 @@ class InferenceEngine:
         """The predictor that runs field ``p``'s channel ``c`` (its frozen constants)."""
         return self._calibrated.get((p, c), self.predictor)
 
-    def _predict(self, x: np.ndarray, key: tuple[int, int]) -> np.ndarray:
-        return self.predictor_for(*key).predict(x)
+    def _predict(
+        self, x: np.ndarray, key: tuple[int, int]
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The prediction, and with an ensemble (``tta``) its mean and spread."""
+        predictor = self.predictor_for(*key)
+        if not self.tta:
+            return predictor.predict(x), None
+        return predictor.predict_tta(x, self.tta)
 
     def _predict_stack(self, stack: Stack) -> None:
         m = self.predictor.manifest
@@ -375,14 +461,14 @@ class InferenceEngine:
         newest = stack.newest
         key = (newest["p"], newest["c"])
         if m.spatial == "2.5d-t":
-            self._emit(self._predict(data, key), newest, newest["z"])
+            self._emit(*self._predict(data, key), newest, newest["z"])
             return
         metas = stack.metas
         if m.spatial == "3d":
-            y = self._predict(data, key)  # (C_out, Z, Y, X)
+            y, spread = self._predict(data, key)  # (C_out, Z, Y, X)
             for z, meta in enumerate(metas):
                 assert meta is not None
-                self._emit(y[:, z], meta, z)
+                self._emit(y[:, z], None if spread is None else spread[:, z], meta, z)
             return
         k = m.window
         n = data.shape[0]
@@ -390,14 +476,21 @@ class InferenceEngine:
             assert meta is not None
             # planes beyond the stack's ends repeat its first/last plane (the stack is whole)
             idx = np.clip(np.arange(z - k // 2, z - k // 2 + k), 0, n - 1)
-            self._emit(self._predict(data[idx], key), meta, z)
+            self._emit(*self._predict(data[idx], key), meta, z)
 
-    def _emit(self, y: np.ndarray, meta: FrameMeta, z: int) -> None:
+    def _emit(self, y: np.ndarray, spread: np.ndarray | None, meta: FrameMeta, z: int) -> None:
         for j in range(y.shape[0]):
-            c_out = meta["c"] if self.wildcard else j
+            c_out = self.out_channel[meta["c"]] if self.wildcard else j
             out_meta = dict(meta)
             out_meta.update(c=c_out, z=z)
             self.writer.write(y[j], out_meta)
+            if spread is not None and self.spread_writer is not None:
+                self.spread_writer.write(spread[j], out_meta)
+        if spread is not None:
+            score = uncertainty_score(y, spread)
+            self.uncertainty_scores.append(
+                (int(meta["t"]), int(meta["p"]), int(meta["c"]), int(z), score)
+            )
         self.predicted += 1
         self.metrics.record(meta["timestamp_ns"])  # latency: acquisition → prediction written
         if self.on_prediction is not None:
@@ -426,3 +519,26 @@ class InferenceEngine:
             ignored_frames=self.ignored,
             incomplete_stacks=self.incomplete_stacks,
         )
+        if self.spread_writer is not None:
+            self.spread_writer.close(
+                status,
+                uncertainty={
+                    **self.describe_uncertainty(),
+                    "per_frame": [list(r) for r in self.uncertainty_scores],
+                },
+            )
+
+    def describe_uncertainty(self) -> dict[str, Any]:
+        """The ensemble's per-frame scores, summarized (empty without one)."""
+        if not self.tta:
+            return {}
+        scores = [r[4] for r in self.uncertainty_scores]
+        out: dict[str, Any] = {"method": "tta", "members": self.tta, "frames": len(scores)}
+        if scores:
+            worst = self.uncertainty_scores[int(np.argmax(scores))]
+            out.update(
+                score_median=round(float(np.median(scores)), 6),
+                score_max=round(max(scores), 6),
+                max_at=dict(zip(("t", "p", "c", "z"), worst[:4], strict=True)),
+            )
+        return out

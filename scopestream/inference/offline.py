@@ -9,8 +9,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from scopestream.inference.backends import make_backend
-from scopestream.inference.engine import InferenceEngine, check_channels, output_names
-from scopestream.inference.package import Registry
+from scopestream.inference.engine import (
+    InferenceEngine,
+    check_channels,
+    output_names,
+    trained_channels,
+)
+from scopestream.inference.package import Registry, split_model_spec
 from scopestream.inference.predictor import Predictor, tile_from_string
 from scopestream.streaming.layout import StreamInfo
 from scopestream.streaming.store_lock import prepare_output_path
@@ -82,31 +87,38 @@ def predict_file(
 
     ``input_channel``: the source channel to give the model when none is named as
     its input. A source of one unnamed channel (``raw``: a plain TIFF) goes to a model
-    of one input without being named.
+    of one input (or of any input, trained on one channel) without being named.
+    ``model`` may name the channels a model of any input runs on (``denoise:c1,c2``).
     """
-    pkg = Registry(registry).resolve(model)
+    spec, channels = split_model_spec(model)
+    pkg = Registry(registry).resolve(spec)
     predictor = Predictor(
         pkg, make_backend(pkg, backend), tile=tile_from_string(tile, pkg.manifest.n_spatial)
     )
     info = src.info
     m = pkg.manifest
+    trained = trained_channels(predictor)
     notes: list[str] = []
     if (
         input_channel is None
+        and channels is None
         and info.channel_names == ("raw",)
         and len(m.inputs) == 1
-        and not m.accepts("raw")
+        and not (m.accepts("raw") and (not trained or "raw" in trained))
     ):
         input_channel = "raw"
-        notes.append(f"the input's one unnamed channel is taken as {m.inputs[0]!r}")
+        taken = trained if trained and len(trained) == 1 else m.inputs
+        notes.append(f"the input's one unnamed channel is taken as {taken[0]!r}")
     # bad input: before anything is written
-    check_channels(
+    targets = check_channels(
         predictor,
         info.channel_names,
         input_channel=input_channel,
+        channels=channels,
         hint="choose the one it takes with --input-channel NAME",
+        force_hint="to run it there anyway: --model {model}:{channel} or --input-channel NAME",
     )
-    names = output_names(predictor, info.channel_names)
+    names = output_names(predictor, info.channel_names, targets)
     out = Path(output)
     prepare_output_path(out, overwrite)
     out_info = StreamInfo(
@@ -146,6 +158,7 @@ def predict_file(
         n_z=info.n_z,
         policy="every",
         input_channel=input_channel,
+        channels=channels,
         pixel_size_um=info.pixel_size_um,
     )
     total = info.expected_frames

@@ -346,6 +346,24 @@ def zip_package(package: ModelPackage, out: str | os.PathLike[str]) -> Path:
     return path
 
 
+#: the channel list of a model spec: ``denoise:nuclei`` or ``denoise@2:nuclei,membrane``
+_CHANNELS_TAIL = re.compile(r"[A-Za-z0-9_.\-]+(,[A-Za-z0-9_.\-]+)*")
+
+
+def split_model_spec(spec: str) -> tuple[str, tuple[str, ...] | None]:
+    """``NAME[@VERSION][:CHANNEL,...]`` (or a path with the tail) → (model spec, channels).
+
+    The channels say which of the source's channels the model runs on, overriding
+    what it was trained for (`scopestream.inference.engine.check_channels`); None
+    when the spec names none. A tail that holds a path separator is part of the
+    path (``C:\\models\\denoise``), never a channel list.
+    """
+    head, sep, tail = spec.rpartition(":")
+    if not sep or not head or len(head) == 1 or not _CHANNELS_TAIL.fullmatch(tail):
+        return spec, None
+    return head, tuple(tail.split(","))
+
+
 def is_path_spec(spec: str) -> bool:
     """Whether a model spec names a package on disk rather than a registry model.
 

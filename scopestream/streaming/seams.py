@@ -263,11 +263,10 @@ class Display(Protocol):
         model: str,
         kind: str,
         channel_names: tuple[str, ...],
-        wildcard: bool,
         y: np.ndarray,
         meta: FrameMeta,
     ) -> None:
-        """A model's outputs ``(C_out, Y, X)`` for the frame ``meta``."""
+        """A model's outputs ``(C_out, Y, X)`` for the frame ``meta``, named ``channel_names``."""
 
     def close(
         self,

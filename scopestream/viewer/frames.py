@@ -141,13 +141,12 @@ class LatestFrames:
         model: str,
         kind: str,
         channel_names: tuple[str, ...],
-        wildcard: bool,
         y: np.ndarray,
         meta: FrameMeta,
     ) -> None:
-        """A model's outputs ``(C_out, Y, X)`` for the frame ``meta`` (owned by the engine)."""
-        for j in range(y.shape[0]):
-            ch = channel_names[meta["c"] if wildcard else j]
+        """A model's outputs ``(C_out, Y, X)`` for the frame ``meta`` (owned by the engine),
+        named ``channel_names``."""
+        for j, ch in enumerate(channel_names):
             self._put(layer_name(kind, ch), kind, ch, model, y[j], meta, owned=True)
 
     def close(

@@ -624,9 +624,7 @@ def open_live_viewer(
     for e in engines.values():
         m = e.predictor.manifest
         kind = output_kind(m.task)
-        names = list(e.writer.channel_names)
-        if e.wildcard:  # one output per source channel the model takes
-            names = [ch for ch in info.channel_names if m.accepts(ch)]
+        names = list(e.writer.channel_names)  # a model of any input: one per channel it runs on
         planned += [(layer_name(kind, ch), kind, ch, e.writer.name) for ch in names]
     live.prepare(planned)
     return live

@@ -92,11 +92,29 @@ class RunSettings:
     every_frame: bool = False
     out_dir: Path = Path("runs")
     registry: str | None = None
+    #: the channels models of any input (denoisers) run on, instead of those they were
+    #: trained on (``--model NAME:CH,...``); empty: their own
+    model_channels: tuple[str, ...] = ()
+
+    def model_specs(self) -> list[str]:
+        """The models as the run names them: a model of any input with `model_channels`."""
+        if not self.model_channels:
+            return list(self.models)
+        from scopestream.inference.package import PackageError, Registry
+
+        reg, out = Registry(self.registry), []
+        for name in self.models:
+            try:
+                any_input = reg.resolve(name).manifest.inputs == ("*",)
+            except PackageError:  # the run says why
+                any_input = False
+            out.append(f"{name}:{','.join(self.model_channels)}" if any_input else name)
+        return out
 
     def config(self, out: Path, **fields: Any) -> dict[str, Any]:
         """The run configuration for one recording at ``out`` (plus ``fields``)."""
         return {
-            "models": list(self.models),
+            "models": self.model_specs(),
             "backend": self.backend,
             "model_policy": "all" if self.every_frame else "latest",
             "registry": self.registry,
@@ -339,6 +357,13 @@ class ScopestreamWidget(QtWidgets.QWidget):  # type: ignore[misc]
         self.backend = qw.QComboBox()
         self.backend.addItems(list(BACKENDS))
         form.addRow("backend", self.backend)
+        self.model_channels = qw.QLineEdit()
+        self.model_channels.setPlaceholderText("those they were trained on")
+        self.model_channels.setToolTip(
+            "channels a denoiser (a model of any input) runs on, e.g. DAPI,FITC; empty: "
+            "only the channels it was trained on"
+        )
+        form.addRow("denoise channels", self.model_channels)
         self.every_frame = qw.QCheckBox("predict every frame (else the newest, live)")
         form.addRow("", self.every_frame)
         self.out_dir = qw.QLineEdit("runs")
@@ -355,6 +380,7 @@ class ScopestreamWidget(QtWidgets.QWidget):  # type: ignore[misc]
         self.backend.currentTextChanged.connect(self._settings_changed)
         self.every_frame.toggled.connect(self._settings_changed)
         self.out_dir.editingFinished.connect(self._settings_changed)
+        self.model_channels.editingFinished.connect(self._settings_changed)
 
         self.attach_btn = qw.QPushButton("Attach to Micro-Manager")
         self.attach_btn.setCheckable(True)
@@ -416,6 +442,9 @@ class ScopestreamWidget(QtWidgets.QWidget):  # type: ignore[misc]
             every_frame=self.every_frame.isChecked(),
             out_dir=Path(self.out_dir.text().strip() or "runs").expanduser(),
             registry=self._registry,
+            model_channels=tuple(
+                c.strip() for c in self.model_channels.text().split(",") if c.strip()
+            ),
         )
 
     def sim_fields(self) -> Mapping[str, Any]:

@@ -74,7 +74,8 @@ def test_a_second_interrupt_aborts_cleanly_and_keeps_complete_frames(tmp_path: P
     run = tmp_path / "r.ome.zarr"
     with _start(
         "run", "--source", "sim", "--shape", "512x512", "--fps", "0", "--frames", "100000",
-        "--model", "denoise", "--model-policy", "all", "--backend", "onnxruntime",
+        "--channels", "nuclei:1", "--model", "denoise", "--model-policy", "all",
+        "--backend", "onnxruntime",
         "--out", str(run), "--json",
     ) as proc:  # fmt: skip
         _abort_during_the_drain(proc, run)

@@ -52,6 +52,9 @@ def test_a_plate_run_records_and_predicts_every_field(
         flags = im.complete()
         if im.name == "stain":  # brightfield in, nuclei and membrane out: both whole
             assert flags.shape[:3] == (3, 2, 3) and flags.all(), im.position
+        elif im.name == "denoise":  # on nuclei only, the channel it was trained on
+            assert im.channels == ("nuclei",), im.channels
+            assert flags.shape[:3] == (3, 1, 3) and flags.all(), im.position
         else:
             assert flags.shape[:3] == (3, 2, 3) and flags.all(), (im.name, im.position)
     # the per-frame metadata of each field says where the stage was: where the plan sent it
@@ -94,7 +97,7 @@ def test_a_plate_run_records_and_predicts_every_field(
     for f in fields:
         for image, channels in (
             ("raw", ("brightfield", "nuclei")),
-            ("denoise", ("brightfield", "nuclei")),
+            ("denoise", ("nuclei",)),
             ("stain", ("nuclei", "membrane")),
         ):
             for ch in channels:
@@ -120,8 +123,8 @@ def test_a_plate_run_records_and_predicts_every_field(
     assert v.code == 0, v.stderr
     shown = v.json
     assert shown["layers"] == [
-        "brightfield (raw)", "nuclei (raw)", "brightfield (denoised)", "nuclei (denoised)",
-        "nuclei (predicted)", "membrane (predicted)",
+        "brightfield (raw)", "nuclei (raw)", "nuclei (denoised)", "nuclei (predicted)",
+        "membrane (predicted)",
     ]  # fmt: skip
     assert shown["shapes"]["nuclei (raw)"] == [3, 8, 3, 32, 32]  # t, p, z, y, x
     assert shown["positions"] == fields and shown["field_shown"] == "A1_0000"
@@ -143,7 +146,7 @@ def test_micro_manager_engines_record_each_position_where_the_plan_put_it(
         "plate": {"plate": "96-well", "wells": "A1,B3", "a1_center_um": [1000.0, 500.0]},
     }
     with ss.Pipeline.from_config(
-        {"source": engine, "plan": plan, "models": ["denoise"], "backend": "torch-cpu",
+        {"source": engine, "plan": plan, "models": ["denoise:DAPI"], "backend": "torch-cpu",
          "model_policy": "all", "out": str(out)}
     ) as pipe:  # fmt: skip
         summary = pipe.run()

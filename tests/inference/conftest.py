@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
+    from scopestream.inference.guard import Fingerprint
+
 _counter = itertools.count()
 
 
@@ -30,6 +32,7 @@ def package(
     window: int = 1,
     seed: int = 0,
     norm: tuple[float, float] = (100.0, 300.0),
+    fingerprint: Fingerprint | None = None,
 ) -> ModelPackage:
     """A real package: fresh weights (seeded), measured halo, ONNX export."""
     torch.manual_seed(seed)
@@ -49,6 +52,7 @@ def package(
         input_norm=Normalization(offset=(norm[0],), scale=(norm[1],)),
         output_norm=Normalization(offset=(norm[0],), scale=(norm[1],)),
         training={"data": "none (test weights)"},
+        fingerprint=fingerprint,
     )
     return save_package(root / f"pkg{next(_counter)}", module, man)
 

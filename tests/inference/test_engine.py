@@ -13,9 +13,11 @@ from scopestream.inference.backends import OnnxBackend
 from scopestream.inference.engine import (
     InferenceEngine,
     ModelChannelError,
+    check_channels,
     output_names,
 )
-from scopestream.inference.package import Registry
+from scopestream.inference.guard import STATS, Fingerprint
+from scopestream.inference.package import Registry, split_model_spec
 from scopestream.inference.predictor import Predictor
 from scopestream.inference.watcher import RegistryWatcher
 from scopestream.streaming.frame import make_meta
@@ -54,9 +56,8 @@ def run_engine(
 ) -> tuple[InferenceEngine, Path]:
     sink = ZarrSink(tmp_path / "r.ome.zarr", info)
     pred = Predictor(pkg, OnnxBackend(pkg, threads=2))
-    writer = sink.add_output(
-        pkg.name, channel_names=output_names(pred, info.channel_names), provenance=pred.describe()
-    )
+    names = output_names(pred, info.channel_names, check_channels(pred, info.channel_names))
+    writer = sink.add_output(pkg.name, channel_names=names, provenance=pred.describe())
     eng = InferenceEngine(pred, writer, source_channels=info.channel_names, n_z=info.n_z)
     for data, meta in frames(info):
         sink.write(data, meta)
@@ -102,6 +103,43 @@ def test_stain_model_only_takes_its_channel(
         ModelChannelError, match=r"takes channel \['brightfield'\]; the source has \['gfp'\]"
     ):
         InferenceEngine(Predictor(pkg, OnnxBackend(pkg)), None, source_channels=("gfp",))
+
+
+def test_a_model_of_any_input_runs_only_on_the_channels_it_was_trained_on(
+    tmp_path: Path, make_package: Callable[..., ModelPackage]
+) -> None:
+    wide = dict.fromkeys(STATS, (0.0, 1e9))
+    pkg = make_package(fingerprint=Fingerprint(frames=4, channels=("nuclei",), ranges=wide))
+    info = StreamInfo(frame_shape=SHAPE, n_t=2, channel_names=("brightfield", "nuclei"))
+    eng, store = run_engine(tmp_path, pkg, info)
+    assert eng.predicted == 2 and eng.ignored == 2  # brightfield is not denoised
+    g = zarr.open_group(str(image(store, "denoise")), mode="r")
+    assert [c["label"] for c in g.attrs["ome"]["omero"]["channels"]] == ["nuclei"]
+    assert complete_frames(image(store, "denoise")).shape == (2, 1, 1)
+    assert complete_frames(image(store, "denoise")).all()
+    pred = Predictor(pkg, OnnxBackend(pkg))
+    # told otherwise (--model denoise:brightfield,nuclei): every channel named
+    told = check_channels(pred, info.channel_names, channels=("brightfield", "nuclei"))
+    assert told == [0, 1]
+    assert output_names(pred, info.channel_names, told) == ("brightfield", "nuclei")
+    with pytest.raises(ModelChannelError, match=r"'gfp' is not one of the source's"):
+        check_channels(pred, info.channel_names, channels=("gfp",))
+    # none of the trained channels: refused, and the error says how to run it anyway
+    with pytest.raises(
+        ModelChannelError,
+        match=r"trained on channel \['nuclei'\]; the source has \['brightfield'\] "
+        r"\(to run it there anyway, name the channel: --model denoise:brightfield\)",
+    ):
+        InferenceEngine(pred, None, source_channels=("brightfield",))
+
+
+def test_model_specs_name_channels() -> None:
+    assert split_model_spec("denoise") == ("denoise", None)
+    assert split_model_spec("denoise:nuclei") == ("denoise", ("nuclei",))
+    assert split_model_spec("denoise@2:nuclei,membrane") == ("denoise@2", ("nuclei", "membrane"))
+    assert split_model_spec("./pkg/denoise:nuclei") == ("./pkg/denoise", ("nuclei",))
+    assert split_model_spec("C:\\models\\denoise") == ("C:\\models\\denoise", None)
+    assert split_model_spec("C:denoise") == ("C:denoise", None)  # a drive, not a model
 
 
 def test_temporal_window_is_causal(

@@ -51,8 +51,8 @@ def test_z_stacks_fill_plane_by_plane_and_outputs_are_named_for_what_they_are() 
     for z in range(3):
         lf.write(np.full((8, 8), z + 1, np.uint16), make_meta(t=0, c=0, z=z))
     y = np.stack([np.full((8, 8), 0.5, np.float32), np.full((8, 8), 2.0, np.float32)])
-    lf.put_prediction("stain", "predicted", ("nuclei", "membrane"), False, y, make_meta(c=0, z=1))
-    lf.put_prediction("denoise", "denoised", ("bf", "nuclei"), True, y[:1], make_meta(c=1, z=2))
+    lf.put_prediction("stain", "predicted", ("nuclei", "membrane"), y, make_meta(c=0, z=1))
+    lf.put_prediction("denoise", "denoised", ("nuclei",), y[:1], make_meta(c=1, z=2))
     shown = {s.key: s for s in lf.changed({})}
     assert set(shown) == {
         "bf (raw)",

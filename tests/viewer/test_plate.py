@@ -64,7 +64,7 @@ def test_display_keeps_each_field_and_shows_one_at_a_time() -> None:
     lf = LatestFrames(_two_fields(), max_hz=0)
     lf.write(np.full((8, 8), 10, np.uint16), make_meta(t=0, c=0, p=0))
     lf.write(np.full((8, 8), 11, np.uint16), make_meta(t=0, c=1, p=0))
-    lf.put_prediction("denoise", "denoised", ("bf", "nuclei"), True,
+    lf.put_prediction("denoise", "denoised", ("nuclei",),
                       np.full((1, 8, 8), 0.5, np.float32), make_meta(t=0, c=1, p=0))  # fmt: skip
     lf.write(np.full((8, 8), 20, np.uint16), make_meta(t=0, c=0, p=1))
     seen: dict[str, tuple[int, int]] = {}

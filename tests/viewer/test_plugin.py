@@ -140,7 +140,8 @@ def test_each_mda_on_an_attached_core_is_one_recording(tmp_path: Path) -> None:
             ended.release()
 
     session = PluginSession(lambda pipe, started: ready.append((pipe, started)), say)
-    settings = RunSettings(("denoise",), backend="onnxruntime", every_frame=True, out_dir=tmp_path)
+    settings = RunSettings(("denoise",), backend="onnxruntime", every_frame=True,
+                           out_dir=tmp_path, model_channels=("DAPI", "FITC"))  # fmt: skip
     try:
         session.attach(core, settings)
         for loops in (2, 3):
@@ -179,6 +180,7 @@ def test_an_mda_run_from_the_mda_widget_is_predicted_live_and_recorded(
     other = viewer.add_image(np.ones((8, 8), np.uint16), name="someone else's layer")
     widget = _dock(viewer)  # attaches to CMMCorePlus.instance()
     widget.set_models(["denoise"])
+    widget.model_channels.setText("DAPI")  # the DemoCamera's: not what the denoiser knows
     widget.backend.setCurrentText("onnxruntime")  # `auto` picks another backend on a GPU
     widget.every_frame.setChecked(True)
     widget.out_dir.setText(str(tmp_path))
@@ -289,3 +291,14 @@ def test_run_simulator_records_and_shows_its_layers_and_stop_ends_it(
     assert 0 < n < 100_000 and s["frames_written"] == n and s["frames_lost"] == 0
     stopped = SavedRun(tmp_path / "sim-002.ome.zarr")
     assert stopped.status == "stopped" and int(stopped.raw.complete().sum()) == n
+
+
+def test_the_dock_runs_a_denoiser_on_the_channels_it_is_given_and_a_stain_on_its_own(
+    tmp_path: Path,
+) -> None:
+    from scopestream.viewer.plugin import RunSettings
+
+    plain = RunSettings(("denoise", "stain"), out_dir=tmp_path)
+    assert plain.config(tmp_path / "a.ome.zarr")["models"] == ["denoise", "stain"]
+    told = RunSettings(("denoise", "stain"), out_dir=tmp_path, model_channels=("DAPI", "FITC"))
+    assert told.config(tmp_path / "a.ome.zarr")["models"] == ["denoise:DAPI,FITC", "stain"]
