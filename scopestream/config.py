@@ -166,6 +166,11 @@ class RunConfig(BaseModel):
         description="the simulated XY stage is triggered (takes the fields' positions as a "
         "sequence, stepped by the camera, as ASI's ring buffer): many fields run as one burst",
     )
+    uncertainty: Literal["none", "tta", "tta8"] = Field(
+        "none",
+        description="a flip ensemble per prediction (tta: 2 members, tta8: 8, square frames): "
+        "the output is its mean, its per-pixel spread a NAME_spread image, a score per frame",
+    )
 
     @field_validator("shape", mode="before")
     @classmethod

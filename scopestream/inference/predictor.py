@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from scopestream.inference.package import ModelPackage
 
 FALLBACK_TILE = 512
+#: members of a test-time-augmentation ensemble (`Predictor.predict_tta`)
+TTA_MEMBERS = (2, 8)
 
 
 class ImageTooSmall(ValueError):
@@ -201,6 +203,34 @@ class Predictor:
             self._check_size(tuple(x.shape[1:]))
             y = self._predict_spatial(x)
             return self.output_norm.invert(y, channel_axis=0)
+
+    def predict_tta(self, data: np.ndarray, members: int) -> tuple[np.ndarray, np.ndarray]:
+        """A test-time-augmentation ensemble: the mean and per-pixel spread (std) of
+        ``members`` predictions of flipped (2) or flipped and rotated (8, square
+        frames) copies of ``data``, each turned back before they are compared.
+
+        The networks are not equivariant to flips and rotations, so where the
+        copies disagree the model is unsure: the spread is in output units, beside
+        an output of the same shape (`predict`'s). It costs ``members``× a
+        prediction.
+        """
+        if members not in TTA_MEMBERS:
+            raise ValueError(f"a flip ensemble has {' or '.join(map(str, TTA_MEMBERS))} members")
+        if members == 8 and data.shape[-1] != data.shape[-2]:
+            raise ValueError(
+                f"8 members rotate the frame: it must be square, not {data.shape[-2:]} "
+                "(2 members only flip)"
+            )
+        outs = []
+        for k in range(4 if members == 8 else 1):
+            for flip in (False, True):
+                x = np.rot90(data, k, axes=(-2, -1))
+                x = np.ascontiguousarray(x[..., ::-1] if flip else x)
+                y = self.predict(x)
+                y = y[..., ::-1] if flip else y
+                outs.append(np.rot90(y, -k, axes=(-2, -1)))
+        stack = np.stack(outs).astype(np.float32, copy=False)
+        return stack.mean(0), stack.std(0)
 
     def calibrated(self, frames: np.ndarray) -> Predictor:
         """The same model with input constants frozen from a calibration burst."""

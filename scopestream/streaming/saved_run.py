@@ -15,7 +15,7 @@ import socket
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,6 +23,9 @@ from scopestream.streaming.collection import OME_DIR
 from scopestream.streaming.frame_index import read_frame_index
 from scopestream.streaming.layout import Position
 from scopestream.streaming.store_lock import is_locked, read_lock_info
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 #: the per-second timeline of a finished run (written by the run's store at its end)
 TIMELINE_FILE = "timeline.json"
@@ -93,12 +96,19 @@ def layer_name(kind: str, channel: str, position: str | None = None) -> str:
 
 
 def display_kind(image: SavedImage) -> str:
-    """``raw``, ``truth``, ``denoised`` or ``predicted``: what an image's layers are called."""
-    if image.kind == "raw":
-        return "raw"
-    if image.provenance.get("kind") == "ground truth":
+    """``raw``, ``truth``, ``denoised``, ``predicted`` or ``spread``: what an image's
+    layers are called."""
+    return "raw" if image.kind == "raw" else provenance_kind(image.provenance)
+
+
+def provenance_kind(prov: Mapping[str, Any]) -> str:
+    """What an output image's provenance says it holds: ``truth``, ``spread`` (a flip
+    ensemble's, ``--uncertainty``), or a model's ``denoised`` / ``predicted``."""
+    if prov.get("kind") == "ground truth":
         return "truth"
-    return output_kind(str(image.provenance.get("task", "stain")))
+    if prov.get("kind") == "uncertainty":
+        return "spread"
+    return output_kind(str(prov.get("task", "stain")))
 
 
 @dataclass(frozen=True)

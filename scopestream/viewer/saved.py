@@ -26,8 +26,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from scopestream.streaming.frame_index import FILE_NAME, FrameIndexTail
-from scopestream.streaming.saved_run import SavedRun, complete_frames, read_group_attrs
-from scopestream.viewer.frames import layer_name, output_kind
+from scopestream.streaming.saved_run import (
+    SavedRun,
+    complete_frames,
+    provenance_kind,
+    read_group_attrs,
+)
+from scopestream.viewer.frames import layer_name
 from scopestream.viewer.style import colormap_for, estimate_limits
 
 if TYPE_CHECKING:
@@ -54,11 +59,6 @@ class LayerSpec:
     #: a run of several positions: each field's group (``data`` has a p axis after t)
     groups: tuple[Path, ...] = ()
 
-
-def _kind(prov: dict[str, Any]) -> str:
-    if prov.get("kind") == "ground truth":
-        return "truth"
-    return output_kind(str(prov.get("task", "stain")))
 
 
 def _complete_t(group: Path) -> list[list[int]]:
@@ -130,7 +130,7 @@ def run_layers(
         ms = attrs["ome"]["multiscales"][0]
         scale = ms["datasets"][0]["coordinateTransformations"][0]["scale"]
         channels = list(im.channels)
-        kind = "raw" if im.kind == "raw" else _kind(im.provenance)
+        kind = "raw" if im.kind == "raw" else provenance_kind(im.provenance)
         arr: Any = zarr.open_array(str(group / "0"), mode="r")
         lazy = da.from_zarr(arr)  # type: ignore[no-untyped-call]
         n_z = int(arr.shape[2])
@@ -209,7 +209,7 @@ def _field_layers(
                 per_c = _complete_t(im.path)
             for c, ts in enumerate(per_c):
                 complete.setdefault(c, set()).update(ts)
-        kind = "raw" if first.kind == "raw" else _kind(first.provenance)
+        kind = "raw" if first.kind == "raw" else provenance_kind(first.provenance)
         t_scale = float(scale[0]) or 1.0
         for c, ch in enumerate(first.channels):
             data = stacked[:, :, c] if n_z > 1 else stacked[:, :, c, 0]

@@ -117,3 +117,23 @@ def test_calibrated_denoiser_keeps_the_datas_brightness(
     y2 = calib.predict(a * x + b)
     want = a * y + b if kind == "denoise_unet" else y
     np.testing.assert_allclose(y2, want, rtol=1e-3, atol=1e-2 * float(np.abs(want).max()))
+
+
+def test_a_flip_ensemble_is_the_mean_and_spread_of_its_turned_back_members(
+    make_package: Callable[..., ModelPackage],
+) -> None:
+    pkg = make_package(seed=3)
+    pred = Predictor(pkg, OnnxBackend(pkg))
+    rng = np.random.default_rng(0)
+    x = rng.normal(300, 40, (64, 48)).astype(np.float32)
+    a, b = pred.predict(x), pred.predict(np.ascontiguousarray(x[:, ::-1]))[..., ::-1]
+    mean, spread = pred.predict_tta(x, 2)
+    np.testing.assert_allclose(mean, (a + b) / 2, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(spread, np.abs(a - b) / 2, rtol=1e-4, atol=1e-4)
+    assert spread.mean() > 0  # random weights are not flip-equivariant
+    with pytest.raises(ValueError, match="must be square"):
+        pred.predict_tta(x, 8)
+    sq = x[:48]
+    mean8, spread8 = pred.predict_tta(sq, 8)
+    assert mean8.shape == spread8.shape == pred.predict(sq).shape
+    assert (spread8 >= 0).all() and spread8.mean() > 0
