@@ -65,6 +65,10 @@ class TrainConfig:
     #: n2v: which network: "n2v2" (no top skip, blur-pool: no checkerboard artefacts)
     #: or "n2v" (the plain U-Net of the original N2V: top skip, max-pooling)
     variant: str = "n2v2"
+    #: how inputs and targets are scaled (`NORMS`), computed on the training data and
+    #: frozen in the package (live prediction uses the same constants, never per frame)
+    norm: str = "percentile"
+    target_norm: str = "percentile"
     seed: int = 0
     devices: int = 1
     num_nodes: int = 1
@@ -80,6 +84,9 @@ class TrainConfig:
         d = asdict(self)
         for k in ("work_dir", "resume", "devices", "num_nodes", "force"):
             d.pop(k)
+        for k in ("norm", "target_norm"):  # the default keeps the key of older trainings
+            if d[k] == "percentile":
+                d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -88,6 +95,9 @@ def _load(cfg: TrainConfig) -> list[FieldData]:
         raise DataError(f"--mode must be one of {MODES}, got {cfg.mode!r}")
     if cfg.variant not in ("n2v", "n2v2"):
         raise DataError(f"--variant must be n2v or n2v2, got {cfg.variant!r}")
+    for flag, v in (("--norm", cfg.norm), ("--target-norm", cfg.target_norm)):
+        if v not in NORMS:
+            raise DataError(f"{flag} must be one of {', '.join(NORMS)}, got {v!r}")
     if cfg.spatial not in SPATIAL:
         raise DataError(f"--spatial must be one of {SPATIAL}, got {cfg.spatial!r}")
     if cfg.spatial != "2d" and cfg.task != "stain":
@@ -121,16 +131,48 @@ def _eval_fields(cfg: TrainConfig, fields: list[FieldData]) -> list[FieldData]:
     return fields
 
 
-def _norm_from(fields: list[FieldData], regions: list[Region], which: int | None) -> Normalization:
-    """Percentile constants from (a sample of) the training regions."""
+#: ``train --preset``: the network's size. ``fast`` is the live default (a 512² frame
+#: predicts at camera rate on a CPU); ``quality`` is larger (better on real data, slower)
+PRESETS: dict[str, dict[str, Any]] = {
+    "fast": {"base": 16, "max_channels": None},
+    "quality": {"base": 32, "max_channels": 128},
+}
+
+#: normalizations (MMV_Im2Im's study), each an affine map frozen in the package:
+#: ``percentile``: the 1st/99.8th percentiles to 0/1 (the default);
+#: ``percentile-sym``: the 0.5th/99.5th to -1/1 (the seeds' setting);
+#: ``standard``: z-score; ``center``: z-score over the central 32 planes of each
+#: z-stack (the whole stack when it has fewer; 2D data: as ``standard``)
+NORMS = ("percentile", "percentile-sym", "standard", "center")
+#: planes of the central chunk of ``center``
+CENTER_PLANES = 32
+
+
+def _norm_from(
+    fields: list[FieldData], regions: list[Region], which: int | None, method: str = "percentile"
+) -> Normalization:
+    """Constants of ``method`` (`NORMS`) from (a sample of) the training regions."""
     vals = []
     rng = np.random.default_rng(0)
     for r in regions[:64]:
         f = fields[r.field]
         arr = f.input if which is None else f.targets[which]
-        for i in rng.choice(f.n, size=min(4, f.n), replace=False):
+        frames = np.arange(f.n)
+        if method == "center" and f.z > 1:  # planes of the central chunk of each stack
+            lo = max(0, f.z // 2 - CENTER_PLANES // 2)
+            hi = min(f.z, lo + CENTER_PLANES)
+            frames = frames[(frames % f.z >= lo) & (frames % f.z < hi)]
+        for i in rng.choice(frames, size=min(4, frames.size), replace=False):
             vals.append(np.asarray(arr[int(i), r.y, r.x], np.float32).ravel()[::7])
-    return Normalization.from_percentiles(np.concatenate(vals), source="training")
+    v = np.concatenate(vals)
+    if method == "percentile":
+        return Normalization.from_percentiles(v, source="training")
+    if method == "percentile-sym":  # [p0.5, p99.5] -> [-1, 1]
+        p_lo, p_hi = (float(x) for x in np.percentile(v, [0.5, 99.5]))
+        half = (p_hi - p_lo) / 2 if p_hi > p_lo else 1.0
+        return Normalization(offset=((p_lo + p_hi) / 2,), scale=(half,), source="training")
+    mean, std = float(v.mean()), float(v.std())
+    return Normalization(offset=(mean,), scale=(std if std > 0 else 1.0,), source="training")
 
 
 def training_fingerprint(fields: list[FieldData], regions: list[Region]) -> Fingerprint:
@@ -345,11 +387,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     fields = _load(cfg)
     splits = split_regions(fields, cfg.patch, cfg.seed)
-    in_norm = _norm_from(fields, splits["train"], None)
+    in_norm = _norm_from(fields, splits["train"], None, cfg.norm)
     n_out = len(fields[0].targets) if cfg.mode != "n2v" else 1
     tgt_norm = None
     if cfg.mode != "n2v":
-        per = [_norm_from(fields, splits["train"], k) for k in range(n_out)]
+        per = [_norm_from(fields, splits["train"], k, cfg.target_norm) for k in range(n_out)]
         tgt_norm = Normalization(
             offset=tuple(p.offset[0] for p in per),
             scale=tuple(p.scale[0] for p in per),

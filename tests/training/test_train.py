@@ -365,3 +365,63 @@ def test_ddp_on_two_cpu_processes(
     # the size of the process group the ranks formed: 1 for any single-process training
     assert r.json["world_size"] == 2
     assert load_package(r.json["package"]).manifest.training["world_size"] == 2
+
+
+def test_each_normalization_maps_the_training_data_as_its_method_says() -> None:
+    from scopestream.training.data import FieldData, Region
+    from scopestream.training.train import _norm_from
+
+    rng = np.random.default_rng(0)
+    flat = rng.uniform(100, 1100, (6, 64, 64)).astype(np.float32)
+    fields = [FieldData("f", flat)]
+    whole = [Region(0, slice(0, 64), slice(0, 64))]
+
+    def mapped(method: str, f: list[FieldData] = fields) -> np.ndarray:
+        n = _norm_from(f, whole, None, method)
+        assert n.source == "training"
+        return (np.asarray(f[0].input, np.float64) - n.offset[0]) / n.scale[0]
+
+    sym = mapped("percentile-sym")  # p0.5 / p99.5 -> -1 / 1 (from a sample: close)
+    assert np.percentile(sym, 0.5) == pytest.approx(-1, abs=0.05)
+    assert np.percentile(sym, 99.5) == pytest.approx(1, abs=0.05)
+    unit = mapped("percentile")  # p1 / p99.8 -> 0 / 1
+    assert np.percentile(unit, 1) == pytest.approx(0, abs=0.03)
+    assert np.percentile(unit, 99.8) == pytest.approx(1, abs=0.05)
+    z = mapped("standard")
+    assert z.mean() == pytest.approx(0, abs=0.05) and z.std() == pytest.approx(1, abs=0.05)
+    # center: a 70-plane stack whose outer planes are far brighter: only the central
+    # 32 planes (19..50) set the constants, so they map to mean 0 / std 1
+    bright = np.full((19, 64, 64), 5000.0, np.float32)
+    middle = rng.normal(300, 20, (32, 64, 64)).astype(np.float32)
+    f3 = [FieldData("s", np.concatenate([bright, middle, bright]), z=70)]
+    c = mapped("center", f3)[19:51]
+    assert c.mean() == pytest.approx(0, abs=0.05) and c.std() == pytest.approx(1, abs=0.05)
+
+
+def test_train_freezes_the_chosen_normalization_and_preset_in_the_package(
+    cli: Callable[..., CliResult], tmp_path: Path, low_light_runs: list[Path]
+) -> None:
+    args = [
+        "train", "--task", "denoise", "--mode", "care", "--out", str(tmp_path / "reg" / "dn"),
+        "--data", str(low_light_runs[0]), "--input-channel", "nuclei",
+        "--target-channel", "nuclei_hi", "--max-steps", "2", "--patch", "32x32", "--batch", "4",
+        "--work-dir", str(tmp_path / "work"), "--force", "--json",
+    ]  # fmt: skip
+    r = cli(*args, "--norm", "standard", "--target-norm", "percentile-sym", "--preset", "quality")
+    assert r.code == 0, r.stderr
+    m = load_package(r.json["package"]).manifest
+    raw = np.asarray(_raw_frames(low_light_runs[0], "nuclei"), np.float64)
+    assert m.input_norm.offset[0] == pytest.approx(raw.mean(), rel=0.05)
+    assert m.input_norm.scale[0] == pytest.approx(raw.std(), rel=0.1)
+    assert m.architecture.params["base"] == 32 and m.architecture.params["max_channels"] == 128
+    assert m.training["config"]["norm"] == "standard"
+    assert m.training["config"]["target_norm"] == "percentile-sym"
+    bad = cli(*args, "--norm", "minmax")
+    assert bad.code == 2 and "--norm must be one of" in bad.stderr
+
+
+def _raw_frames(run: Path, channel: str) -> np.ndarray:
+    from scopestream.streaming.saved_run import SavedRun
+
+    raw = SavedRun(run).image("raw")
+    return np.asarray(raw.array()[:, raw.channels.index(channel)])
