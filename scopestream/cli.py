@@ -311,7 +311,12 @@ def run(
         float | None, typer.Option(help="Frame rate (0 = as fast as possible).")
     ] = None,
     model: Annotated[
-        list[str] | None, typer.Option("--model", help="Model name or path; 'none' = raw only.")
+        list[str] | None,
+        typer.Option(
+            "--model",
+            help="Model name or path; 'none' = raw only. NAME:CH,... runs a model of any "
+            "input on those channels instead of the ones it was trained on.",
+        ),
     ] = None,
     out: Annotated[
         str | None, typer.Option(help="Output OME-Zarr (default runs/run-DATE.ome.zarr).")
@@ -361,6 +366,14 @@ def run(
             help="Freeze input normalization from the first N frames of each field/channel."
         ),
     ] = None,
+    uncertainty: Annotated[
+        str | None,
+        typer.Option(
+            help="none | tta (a 2-member flip ensemble, 2x the cost) | tta8 (8 members: flips "
+            "and rotations of square frames): the output is the ensemble's mean, its per-pixel "
+            "spread the image NAME_spread, with a score per frame."
+        ),
+    ] = None,
     sim_time_step: Annotated[
         float | None, typer.Option(help="Simulated seconds between time points (sim only).")
     ] = None,
@@ -396,6 +409,7 @@ def run(
             "model_policy": model_policy,
             "tile": tile,
             "calibrate": calibrate,
+            "uncertainty": uncertainty,
             "sim_truth": sim_truth,
             "sim_time_step_s": sim_time_step,
             "source": source,
@@ -566,7 +580,13 @@ def default_prediction_path(input: str, model: str) -> Path:
 
 @app.command()
 def predict(
-    model: Annotated[str, typer.Option(help="Model name, name@version or package path.")],
+    model: Annotated[
+        str,
+        typer.Option(
+            help="Model name, name@version or package path (NAME:CH,... : run a model of any "
+            "input on those channels)."
+        ),
+    ],
     input: Annotated[str, typer.Option("--input", help="TIFF / OME-TIFF / OME-Zarr / NDTiff.")],
     output: Annotated[
         str | None,
@@ -681,10 +701,31 @@ def train(
     ] = 0.05,
     batch: Annotated[int, typer.Option(help="Patches per step.")] = 16,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 4e-4,
-    base: Annotated[int, typer.Option(help="Channels at the top of the U-Net.")] = 16,
-    max_channels: Annotated[
-        int | None, typer.Option(help="Cap on the channels of deeper levels.")
+    preset: Annotated[
+        str,
+        typer.Option(
+            help="fast (the live default: 16 channels at the top) | quality (32, deeper "
+            "levels up to 128: slower live); --base / --max-channels override it"
+        ),
+    ] = "fast",
+    base: Annotated[
+        int | None, typer.Option(help="Channels at the top of the U-Net (default: the preset's).")
     ] = None,
+    max_channels: Annotated[
+        int | None,
+        typer.Option(help="Cap on the channels of deeper levels (default: the preset's)."),
+    ] = None,
+    norm: Annotated[
+        str,
+        typer.Option(
+            help="Input normalization, frozen in the package: percentile (p1/p99.8 to 0/1) | "
+            "percentile-sym (p0.5/p99.5 to -1/1) | standard (z-score) | center (z-score of the "
+            "central 32 planes of each stack)"
+        ),
+    ] = "percentile",
+    target_norm: Annotated[
+        str, typer.Option(help="Target normalization (care/supervised), as --norm.")
+    ] = "percentile",
     variant: Annotated[
         str,
         typer.Option(
@@ -720,9 +761,12 @@ def train(
     from scopestream.config import parse_shape
     from scopestream.training.data import DataError
     from scopestream.training.module import NaNLoss
-    from scopestream.training.train import NotPublished, TrainConfig
+    from scopestream.training.train import PRESETS, NotPublished, TrainConfig
     from scopestream.training.train import train as run_training
 
+    if preset not in PRESETS:
+        raise _die(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    chosen = PRESETS[preset]
     try:
         ph, pw = parse_shape(patch)
     except ValueError as e:
@@ -750,9 +794,11 @@ def train(
         lr=lr,
         loss=loss,
         ssim_weight=ssim_weight,
-        max_channels=max_channels,
+        max_channels=max_channels if max_channels is not None else chosen["max_channels"],
         variant=variant,
-        base=base,
+        norm=norm,
+        target_norm=target_norm,
+        base=base if base is not None else chosen["base"],
         seed=seed,
         devices=devices,
         num_nodes=num_nodes,

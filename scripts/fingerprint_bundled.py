@@ -1,4 +1,4 @@
-"""Add the training-data `Fingerprint` to the bundled models, without retraining them.
+"""Add the training-data `Fingerprint` to the bundled stain model, without retraining it.
 
     python scripts/fingerprint_bundled.py
 
@@ -26,8 +26,7 @@ from scopestream.training.train import training_fingerprint
 
 MODELS = Path(__file__).resolve().parents[1] / "scopestream" / "models"
 #: model: (channels recorded, first seed, input channel)
-DATA = {
-    "denoise": ("nuclei:1", 0, "nuclei"),
+DATA = {  # the denoiser is trained anew by train_bundled.py: its fingerprint is the trainer's
     "stain": ("brightfield:5,nuclei:30,membrane:30", 10, "brightfield"),
 }
 

@@ -286,10 +286,12 @@ def test_demo_runs_to_its_summary(cli: Callable[..., CliResult], tmp_path: Path)
     assert "run summary" in r.stderr
     # each output scored against the simulator's truth, beside the raw frames'
     q = {(row["model"], row["channel"]): row for row in s["quality"]}
-    assert set(q) == {("denoise", "brightfield"), ("denoise", "nuclei"), ("stain", "nuclei")}
+    # the denoiser runs on the channel it was trained on only: brightfield is not denoised
+    assert set(q) == {("denoise", "nuclei"), ("stain", "nuclei")}
     assert all(row["raw"] is not None and row["frames"] >= 1 for row in q.values())
-    assert q["denoise", "nuclei"]["output"] > q["denoise", "nuclei"]["raw"]  # low-light nuclei
     assert q["stain", "nuclei"]["metric"] == "pearson" and q["stain", "nuclei"]["output"] > 0.5
+    # every bundled model beats the raw frames against the truth
+    assert all(row["output"] > row["raw"] for row in q.values()), q
     assert "against the simulator's truth" in r.stderr
 
 

@@ -590,7 +590,7 @@ CASE_LIST = [
     Case("run-denoise-and-stain", "--model denoise --model stain --out",
          "--frames 6 --shape 64x64", check=check_side_by_side),
     Case("run-pycromanager-gui-all(no Micro-Manager GUI on 4827: exit 2)",
-         "--source pycromanager --model denoise", code=2,
+         "--source pycromanager --channels nuclei:20 --model denoise", code=2,
          message="not reachable on port 4827", writes_nothing="scope-denoised.ome.zarr"),
     Case("run-version-package-backend-tile(denoise@3 and my_model.zip made)",
          "--model denoise@3", "--frames 4 --shape 64x64", setup=model_versions_and_zip,

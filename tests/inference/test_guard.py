@@ -88,7 +88,7 @@ def _run(tmp_path: Path, name: str, channel: ChannelSpec, pixel_um: float, model
 
 @pytest.mark.parametrize(
     ("model", "channel"),
-    [("denoise", ChannelSpec(name="nuclei", exposure_ms=1.0)),
+    [("denoise", ChannelSpec(name="nuclei", exposure_ms=50.0)),
      ("stain", ChannelSpec(name="brightfield", exposure_ms=5.0))],
 )  # fmt: skip
 def test_the_bundled_models_warn_on_shifted_data_and_not_on_matching_data(

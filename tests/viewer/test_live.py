@@ -82,8 +82,8 @@ def test_demo_viewer_shows_raw_denoised_and_stained_layers_with_content(
     shot = tmp_path / "shot.png"
     r = cli(
         "run", "--source", "sim", "--channels", "brightfield:5,nuclei:2", "--frames", "100",
-        "--fps", "12", "--shape", "256x256", "--model", "denoise", "--model", "stain",
-        "--backend", "onnxruntime", "--viewer", "--screenshot", str(shot),
+        "--fps", "12", "--shape", "256x256", "--model", "denoise:brightfield,nuclei",
+        "--model", "stain", "--backend", "onnxruntime", "--viewer", "--screenshot", str(shot),
         "--out", str(tmp_path / "demo.ome.zarr"), "--json", timeout=300,
     )  # fmt: skip
     assert r.code == 0, r.stderr
@@ -118,9 +118,10 @@ def test_demo_viewer_shows_raw_denoised_and_stained_layers_with_content(
     predicted = s["models"]["model:stain"]["predicted"]
     assert 0 < predicted <= 100
     assert w["model:stain"] == f"v1 on onnxruntime/cpu, {predicted} predicted"
-    # the denoiser was trained on nuclei at 1 ms; given brightfield and nuclei at 2 ms it
-    # says so: a badge in the dock (drawn: amber pixels in its screenshot), not a stop
-    assert v["badge"] and "model:denoise" in v["badge"] and "trained at 1 ms" in v["badge"]
+    # the denoiser was trained on nuclei; told to run on brightfield too, it says so: a
+    # badge in the dock (drawn: amber pixels in its screenshot), not a stop
+    assert v["badge"] and "model:denoise" in v["badge"], v["badge"]
+    assert "channel 'brightfield'; trained on 'nuclei'" in v["badge"], v["badge"]
     assert "model:stain" not in v["badge"]  # brightfield at 5 ms: what it was trained on
     assert not s["models"]["model:stain"]["domain_shift"]["warnings"]
     dock = iio.imread(v["dock_screenshot"])[..., :3].astype(np.int32)
