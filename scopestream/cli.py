@@ -366,6 +366,13 @@ def run(
             help="Freeze input normalization from the first N frames of each field/channel."
         ),
     ] = None,
+    border: Annotated[
+        str | None,
+        typer.Option(
+            help="zero | reflect: beyond the frame's edges the network sees zeros, or the frame "
+            "mirrored by its halo (better borders, more pixels to predict)."
+        ),
+    ] = None,
     uncertainty: Annotated[
         str | None,
         typer.Option(
@@ -409,6 +416,7 @@ def run(
             "model_policy": model_policy,
             "tile": tile,
             "calibrate": calibrate,
+            "border": border,
             "uncertainty": uncertainty,
             "sim_truth": sim_truth,
             "sim_time_step_s": sim_time_step,
@@ -610,6 +618,13 @@ def predict(
         ),
     ] = None,
     tile: Annotated[str | None, typer.Option(help="Tile size HxW (default: whole frame).")] = None,
+    border: Annotated[
+        str,
+        typer.Option(
+            help="zero | reflect: beyond the image's edges the network sees zeros, or the "
+            "image mirrored by its halo (better borders, more pixels to predict)."
+        ),
+    ] = "zero",
     backend: Annotated[
         str, typer.Option(help="auto | tensorrt | torch | torch-cpu | onnxruntime")
     ] = "auto",
@@ -643,6 +658,7 @@ def predict(
             output,
             input_channel=input_channel,
             tile=tile,
+            border=border,
             backend=backend,
             registry=registry,
             overwrite=overwrite,

@@ -166,6 +166,11 @@ class RunConfig(BaseModel):
         description="the simulated XY stage is triggered (takes the fields' positions as a "
         "sequence, stepped by the camera, as ASI's ring buffer): many fields run as one burst",
     )
+    border: Literal["zero", "reflect"] = Field(
+        "zero",
+        description="beyond the frame's edges the network sees zeros, or the frame mirrored by "
+        "the halo (reflect: better borders, more pixels to predict)",
+    )
     uncertainty: Literal["none", "tta", "tta8"] = Field(
         "none",
         description="a flip ensemble per prediction (tta: 2 members, tta8: 8, square frames): "

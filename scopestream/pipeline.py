@@ -235,6 +235,7 @@ class Pipeline:
             pkg,
             make_backend(pkg, self.config.backend),
             tile=tile_from_string(self.config.tile, pkg.manifest.n_spatial),
+            border=self.config.border,
         )
         check_channels(predictor, info.channel_names, channels=channels)
         shape = _input_shape(predictor, info.frame_shape, info.n_z)
@@ -450,7 +451,9 @@ class Pipeline:
 
         if tile is None:
             tile = tile_from_string(self.config.tile, pkg.manifest.n_spatial)
-        return Predictor(pkg, make_backend(pkg, self.config.backend), tile=tile)
+        return Predictor(
+            pkg, make_backend(pkg, self.config.backend), tile=tile, border=self.config.border
+        )
 
     # -- running -----------------------------------------------------------------------
     def start(self) -> None:

@@ -82,6 +82,7 @@ def predict_file(
     overwrite: bool = False,
     progress: Console | None = None,
     input_channel: str | None = None,
+    border: str = "zero",
 ) -> dict[str, Any]:
     """Run ``model`` over every frame of ``src`` and write the outputs to ``output``.
 
@@ -93,7 +94,10 @@ def predict_file(
     spec, channels = split_model_spec(model)
     pkg = Registry(registry).resolve(spec)
     predictor = Predictor(
-        pkg, make_backend(pkg, backend), tile=tile_from_string(tile, pkg.manifest.n_spatial)
+        pkg,
+        make_backend(pkg, backend),
+        tile=tile_from_string(tile, pkg.manifest.n_spatial),
+        border=border,
     )
     info = src.info
     m = pkg.manifest

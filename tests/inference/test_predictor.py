@@ -137,3 +137,23 @@ def test_a_flip_ensemble_is_the_mean_and_spread_of_its_turned_back_members(
     mean8, spread8 = pred.predict_tta(sq, 8)
     assert mean8.shape == spread8.shape == pred.predict(sq).shape
     assert (spread8 >= 0).all() and spread8.mean() > 0
+
+
+def test_reflect_border_changes_only_the_border_band_and_tiles_the_same(
+    make_package: Callable[..., ModelPackage],
+) -> None:
+    pkg = make_package(seed=4)
+    zero = Predictor(pkg, OnnxBackend(pkg))
+    refl = Predictor(pkg, OnnxBackend(pkg), border="reflect")
+    tiled = Predictor(pkg, OnnxBackend(pkg), border="reflect", tile=(128, 128))
+    x = np.random.default_rng(1).normal(300, 40, (200, 232)).astype(np.float32)
+    a, b, c = zero.predict(x), refl.predict(x), tiled.predict(x)
+    assert a.shape == b.shape == c.shape == (1, 200, 232)
+    np.testing.assert_allclose(c, b, rtol=1e-5, atol=1e-3)  # tiled = whole
+    hy, hx = refl.halo
+    inner = (slice(None), slice(hy, -hy), slice(hx, -hx))
+    np.testing.assert_allclose(b[inner], a[inner], rtol=1e-5, atol=1e-3)  # the inside as before
+    assert not np.allclose(b[:, :8], a[:, :8], atol=1e-2)  # the border band is another
+    assert refl.describe()["border"] == "reflect"
+    with pytest.raises(ValueError, match="border must be one of"):
+        Predictor(pkg, OnnxBackend(pkg), border="wrap")
