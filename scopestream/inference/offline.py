@@ -111,8 +111,8 @@ def predict_file(
         and not (m.accepts("raw") and (not trained or "raw" in trained))
     ):
         input_channel = "raw"
-        taken = trained if trained and len(trained) == 1 else m.inputs
-        notes.append(f"the input's one unnamed channel is taken as {taken[0]!r}")
+        taken = trained[0] if trained else m.inputs[0]  # never the wildcard's '*'
+        notes.append(f"the input's one unnamed channel is taken as {taken!r}")
     # bad input: before anything is written
     targets = check_channels(
         predictor,
