@@ -42,7 +42,7 @@ test: install system-deps
 	$(VENV)/bin/ruff check scopestream tests benchmarks
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
-	$(PY) -m pytest -m "slow or not slow"
+	$(PY) -m pytest -m "slow or not slow" -n auto --dist loadfile
 
 bench: install
 	$(PY) benchmarks/bench_streaming.py

@@ -15,6 +15,20 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 
+def _share_the_cores() -> None:
+    """Under pytest-xdist (``make test`` runs one worker per core) each worker and the
+    processes it starts get their share of the cores: two workers each running torch on
+    every core would fight for them and both run slower than one alone."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        share = str(max(1, (os.cpu_count() or 1) // workers))
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ.setdefault(var, share)
+
+
+_share_the_cores()
+
+
 def _cuda_available() -> bool:
     try:
         import torch

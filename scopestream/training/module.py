@@ -33,8 +33,12 @@ class PatchDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
         input_norm: Normalization,
         target_norm: Normalization | None,
         length: int,
+        *,
+        mask_fraction: float = 0.002,
+        mask_replace: str = "median",
     ) -> None:
         self.sampler, self.mode, self.length = sampler, mode, length
+        self.mask_fraction, self.mask_replace = mask_fraction, mask_replace
         self.input_norm, self.target_norm = input_norm, target_norm
 
     def __len__(self) -> int:
@@ -48,7 +52,7 @@ class PatchDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
             xn = self.input_norm.apply(x[None])
         if self.mode == "n2v":
             rng = np.random.default_rng((self.sampler.seed, i, 7))
-            masked, mask = n2v_mask(xn[0], rng)
+            masked, mask = n2v_mask(xn[0], rng, self.mask_fraction, self.mask_replace)
             return (
                 torch.from_numpy(masked[None]),
                 torch.from_numpy(xn),

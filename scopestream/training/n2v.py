@@ -1,10 +1,11 @@
-"""Noise2Void blind-spot masking, N2V2 style.
+"""Noise2Void blind-spot masking.
 
-A few pixels per patch (stratified: one per cell of a grid) are replaced by
-the median of their neighbourhood *without* the pixel itself, and the loss is
-taken on those pixels only: the network cannot copy its input and learns the
-expected signal instead. With the N2V2 architecture (no top-level skip,
-blur-pooling) this avoids N2V's checkerboard artefacts.
+A few pixels per patch (stratified: one per cell of a grid) are replaced, and the
+loss is taken on those pixels only: the network cannot copy its input and learns
+the expected signal instead. The replacement is ``median`` (N2V2: the median of the
+5×5 neighbourhood *without* the pixel; with the N2V2 architecture, no top-level
+skip and blur-pooling, this avoids N2V's checkerboard artefacts) or ``uniform``
+(original N2V: one neighbour of the 5×5 window drawn at random).
 """
 
 from __future__ import annotations
@@ -17,10 +18,24 @@ _OFFSETS = np.array(
 )
 
 
+REPLACE = ("median", "uniform")
+
+
 def n2v_mask(
-    patch: np.ndarray, rng: np.random.Generator, fraction: float = 0.002
+    patch: np.ndarray,
+    rng: np.random.Generator,
+    fraction: float = 0.002,
+    replace: str = "median",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(masked patch, mask) for a 2D patch; ``mask`` is 1 on the blind-spot pixels."""
+    """(masked patch, mask) for a 2D patch; ``mask`` is 1 on the blind-spot pixels.
+
+    ``fraction`` of the pixels are masked (one per cell of a grid), each replaced as
+    ``replace`` says (`REPLACE`).
+    """
+    if replace not in REPLACE:
+        raise ValueError(f"replace must be one of {REPLACE}, got {replace!r}")
+    if not 0 < fraction < 0.5:
+        raise ValueError(f"the masked fraction must be in (0, 0.5), got {fraction}")
     h, w = patch.shape
     cell = max(2, round(1 / np.sqrt(fraction)))
     ys = np.arange(0, h, cell)
@@ -31,7 +46,10 @@ def n2v_mask(
     padded = np.pad(patch, _R, mode="reflect")
     neigh = padded[py[:, None] + _R + _OFFSETS[:, 0], px[:, None] + _R + _OFFSETS[:, 1]]
     masked = patch.copy()
-    masked[py, px] = np.median(neigh, axis=1)
+    if replace == "median":
+        masked[py, px] = np.median(neigh, axis=1)
+    else:
+        masked[py, px] = neigh[np.arange(py.size), rng.integers(0, len(_OFFSETS), py.size)]
     mask = np.zeros_like(patch)
     mask[py, px] = 1.0
     return masked, mask

@@ -27,6 +27,7 @@ from scopestream.training.data import (
     split_regions,
 )
 from scopestream.training.metrics import image_metrics, mean_metrics
+from scopestream.training.n2v import REPLACE
 
 if TYPE_CHECKING:
     from scopestream.inference.guard import Fingerprint
@@ -65,6 +66,10 @@ class TrainConfig:
     #: n2v: which network: "n2v2" (no top skip, blur-pool: no checkerboard artefacts)
     #: or "n2v" (the plain U-Net of the original N2V: top skip, max-pooling)
     variant: str = "n2v2"
+    #: n2v: the fraction of each patch's pixels masked, and what replaces them
+    #: ("median" of the 5×5 neighbourhood, N2V2; "uniform": a random neighbour, N2V)
+    mask_fraction: float = 0.002
+    mask_replace: str = "median"
     #: how inputs and targets are scaled (`NORMS`), computed on the training data and
     #: frozen in the package (live prediction uses the same constants, never per frame)
     norm: str = "percentile"
@@ -84,8 +89,14 @@ class TrainConfig:
         d = asdict(self)
         for k in ("work_dir", "resume", "devices", "num_nodes", "force"):
             d.pop(k)
-        for k in ("norm", "target_norm"):  # the default keeps the key of older trainings
-            if d[k] == "percentile":
+        defaults = {
+            "norm": "percentile",
+            "target_norm": "percentile",
+            "mask_fraction": 0.002,
+            "mask_replace": "median",
+        }
+        for k, v in defaults.items():  # a default keeps the key of older trainings
+            if d[k] == v:
                 d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -95,6 +106,12 @@ def _load(cfg: TrainConfig) -> list[FieldData]:
         raise DataError(f"--mode must be one of {MODES}, got {cfg.mode!r}")
     if cfg.variant not in ("n2v", "n2v2"):
         raise DataError(f"--variant must be n2v or n2v2, got {cfg.variant!r}")
+    if cfg.mask_replace not in REPLACE:
+        raise DataError(
+            f"--mask-replace must be one of {', '.join(REPLACE)}, got {cfg.mask_replace!r}"
+        )
+    if not 0 < cfg.mask_fraction < 0.5:
+        raise DataError(f"--mask-fraction must be in (0, 0.5), got {cfg.mask_fraction}")
     for flag, v in (("--norm", cfg.norm), ("--target-norm", cfg.target_norm)):
         if v not in NORMS:
             raise DataError(f"{flag} must be one of {', '.join(NORMS)}, got {v!r}")
@@ -413,8 +430,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     steps = cfg.max_steps if cfg.epochs is None else cfg.epochs * 200
     # pix2pix steps two optimizers per batch; Lightning counts both
     per_batch = 2 if cfg.mode == "pix2pix" else 1
-    ds_train = PatchDataset(train_s, cfg.mode, in_norm, tgt_norm, steps * cfg.batch)
-    ds_val = PatchDataset(val_s, cfg.mode, in_norm, tgt_norm, max(cfg.batch * 4, 64))
+    masking: dict[str, Any] = {"mask_fraction": cfg.mask_fraction}
+    masking["mask_replace"] = cfg.mask_replace
+    ds_train = PatchDataset(train_s, cfg.mode, in_norm, tgt_norm, steps * cfg.batch, **masking)
+    ds_val = PatchDataset(val_s, cfg.mode, in_norm, tgt_norm, max(cfg.batch * 4, 64), **masking)
     work = (
         Path(cfg.work_dir or Path.home() / ".scopestream" / "train")
         / f"{Path(cfg.out).name}-{cfg.key()}"

@@ -112,6 +112,13 @@ def test_bad_input_exits_2_with_a_reason(cli: Callable[..., CliResult], tmp_path
     assert r.code == 2
     assert "is not a directory" in r.stderr
     assert not list(tmp_path.glob("*.ome.zarr"))
+    # a long path is printed whole, never broken at the console's width
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.parent.mkdir()
+    deep.write_text("")
+    r = cli("run", "--frames", "3", "--out", str(deep / "x.ome.zarr"))
+    assert r.code == 2
+    assert f"{deep} is not a directory" in r.stderr
 
 
 def test_config_file_flags_override_and_effective_config_saved(

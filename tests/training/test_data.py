@@ -118,6 +118,29 @@ def test_n2v_blind_spots_replace_pixels_by_their_neighbourhood_median() -> None:
             assert masked[y, x] == np.median(neigh)
 
 
+def test_n2v_uniform_replacement_takes_one_of_the_5x5_neighbours_never_the_pixel() -> None:
+    # distinct values: each replacement says which pixel it came from
+    patch = np.arange(64 * 64, dtype=np.float32).reshape(64, 64)
+    masked, mask = n2v_mask(patch, np.random.default_rng(0), fraction=0.015, replace="uniform")
+    ys, xs = np.nonzero(mask)
+    cell = round(1 / np.sqrt(0.015))  # one blind spot per 8x8 cell: 64 in a 64x64 patch
+    assert len(ys) == (64 // cell) ** 2
+    offsets = set()
+    for y, x in zip(ys, xs, strict=True):
+        if 2 <= y < 62 and 2 <= x < 62:
+            src = int(masked[y, x])
+            dy, dx = src // 64 - y, src % 64 - x
+            assert max(abs(dy), abs(dx)) <= 2 and (dy, dx) != (0, 0)
+            offsets.add((dy, dx))
+    assert len(offsets) > 8  # drawn at random, not one fixed neighbour
+    _, smask = n2v_mask(patch, np.random.default_rng(0), fraction=0.002)
+    assert smask.sum() < mask.sum() / 4  # the fraction is honoured
+    with pytest.raises(ValueError, match="replace"):
+        n2v_mask(patch, np.random.default_rng(0), replace="mean")
+    with pytest.raises(ValueError, match="fraction"):
+        n2v_mask(patch, np.random.default_rng(0), fraction=0.0)
+
+
 def test_lazy_planes_are_indexed_like_the_array_they_stand_for(tmp_path: Path) -> None:
     """Runs over the in-memory threshold: every index form training and evaluation use."""
     full = np.random.default_rng(0).integers(0, 4000, (3, 2, 2, 16, 24)).astype(np.uint16)

@@ -420,6 +420,27 @@ def test_train_freezes_the_chosen_normalization_and_preset_in_the_package(
     assert bad.code == 2 and "--norm must be one of" in bad.stderr
 
 
+def test_n2v_masking_options_are_recorded_and_bad_ones_refused(
+    cli: Callable[..., CliResult], tmp_path: Path, low_light_runs: list[Path]
+) -> None:
+    args = [
+        "train", "--task", "denoise", "--mode", "n2v", "--out", str(tmp_path / "reg" / "dn"),
+        "--data", str(low_light_runs[0]), "--input-channel", "nuclei", "--max-steps", "2",
+        "--patch", "32x32", "--batch", "4", "--work-dir", str(tmp_path / "work"), "--force",
+        "--json",
+    ]  # fmt: skip
+    r = cli(*args, "--mask-fraction", "0.015", "--mask-replace", "uniform", "--variant", "n2v")
+    assert r.code == 0, r.stderr
+    m = load_package(r.json["package"]).manifest
+    assert m.training["config"]["mask_fraction"] == 0.015
+    assert m.training["config"]["mask_replace"] == "uniform"
+    assert not m.architecture.params.get("n2v2", False)
+    bad = cli(*args, "--mask-replace", "mean")
+    assert bad.code == 2 and "--mask-replace must be one of" in bad.stderr
+    bad = cli(*args, "--mask-fraction", "0.7")
+    assert bad.code == 2 and "--mask-fraction must be in" in bad.stderr
+
+
 def _raw_frames(run: Path, channel: str) -> np.ndarray:
     from scopestream.streaming.saved_run import SavedRun
 
