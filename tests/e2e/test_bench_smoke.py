@@ -85,3 +85,68 @@ def test_bench_positions_reports_both_variants_and_their_ratio(
         assert b["ratio_positions_vs_single"][path] == pytest.approx(ratio, rel=0.02)
     assert all(math.isfinite(x) for x in _numbers(b))
     assert not list(tmp_path.iterdir())  # cleaned up
+
+
+def _fake_wheel(cache: Path, image: Any) -> None:
+    """A cached stardist wheel holding ``image`` as its img2d.tif (no network in tests)."""
+    import io
+    import zipfile
+
+    import tifffile
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, image)
+    (cache / "wheels").mkdir(parents=True)
+    with zipfile.ZipFile(cache / "wheels" / "stardist-0.9.2-py3-none-any.whl", "w") as z:
+        z.writestr("stardist/data/images/img2d.tif", buf.getvalue())
+
+
+def test_bench_quality_reports_every_method_against_its_baselines(
+    cli: Callable[..., CliResult], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+
+    from scopestream.bench.common import realistic_frames
+
+    _fake_wheel(tmp_path / "cache", realistic_frames((512, 512), k=1)[0])
+    monkeypatch.setenv("SCOPESTREAM_BENCH_CACHE", str(tmp_path / "cache"))
+    r = cli(
+        "bench", "quality", "--datasets", "img2d", "--photons", "20", "--steps", "3",
+        "--methods", "n2v,care", "--no-careamics", "--no-ablation",
+        "--workdir", str(tmp_path / "w"), "--json", timeout=600,
+    )  # fmt: skip
+    assert r.code == 0, r.stderr
+    b = r.json
+    assert b["bench"] == "quality"
+    assert [row["method"] for row in b["rows"]] == ["plain-n2v", "n2v", "care"]
+    assert "careamics" in b["baselines_unavailable"]  # left out, and said so
+    for row in b["rows"]:
+        assert row["optimizer_steps"] == 3 and row["dataset"] == "img2d"
+        assert row["psnr_gain_db"] == pytest.approx(row["psnr"] - row["noisy_psnr"], abs=2e-3)
+        assert {"psnr", "ssim", "ssim_gain", "wall_s", "steps_per_s"} <= set(row)
+    assert set(b["rows"][1]["vs"]) == {"plain-n2v"}
+    assert np.isfinite(list(_numbers(b["rows"]))).all()
+    bad = cli("bench", "quality", "--datasets", "lena", "--no-careamics")
+    assert bad.code == 2 and "unknown dataset 'lena'" in bad.stderr
+
+
+def test_bench_quality_degrades_like_a_camera_and_never_splits_a_frame_in_two() -> None:
+    import numpy as np
+
+    from scopestream.bench.quality import OFFSET, READ_NOISE, degrade, split
+
+    clean = np.full((4, 64, 64), 1000.0)
+    clean[:, :, :32] = 0
+    noisy, ref, target = degrade(clean, 20, np.random.default_rng(0), (0.0, 1000.0))
+    assert noisy.dtype == np.uint16 and target.dtype == np.uint16
+    bright, dark = noisy[..., 32:].astype(float), noisy[..., :32].astype(float)
+    assert bright.mean() == pytest.approx(20 + OFFSET, abs=0.3)
+    assert bright.var() == pytest.approx(20 + READ_NOISE**2, rel=0.1)  # shot + read noise
+    assert dark.var() == pytest.approx(READ_NOISE**2 + 1 / 12, rel=0.15)  # read + rounding
+    assert np.array_equal(ref[..., 32:], np.full((4, 64, 32), 20.0 + OFFSET))
+    assert target[..., 32:].mean() == pytest.approx(20 * 50 + OFFSET, rel=0.01)
+    columns = np.tile(np.arange(512), (512, 1))
+    tr, te = split("img2d", columns)
+    assert te.min() - tr.max() > 8  # no column in both, and a gap between them
+    with pytest.raises(ValueError, match="too small"):
+        split("img2d", columns[:, :256])
