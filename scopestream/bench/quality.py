@@ -528,13 +528,13 @@ class _Case:
 
 
 def bench_quality(
-    datasets: Sequence[str] = ("timelapse", "img2d"),
+    datasets: Sequence[str] = ("timelapse",),
     photons: Sequence[float] = (5, 20, 100),
     steps: Sequence[int] = (300,),
     methods: Sequence[str] = tuple(OURS),
     careamics: bool = True,
     careamics_python: str | None = None,
-    ablation: bool = True,
+    ablation: bool = False,
     seed: int = 0,
     workdir: str | None = None,
     log: Callable[[str], None] = print,

@@ -54,8 +54,10 @@ if TYPE_CHECKING:
 FORMAT_VERSION = "0.5.12"
 
 _CITES = {
-    "n2v": ("Höck et al. N2V2 - Fixing Noise2Void checkerboard artifacts. ECCV BIC 2022.",
-            "10.48550/arXiv.2211.08512"),
+    "n2v": ("Krull et al. Noise2Void - Learning denoising from single noisy images. "
+            "CVPR 2019.", "10.1109/CVPR.2019.00223"),
+    "n2v2": ("Höck et al. N2V2 - Fixing Noise2Void checkerboard artifacts. ECCV BIC 2022.",
+             "10.48550/arXiv.2211.08512"),
     "care": ("Weigert et al. Content-aware image restoration. Nature Methods 2018.",
              "10.1038/s41592-018-0216-7"),
     "supervised": ("Ounkomol et al. Label-free prediction of three-dimensional fluorescence "
@@ -230,8 +232,10 @@ def export_bioimageio(
         )
         out_names = [o.replace("*", "channel") for o in man.outputs]
         mode = str(man.training.get("mode", "supervised"))
-        cite_text, doi = _CITES.get(mode, _CITES["supervised"])
         arch = man.architecture
+        if mode == "n2v" and arch.params.get("n2v2"):
+            mode = "n2v2"
+        cite_text, doi = _CITES.get(mode, _CITES["supervised"])
         kwargs = unet_kwargs(arch.kind, dict(arch.params))  # type: ignore[arg-type]
         if "pool_z" in kwargs:
             kwargs["pool_z"] = [bool(v) for v in kwargs["pool_z"]]

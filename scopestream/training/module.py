@@ -34,7 +34,7 @@ class PatchDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
         target_norm: Normalization | None,
         length: int,
         *,
-        mask_fraction: float = 0.002,
+        mask_fraction: float = 0.015,
         mask_replace: str = "median",
     ) -> None:
         self.sampler, self.mode, self.length = sampler, mode, length

@@ -24,7 +24,7 @@ REPLACE = ("median", "uniform")
 def n2v_mask(
     patch: np.ndarray,
     rng: np.random.Generator,
-    fraction: float = 0.002,
+    fraction: float = 0.015,
     replace: str = "median",
 ) -> tuple[np.ndarray, np.ndarray]:
     """(masked patch, mask) for a 2D patch; ``mask`` is 1 on the blind-spot pixels.

