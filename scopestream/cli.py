@@ -735,14 +735,19 @@ def train(
     norm: Annotated[
         str,
         typer.Option(
-            help="Input normalization, frozen in the package: percentile (p1/p99.8 to 0/1) | "
-            "percentile-sym (p0.5/p99.5 to -1/1) | standard (z-score) | center (z-score of the "
-            "central 32 planes of each stack)"
+            help="Input normalization, frozen in the package: percentile (p1/p99.8 to 0/1; "
+            "the stain modes' default) | percentile-sym (p0.5/p99.5 to -1/1) | standard "
+            "(z-score; the denoisers' default) | center (z-score of the central 32 planes of "
+            "each stack)"
         ),
-    ] = "percentile",
+    ] = "",
     target_norm: Annotated[
-        str, typer.Option(help="Target normalization (care/supervised), as --norm.")
-    ] = "percentile",
+        str,
+        typer.Option(
+            help="Target normalization (care/supervised/pix2pix), as --norm (default: "
+            "standard for care, percentile for the stain modes)."
+        ),
+    ] = "",
     variant: Annotated[
         str,
         typer.Option(
@@ -1281,7 +1286,9 @@ def bench_quality_cmd(
     steps: Annotated[
         str, typer.Option(help="Optimizer steps of every training, comma-separated.")
     ] = "300",
-    methods: Annotated[str, typer.Option(help="Ours: n2v, n2v2, care.")] = "n2v,n2v2,care",
+    methods: Annotated[
+        str, typer.Option(help="Ours: n2v, n2v2, care, n2v-quality (the quality preset).")
+    ] = "n2v,n2v2,care",
     careamics: Annotated[
         bool,
         typer.Option(
@@ -1292,6 +1299,10 @@ def bench_quality_cmd(
     careamics_python: Annotated[
         str | None, typer.Option(help="The python of an existing CAREamics environment.")
     ] = None,
+    careamics_variants: Annotated[
+        str,
+        typer.Option(help="CAREamics' configurations, comma-separated: n2v (its default), n2v2."),
+    ] = "n2v",
     ablation: Annotated[
         bool,
         typer.Option(help="One knob at a time from our N2V default (first dataset, ~10 min)."),
@@ -1334,7 +1345,43 @@ def bench_quality_cmd(
                 methods=_list("methods", methods, str),
                 careamics=careamics,
                 careamics_python=careamics_python,
+                careamics_variants=_list("careamics-variants", careamics_variants, str),
                 ablation=ablation,
+                seed=seed,
+                workdir=workdir,
+                log=(lambda s: None) if as_json else err.print,
+            )
+    except (ValueError, RuntimeError) as e:
+        raise _die(str(e)) from None
+    typer.echo(json.dumps(res))
+
+
+@bench_app.command("stain-norms")
+def bench_stain_norms_cmd(
+    fields: Annotated[
+        int, typer.Option(help="Simulated fields (split by field: training, validation, test).")
+    ] = 5,
+    steps: Annotated[int, typer.Option(help="Optimizer steps of every training.")] = 300,
+    seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
+    workdir: Annotated[
+        str | None, typer.Option(help="Where recordings and trainings go (default: temp dir).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+) -> None:
+    """Virtual staining with each of the seeds' normalizations (inputs and targets) on the
+    simulator's brightfield/fluorescence pairs: Pearson r vs the noise-free truth."""
+    import contextlib
+    import sys
+
+    from scopestream.bench.stain_norms import bench_stain_norms
+
+    if steps < 1:
+        raise _die(f"--steps must be positive, got {steps}")
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            res = bench_stain_norms(
+                fields=fields,
+                steps=steps,
                 seed=seed,
                 workdir=workdir,
                 log=(lambda s: None) if as_json else err.print,

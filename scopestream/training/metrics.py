@@ -24,9 +24,16 @@ def _norm(target: np.ndarray) -> tuple[np.ndarray, float, float]:
     return (target - lo) / scale, float(lo), scale
 
 
-def _fit(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
+def affine_fit(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """``pred`` scaled and offset to ``ref`` by least squares (a flat ``pred``: ref's mean)."""
     p = pred.astype(np.float64).ravel()
-    a, b = np.polyfit(p, ref.astype(np.float64).ravel(), 1) if p.std() > 0 else (0.0, ref.mean())
+    r = ref.astype(np.float64).ravel()
+    # least squares in closed form (np.polyfit warns, as an error in tests, on a nearly
+    # flat prediction such as an untrained model's)
+    dp = p - p.mean()
+    var = float(dp @ dp)
+    a = float(dp @ (r - r.mean())) / var if var > 0 else 0.0
+    b = float(r.mean() - a * p.mean())
     out: np.ndarray = (pred * a + b).astype(np.float64)
     return out
 
@@ -45,7 +52,7 @@ def ssim(x: np.ndarray, y: np.ndarray, data_range: float = 1.0, sigma: float = 1
 def image_metrics(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
     """PSNR (dB), SSIM, Pearson r, MAE and NRMSE of ``pred`` against ``target``."""
     t, _, _ = _norm(target.astype(np.float64))
-    p = _fit(pred, t)
+    p = affine_fit(pred, t)
     err = p - t
     mse = float(np.mean(err * err))
     r = float(np.corrcoef(pred.ravel(), target.ravel())[0, 1]) if pred.std() > 0 else 0.0

@@ -150,3 +150,30 @@ def test_bench_quality_degrades_like_a_camera_and_never_splits_a_frame_in_two() 
     assert te.min() - tr.max() > 8  # no column in both, and a gap between them
     with pytest.raises(ValueError, match="too small"):
         split("img2d", columns[:, :256])
+
+
+# lightning's own use of a torch API it deprecates (the CLI trains with it too)
+@pytest.mark.filterwarnings("ignore:.*LeafSpec")
+def test_bench_stain_norms_trains_each_normalization_and_scores_both_stains(
+    tmp_path: Path,
+) -> None:
+    from scopestream.bench.stain_norms import bench_stain_norms
+    from scopestream.inference.package import Registry
+
+    rows = (("percentile", "percentile"), ("standard", "percentile-sym"))
+    b = bench_stain_norms(rows, fields=3, steps=2, workdir=str(tmp_path), log=lambda s: None)
+    assert [(r["norm"], r["target_norm"]) for r in b["rows"]] == list(rows)
+    for r in b["rows"]:
+        assert r["optimizer_steps"] == 2
+        for s in ("nuclei", "membrane"):
+            assert -1 <= r[f"{s}_pearson"] <= 1
+    # the same held-out field and truth for every row: the brightfield's own r is one number
+    assert len({r["nuclei_brightfield_pearson"] for r in b["rows"]}) == 1
+    # the two stains are scored against their own truth, not both against the nuclei
+    assert b["rows"][0]["nuclei_brightfield_pearson"] != b["rows"][0][
+        "membrane_brightfield_pearson"
+    ]
+    newest = Registry(tmp_path / "reg").resolve("stain").manifest.training["config"]
+    assert (newest["norm"], newest["target_norm"]) == rows[-1]
+    with pytest.raises(ValueError, match="unknown normalization 'minmax'"):
+        bench_stain_norms((("minmax", "percentile"),), fields=3, workdir=str(tmp_path))

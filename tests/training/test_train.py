@@ -14,6 +14,7 @@ import pytest
 import tifffile
 
 from scopestream.inference.package import Registry, load_package
+from scopestream.training.train import TrainConfig
 from tests.conftest import CliResult, record_sim
 
 if TYPE_CHECKING:
@@ -422,6 +423,18 @@ def test_train_freezes_the_chosen_normalization_and_preset_in_the_package(
     assert bad.code == 2 and "--norm must be one of" in bad.stderr
 
 
+def test_each_mode_has_its_own_normalization_and_sampling_defaults() -> None:
+    n2v = TrainConfig(task="denoise", mode="n2v", out="r/dn")
+    care = TrainConfig(task="denoise", mode="care", out="r/dn")
+    stain = TrainConfig(task="stain", mode="supervised", out="r/st")
+    assert (n2v.norm, n2v.foreground) == ("standard", False)
+    assert (care.norm, care.target_norm, care.foreground) == ("standard", "standard", True)
+    assert (stain.norm, stain.target_norm, stain.foreground) == ("percentile", "percentile", True)
+    chosen = TrainConfig(task="denoise", mode="n2v", out="r/dn", norm="center", foreground=True)
+    assert (chosen.norm, chosen.foreground) == ("center", True)
+    assert len({n2v.key(), chosen.key()}) == 2
+
+
 def test_n2v_masking_options_are_recorded_and_bad_ones_refused(
     cli: Callable[..., CliResult], tmp_path: Path, low_light_runs: list[Path]
 ) -> None:
@@ -437,6 +450,11 @@ def test_n2v_masking_options_are_recorded_and_bad_ones_refused(
     assert m.training["config"]["mask_fraction"] == 0.015
     assert m.training["config"]["mask_replace"] == "uniform"
     assert not m.architecture.params.get("n2v2", False)
+    # n2v's defaults from bench quality: z-scored inputs, patches drawn evenly
+    assert m.training["config"]["norm"] == "standard"
+    assert m.training["config"]["foreground"] is False
+    raw = np.asarray(_raw_frames(low_light_runs[0], "nuclei"), np.float64)
+    assert m.input_norm.offset[0] == pytest.approx(raw.mean(), rel=0.05)
     bad = cli(*args, "--mask-replace", "mean")
     assert bad.code == 2 and "--mask-replace must be one of" in bad.stderr
     bad = cli(*args, "--mask-fraction", "0.7")
