@@ -1315,9 +1315,6 @@ def bench_quality_cmd(
 ) -> None:
     """Denoising on real fluorescence degraded to low light: PSNR/SSIM gains of our N2V,
     N2V2 and CARE vs a plain N2V and CAREamics at the same optimizer steps."""
-    import contextlib
-    import sys
-
     from scopestream.bench.quality import bench_quality
 
     def _list(flag: str, text: str, kind: Callable[[str], Any]) -> tuple[Any, ...]:
@@ -1335,22 +1332,30 @@ def bench_quality_cmd(
     got_photons = _list("photons", photons, float)
     if min(got_photons) <= 0:
         raise _die(f"--photons must be positive, got {photons}")
+    got = {
+        "datasets": _list("datasets", datasets, str),
+        "methods": _list("methods", methods, str),
+        "careamics_variants": _list("careamics-variants", careamics_variants, str),
+    }
+    _training_bench(
+        lambda log: bench_quality(
+            photons=got_photons, steps=got_steps, careamics=careamics,
+            careamics_python=careamics_python, ablation=ablation, seed=seed,
+            workdir=workdir, log=log, **got,
+        ),
+        as_json,
+    )  # fmt: skip
+
+
+def _training_bench(run: Callable[[Callable[[str], None]], dict[str, Any]], as_json: bool) -> None:
+    """Run a benchmark that trains (``run(log)``) and print its JSON: trainers print to
+    stdout, so while it runs stdout goes to stderr and the JSON line is alone there."""
+    import contextlib
+    import sys
+
     try:
-        # trainers print to stdout; the JSON line is the only thing there
         with contextlib.redirect_stdout(sys.stderr):
-            res = bench_quality(
-                datasets=_list("datasets", datasets, str),
-                photons=got_photons,
-                steps=got_steps,
-                methods=_list("methods", methods, str),
-                careamics=careamics,
-                careamics_python=careamics_python,
-                careamics_variants=_list("careamics-variants", careamics_variants, str),
-                ablation=ablation,
-                seed=seed,
-                workdir=workdir,
-                log=(lambda s: None) if as_json else err.print,
-            )
+            res = run((lambda s: None) if as_json else err.print)
     except (ValueError, RuntimeError) as e:
         raise _die(str(e)) from None
     typer.echo(json.dumps(res))
@@ -1370,25 +1375,16 @@ def bench_stain_norms_cmd(
 ) -> None:
     """Virtual staining with each of the seeds' normalizations (inputs and targets) on the
     simulator's brightfield/fluorescence pairs: Pearson r vs the noise-free truth."""
-    import contextlib
-    import sys
-
     from scopestream.bench.stain_norms import bench_stain_norms
 
     if steps < 1:
         raise _die(f"--steps must be positive, got {steps}")
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            res = bench_stain_norms(
-                fields=fields,
-                steps=steps,
-                seed=seed,
-                workdir=workdir,
-                log=(lambda s: None) if as_json else err.print,
-            )
-    except (ValueError, RuntimeError) as e:
-        raise _die(str(e)) from None
-    typer.echo(json.dumps(res))
+    _training_bench(
+        lambda log: bench_stain_norms(
+            fields=fields, steps=steps, seed=seed, workdir=workdir, log=log
+        ),
+        as_json,
+    )
 
 
 def main() -> None:

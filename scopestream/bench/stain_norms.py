@@ -71,17 +71,36 @@ def bench_stain_norms(
         Simulated fields (≥ 3: training, validation and test by field).
     steps
         Optimizer steps of every training.
+    workdir
+        Where recordings and trainings go (default: a temporary directory, removed).
     """
-    from scopestream.inference.package import load_package
-    from scopestream.training.data import load_run_fields, split_regions
-    from scopestream.training.train import NORMS, TrainConfig, evaluate, train
+    from scopestream.training.train import NORMS
 
     bad = [n for r in rows for n in r if n not in NORMS]
     if bad:
         raise ValueError(f"unknown normalization {bad[0]!r}: one of {', '.join(NORMS)}")
     if fields < 3:
         raise ValueError(f"fields must be at least 3 (train, validation, test), got {fields}")
-    work = Path(workdir or tempfile.mkdtemp(prefix="scopestream-bench-stain-"))
+    tmp = tempfile.TemporaryDirectory(prefix="ss-stain-norms-") if workdir is None else None
+    try:
+        return _bench(rows, fields, steps, seed, Path(tmp.name if tmp else str(workdir)), log)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _bench(
+    rows: Sequence[tuple[str, str]],
+    fields: int,
+    steps: int,
+    seed: int,
+    work: Path,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    from scopestream.inference.package import load_package
+    from scopestream.training.data import load_run_fields, split_regions
+    from scopestream.training.train import TrainConfig, evaluate, train
+
     runs = [record_pairs(work / "pairs", 10 + s) for s in range(fields)]
     truth = [f"truth:{s}" for s in STAINS]
     eval_fields = [f for p in runs for f in load_run_fields(str(p), "brightfield", truth)]
