@@ -389,6 +389,24 @@ def run(
         bool | None,
         typer.Option("--sim-truth", help="Also record the simulator's noise-free truth."),
     ] = None,
+    curve_server_key: Annotated[
+        str | None,
+        typer.Option(help="tcp:// source: the publisher's public key (its .key file)."),
+    ] = None,
+    curve_secret: Annotated[
+        str | None,
+        typer.Option(help="tcp:// source: this receiver's .key_secret ('scopestream keys')."),
+    ] = None,
+    insecure: Annotated[
+        bool | None,
+        typer.Option(
+            "--insecure", help="tcp:// source off loopback without keys (a trusted network only)."
+        ),
+    ] = None,
+    heartbeat: Annotated[
+        float | None,
+        typer.Option(help="tcp:// source: a publisher gone this many seconds fails the run."),
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the summary as one JSON line last.")
     ] = False,
@@ -421,6 +439,10 @@ def run(
             "uncertainty": uncertainty,
             "sim_truth": sim_truth,
             "sim_time_step_s": sim_time_step,
+            "curve_server_key": curve_server_key,
+            "curve_secret": curve_secret,
+            "insecure": insecure,
+            "heartbeat_s": heartbeat,
             "source": source,
             "frames": frames,
             "shape": shape,
@@ -543,22 +565,48 @@ def publish(
         float, typer.Option(help="Wait this long for a receiver before starting.")
     ] = 60.0,
     seed: Annotated[int, typer.Option(help="Seed of the simulated sample.")] = 0,
+    curve_secret: Annotated[
+        str | None,
+        typer.Option(help="This publisher's .key_secret ('scopestream keys'): CURVE encryption."),
+    ] = None,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option(help="A receiver's public key (.key file) let in; repeat for several."),
+    ] = None,
+    insecure: Annotated[
+        bool,
+        typer.Option("--insecure", help="Bind off loopback without keys (trusted networks only)."),
+    ] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the summary as one JSON line last.")
     ] = False,
 ) -> None:
-    """Publish a source's frames over the scopestream ZMQ protocol (the microscope side)."""
+    """Publish a source's frames over the scopestream ZMQ protocol (the microscope side).
+
+    Off loopback the stream is encrypted and only the receivers named by --allow get
+    it (ZMQ CURVE); --insecure sends it in the clear to whoever connects.
+    """
     import zmq
 
-    from scopestream.streaming.protocol import FramePublisher
+    from scopestream.streaming.protocol import FramePublisher, is_loopback
 
     cfg = _config_from(
         None, {"source": source, "frames": frames, "shape": shape, "fps": fps, "seed": seed}
     )
     try:
-        pub = FramePublisher(bind)
+        pub = FramePublisher(
+            bind, curve_secret=curve_secret, allow=allow or (), insecure=insecure,
+            receivers=receivers,
+        )  # fmt: skip
     except zmq.ZMQError as e:
         raise _die(f"cannot bind {bind}: {e}") from None
+    except ValueError as e:  # InsecureAddress, BadKey
+        raise _die(str(e)) from None
+    if insecure and not curve_secret and not is_loopback(bind):
+        err.print(
+            f"[yellow]warning: {escape(bind)} is not loopback and --insecure: frames go "
+            "unencrypted to anyone who connects[/]"
+        )
     try:
         pipe = _build(cfg, publisher=pub, receivers=receivers)
     except BaseException:
@@ -571,6 +619,28 @@ def publish(
         raise _die(f"no receiver connected to {pub.address} within {wait_s:g} s", EXIT_FAILED)
     summary = _drive(pipe, show_progress=err.is_terminal, label="publishing")
     _finish(summary, as_json)
+
+
+@app.command()
+def keys(
+    out: Annotated[
+        Path, typer.Option(help="Where to write: OUT.key (public, to share) and OUT.key_secret.")
+    ],
+) -> None:
+    """Make a CURVE key pair for an encrypted, authenticated remote stream.
+
+    The microscope's publisher gets its own .key_secret and each receiver's .key
+    (--allow); each receiver gets its own .key_secret and the publisher's .key
+    (--curve-server-key). A .key_secret never leaves its machine.
+    """
+    from scopestream.streaming.protocol import BadKey, load_public_key, make_keys
+
+    try:
+        public, secret = make_keys(out)
+    except BadKey as e:
+        raise _die(str(e)) from None
+    err.print(f"public key {escape(str(public))} (share it), secret {escape(str(secret))}")
+    typer.echo(load_public_key(public).decode())
 
 
 def default_prediction_path(input: str, model: str) -> Path:

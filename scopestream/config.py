@@ -103,6 +103,18 @@ class RunConfig(BaseModel):
 
     version: Literal[1] = 1
     source: str = Field("sim", description="sim | replay:PATH | tcp://HOST:PORT")
+    curve_server_key: str | None = Field(
+        None, description="tcp sources: the publisher's CURVE public key (.key file or Z85)"
+    )
+    curve_secret: str | None = Field(
+        None, description="tcp sources: this receiver's CURVE .key_secret file"
+    )
+    insecure: bool = Field(
+        False, description="tcp sources: allow a non-loopback stream without CURVE keys"
+    )
+    heartbeat_s: float = Field(
+        5.0, gt=0, le=3600, description="tcp sources: a publisher gone this long fails the run"
+    )
     frames: int | None = Field(
         None,
         gt=0,

@@ -191,6 +191,12 @@ class Pipeline:
                 sim_nuclei=nuclei,
                 sim_time_step_s=cfg.sim_time_step_s,
                 sim_triggered_stage=cfg.sim_triggered_stage,
+                remote={
+                    "curve_server_key": cfg.curve_server_key,
+                    "curve_secret": cfg.curve_secret,
+                    "insecure": cfg.insecure,
+                    "heartbeat_s": cfg.heartbeat_s,
+                },
             )
         except (SourceError, ConfigError, ValueError, OSError) as e:
             raise PipelineError(str(e)) from None

@@ -34,6 +34,7 @@ def make_source(
     sim_nuclei: np.ndarray | None = None,
     sim_time_step_s: float | None = None,
     sim_triggered_stage: bool = False,
+    remote: dict[str, Any] | None = None,
 ) -> FrameSource:
     """The source a spec names; raises `SourceError` with the valid forms otherwise.
 
@@ -128,6 +129,6 @@ def make_source(
         case "tcp":
             from scopestream.acquisition.remote import RemoteSource
 
-            return RemoteSource(spec)
+            return RemoteSource(spec, **(remote or {}))
         case _:
             raise SourceError(f"unknown source {spec!r}; use one of: {SOURCE_FORMS}")

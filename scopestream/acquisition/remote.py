@@ -27,6 +27,15 @@ class RemoteSource(ThreadedSource):
     before the ring buffer. The stream ends at the publisher's end marker, at
     ``stop()``, or after ``idle_timeout_s`` without a message (if given).
     Frames are stamped when they arrive (the sender's clock means nothing here).
+
+    Every frame is accounted for: frames of another stream (another publisher, or
+    the same one restarted) are refused and counted in ``foreign``; a frame whose
+    t, channel, z or position lies outside the announced plan is counted as
+    ``malformed`` and skipped; frames the publisher numbered but that never came
+    (a gap in its sequence, or fewer than its end marker says) are counted in
+    ``lost``. A publisher gone for ``heartbeat_s`` (killed, or the network down)
+    ends the stream with `SourceError`, so the run is recorded ``failed`` with what
+    arrived instead of waiting for ever. Keys and ``insecure``: `FrameReceiver`.
     """
 
     kind = "remote"
@@ -41,20 +50,42 @@ class RemoteSource(ThreadedSource):
         *,
         connect_timeout_s: float = 30.0,
         idle_timeout_s: float | None = None,
+        curve_server_key: str | None = None,
+        curve_secret: str | None = None,
+        insecure: bool = False,
+        heartbeat_s: float = 5.0,
     ) -> None:
         super().__init__(fps=0.0)
         self.address = address
         self.idle_timeout_s = idle_timeout_s
-        self._rx = FrameReceiver(address)
+        self.heartbeat_s = heartbeat_s
+        try:
+            self._rx = FrameReceiver(
+                address,
+                curve_server_key=curve_server_key,
+                curve_secret=curve_secret,
+                insecure=insecure,
+                heartbeat_s=heartbeat_s / 2,
+            )
+        except ValueError as e:  # InsecureAddress, BadKey
+            raise SourceError(str(e)) from None
         self.end_seen = False
+        self.foreign = 0
+        self.lost = 0
+        self.sent: int | None = None  # the publisher's count, from its end marker
         first = None
         try:
             while first is None:
                 msg = self._rx.recv(timeout_ms=int(connect_timeout_s * 1000))
                 if msg is None:
+                    refused = (
+                        f" ({self._rx.stats.refused} handshakes refused: do the keys match?)"
+                        if self._rx.stats.refused
+                        else ""
+                    )
                     raise SourceError(
                         f"no frame from {address} within {connect_timeout_s:g} s; is "
-                        f"'scopestream publish' running and reachable there?"
+                        f"'scopestream publish' running and reachable there?{refused}"
                     )
                 if isinstance(msg, DecodedFrame):
                     first = msg
@@ -73,19 +104,51 @@ class RemoteSource(ThreadedSource):
         ):
             info = StreamInfo(frame_shape=first.data.shape, dtype=first.data.dtype.name)  # type: ignore[arg-type]
         self.info = info
+        self.run = first.run
+        self.receivers = first.receivers
+        self._next_seq = first.seq + 1 if first.seq >= 0 else -1
+        if first.seq > 0 and first.receivers == 1:
+            self.lost += first.seq  # frames 0..seq-1 went elsewhere or nowhere
 
     def describe(self) -> dict[str, Any]:
         """Where the frames come from."""
         return {"kind": self.kind, "address": self.address, "stream": self.info.to_json()}
 
     def counters(self) -> dict[str, int]:
-        """Received and malformed message counts."""
-        return {"received": self._rx.stats.received, "malformed": self._rx.stats.malformed}
+        """Received, malformed, foreign (another stream's), refused (handshakes) and lost."""
+        return {
+            "received": self._rx.stats.received,
+            "malformed": self._rx.stats.malformed,
+            "foreign": self.foreign,
+            "refused": self._rx.stats.refused,
+            "lost": self.lost,
+        }
 
     @property
     def errors(self) -> list[str]:
         """The last few reasons messages were rejected."""
         return list(self._rx.stats.errors)
+
+    def _in_plan(self, meta: FrameMeta) -> str | None:
+        info = self.info
+        n_p = max(1, len(info.positions))
+        index = {"c": meta["c"], "z": meta["z"], "p": meta["p"], "t": meta["t"]}
+        sizes = {"c": len(info.channel_names), "z": info.n_z, "p": n_p, "t": info.n_t}
+        for key, n in sizes.items():
+            if n is not None and index[key] >= n:
+                return f"frame at {key}={index[key]} outside the plan ({n} of {key}): skipped"
+        return None
+
+    def _account(self, seq: int) -> bool:
+        """Count a gap in the publisher's numbering; False for a frame already had."""
+        if seq < 0 or self._next_seq < 0:
+            return True
+        if seq < self._next_seq:
+            return False
+        if self.receivers == 1:
+            self.lost += seq - self._next_seq
+        self._next_seq = seq + 1
+        return True
 
     def frames(self) -> Iterator[tuple[np.ndarray, FrameMeta]]:
         """Valid frames of this stream's shape, until the end marker, stop or idle timeout."""
@@ -101,16 +164,41 @@ class RemoteSource(ThreadedSource):
                 idle_total += idle_ms / 1000
                 if self.idle_timeout_s is not None and idle_total >= self.idle_timeout_s:
                     return
+                down = self._rx.down_for_s()
+                if down >= self.heartbeat_s / 2:
+                    raise SourceError(
+                        f"lost the publisher at {self.address}: no connection for "
+                        f"{down:.1f} s and no end-of-stream marker (killed, or the network "
+                        f"is down); {self._rx.stats.received - self.foreign} frames arrived"
+                    )
+                continue
+            if msg.run != self.run:
+                self.foreign += 1
+                what = "end marker" if isinstance(msg, EndOfStream) else "frame"
+                self._rx.reject(
+                    f"a {what} of another stream (run {msg.run or '?'}, not {self.run or '?'}: "
+                    "another publisher, or this one restarted): refused"
+                )
                 continue
             idle_total = 0.0
             if isinstance(msg, EndOfStream):
                 self.end_seen = True
+                self.sent = msg.frames
+                if self.receivers == 1 and self._next_seq >= 0:
+                    self.lost += max(0, msg.frames - self._next_seq)
                 return
+            if not self._account(msg.seq):
+                self._rx.reject(f"frame {msg.seq} of the stream came twice: refused")
+                continue
             if msg.data.shape != shape or msg.data.dtype.name != dtype:
                 self._rx.reject(
                     f"frame of shape {msg.data.shape} {msg.data.dtype} "
                     f"in a stream of {shape} {dtype}"
                 )
+                continue
+            bad = self._in_plan(msg.meta)
+            if bad is not None:
+                self._rx.reject(bad)
                 continue
             yield msg.data, msg.meta
 

@@ -13,6 +13,12 @@ connect), so several receivers share one stream round-robin; both set
 high-water marks so memory stays bounded. The receiver validates every header
 and byte count: a malformed or truncated message is counted and described in
 ``errors``, never raised and never handed on.
+
+Off loopback a stream is authenticated and encrypted with ZMQ CURVE (`make_keys`):
+the publisher holds a server key pair and the public keys of the receivers it
+lets in; a receiver holds its own pair and the publisher's public key, so neither
+side talks to a peer it was not told about. Binding or connecting to anything but
+loopback without keys raises `InsecureAddress` unless ``insecure=True``.
 """
 
 from __future__ import annotations
@@ -21,8 +27,10 @@ import json
 import math
 import threading
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,7 +39,7 @@ import zmq
 from scopestream.streaming.frame import FRAME_META_VERSION, META_KEYS, FrameMeta
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
 
 PROTOCOL = "scopestream-frame"
 PROTOCOL_VERSION = 1
@@ -47,14 +55,125 @@ class MalformedMessage(ValueError):
     """A message that does not follow the frame protocol."""
 
 
+class InsecureAddress(ValueError):
+    """A non-loopback address without CURVE keys (and without ``insecure``)."""
+
+
+class BadKey(ValueError):
+    """A CURVE key file or key that cannot be used."""
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a ZMQ endpoint stays on this machine (loopback TCP, ipc, inproc)."""
+    import ipaddress
+
+    scheme, _, rest = address.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return True
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name or an interface (eth0, *): not loopback
+
+
+def make_keys(stem: str | Path) -> tuple[Path, Path]:
+    """Write a CURVE key pair: ``STEM.key`` (public, to share) and ``STEM.key_secret``.
+
+    The secret file is readable by its owner only. Refuses to overwrite a key.
+    """
+    import os
+
+    import zmq.auth
+
+    stem = Path(stem)
+    public, secret = stem.with_name(stem.name + ".key"), stem.with_name(stem.name + ".key_secret")
+    for f in (public, secret):
+        if f.exists():
+            raise BadKey(f"{f} exists; keys are never overwritten (remove it first)")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    pub_s, sec_s = zmq.auth.create_certificates(str(stem.parent), stem.name)
+    os.chmod(sec_s, 0o600)
+    return Path(pub_s), Path(sec_s)
+
+
+def load_secret_key(path: str | Path) -> tuple[bytes, bytes]:
+    """``(public, secret)`` Z85 keys from a ``.key_secret`` file of `make_keys`."""
+    import zmq.auth
+
+    path = Path(path)
+    if not path.is_file():
+        raise BadKey(f"no key file {path} (make one with 'scopestream keys --out STEM')")
+    try:
+        public, secret = zmq.auth.load_certificate(str(path))
+    except (ValueError, OSError) as e:
+        raise BadKey(f"{path} is not a CURVE key file: {e}") from None
+    if not secret:
+        raise BadKey(f"{path} holds a public key only; give the .key_secret file")
+    return public, secret
+
+
+def load_public_key(value: str | Path) -> bytes:
+    """A Z85 public key: a ``.key`` (or ``.key_secret``) file, or the 40 characters."""
+    import zmq.auth
+    from zmq.utils import z85
+
+    text = str(value).strip()
+    path = Path(text)
+    if path.is_file():
+        try:
+            public, _ = zmq.auth.load_certificate(str(path))
+        except (ValueError, OSError) as e:
+            raise BadKey(f"{path} is not a CURVE key file: {e}") from None
+        return public
+    if len(text) == 40:
+        try:
+            z85.decode(text.encode())
+        except (ValueError, KeyError):
+            pass
+        else:
+            return text.encode()
+    raise BadKey(f"{text!r} is neither a key file nor a 40-character Z85 public key")
+
+
+def _refuse_insecure(address: str, role: str) -> None:
+    hint = (
+        "--curve-secret KEY.key_secret --allow RECEIVER.key"
+        if role == "bind"
+        else "--curve-server-key PUBLISHER.key --curve-secret KEY.key_secret"
+    )
+    raise InsecureAddress(
+        f"refusing to {role} {address} without encryption: anyone on the network could "
+        f"{'take or read the frames' if role == 'bind' else 'inject frames'}. Give {hint} "
+        "(make key pairs with 'scopestream keys --out NAME'), or --insecure on a network "
+        "you trust"
+    )
+
+
 def encode_header(
-    data: np.ndarray, meta: Mapping[str, Any], stream: Mapping[str, Any] | None = None
+    data: np.ndarray,
+    meta: Mapping[str, Any],
+    stream: Mapping[str, Any] | None = None,
+    *,
+    run: str = "",
+    seq: int = -1,
+    receivers: int = 1,
 ) -> bytes:
-    """Header bytes for ``data`` with metadata ``meta``."""
+    """Header bytes for ``data`` with metadata ``meta``.
+
+    ``run`` names the stream (a new one each time a publisher starts) and ``seq``
+    counts its frames from 0, so a receiver refuses another stream's frames and
+    counts the ones that never arrived.
+    """
     header = {
         "protocol": PROTOCOL,
         "version": PROTOCOL_VERSION,
         "kind": "frame",
+        "run": run,
+        "seq": seq,
+        "receivers": receivers,
         "dtype": data.dtype.str,
         "shape": list(data.shape),
         "nbytes": int(data.nbytes),
@@ -64,10 +183,16 @@ def encode_header(
     return json.dumps(header, separators=(",", ":")).encode()
 
 
-def end_message(frames: int) -> bytes:
-    """The end-of-stream header."""
+def end_message(frames: int, run: str = "") -> bytes:
+    """The end-of-stream header: the frames the stream ``run`` sent."""
     return json.dumps(
-        {"protocol": PROTOCOL, "version": PROTOCOL_VERSION, "kind": "end", "frames": frames}
+        {
+            "protocol": PROTOCOL,
+            "version": PROTOCOL_VERSION,
+            "kind": "end",
+            "frames": frames,
+            "run": run,
+        }
     ).encode()
 
 
@@ -88,6 +213,13 @@ def _parse_header(raw: bytes) -> dict[str, Any]:
             f"{PROTOCOL_VERSION}); upgrade scopestream on both machines"
         )
     return header
+
+
+def _run_of(header: dict[str, Any]) -> str:
+    run = header.get("run", "")
+    if not isinstance(run, str) or len(run) > 64:
+        raise MalformedMessage(f"run must be a string of at most 64 characters, got {run!r}")
+    return run
 
 
 def _check_int(value: object, name: str, lo: int, hi: int) -> int:
@@ -141,6 +273,9 @@ class DecodedFrame:
     data: np.ndarray
     meta: FrameMeta
     stream: dict[str, Any]
+    run: str = ""  # the stream's identity ("" from a publisher that sends none)
+    seq: int = -1  # the publisher's count of this frame (-1: not sent)
+    receivers: int = 1  # how many receivers share the stream (round-robin)
 
 
 @dataclass(frozen=True)
@@ -148,6 +283,7 @@ class EndOfStream:
     """The publisher's end-of-stream marker."""
 
     frames: int
+    run: str = ""
 
 
 def decode(parts: list[bytes] | list[zmq.Frame]) -> DecodedFrame | EndOfStream:
@@ -160,7 +296,9 @@ def decode(parts: list[bytes] | list[zmq.Frame]) -> DecodedFrame | EndOfStream:
     if kind == "end":
         if len(parts) != 1:
             raise MalformedMessage("end-of-stream message with a payload")
-        return EndOfStream(_check_int(header.get("frames", 0), "frames", 0, 2**62))
+        return EndOfStream(
+            _check_int(header.get("frames", 0), "frames", 0, 2**62), _run_of(header)
+        )
     if kind != "frame":
         raise MalformedMessage(f"unknown message kind {kind!r}")
     if len(parts) != 2:
@@ -191,16 +329,21 @@ def decode(parts: list[bytes] | list[zmq.Frame]) -> DecodedFrame | EndOfStream:
     stream = header.get("stream", {})
     if not isinstance(stream, dict):
         raise MalformedMessage("stream is not an object")
+    seq = _check_int(header.get("seq", -1), "seq", -1, 2**62)
+    receivers = _check_int(header.get("receivers", 1), "receivers", 1, 2**16)
     data = np.frombuffer(buf, dtype=dtype).reshape(dims)
-    return DecodedFrame(data, meta, stream)
+    return DecodedFrame(data, meta, stream, _run_of(header), seq, receivers)
 
 
 class FramePublisher:
     """PUSH socket that sends frames to one or more `FrameReceiver` s.
 
-    Binds to ``127.0.0.1`` unless an address is given. ``send`` blocks while
-    every receiver is at its high-water mark (or none is connected), so it runs
-    on a consumer thread of the ring buffer, never on the acquisition callback.
+    Binds to ``127.0.0.1`` unless an address is given. Any other address needs
+    ``curve_secret`` (this publisher's ``.key_secret``) and ``allow`` (the public
+    keys of the receivers let in: any other peer fails the handshake and is
+    counted in ``refused``), or ``insecure=True``. ``send`` blocks while every
+    receiver is at its high-water mark (or none is connected), so it runs on a
+    consumer thread of the ring buffer, never on the acquisition callback.
     """
 
     def __init__(
@@ -210,15 +353,56 @@ class FramePublisher:
         hwm: int = DEFAULT_HWM,
         context: zmq.Context[Any] | None = None,
         stream: Mapping[str, Any] | None = None,
+        curve_secret: str | Path | None = None,
+        allow: Sequence[str | Path] = (),
+        insecure: bool = False,
+        receivers: int = 1,
     ) -> None:
-        self._ctx = context or zmq.Context.instance()
+        self.receivers = max(1, receivers)
+        self.secure = curve_secret is not None
+        if not self.secure and not insecure and not is_loopback(address):
+            _refuse_insecure(address, "bind")
+        if self.secure and not allow:
+            raise BadKey(
+                "a CURVE publisher needs --allow with the public key of every receiver "
+                "(without it, no receiver could connect)"
+            )
+        keys = load_secret_key(curve_secret) if curve_secret is not None else None
+        self._allowed = {load_public_key(k) for k in allow}
+        self.refused = 0  # peers whose key is not allowed
+        self._auth: Any = None
+        # the authenticator is one per context: a secure publisher has a context of its own
+        self._own_ctx = self.secure and context is None
+        self._ctx = zmq.Context() if self._own_ctx else (context or zmq.Context.instance())
         self._sock = self._ctx.socket(zmq.PUSH)
+        if keys is not None:
+            from zmq.auth.thread import ThreadAuthenticator
+
+            self._auth = ThreadAuthenticator(self._ctx)
+            self._auth.start()
+            self._auth.configure_curve_callback("*", credentials_provider=self)
+            self._sock.curve_publickey, self._sock.curve_secretkey = keys
+            self._sock.curve_server = True
         self._sock.setsockopt(zmq.SNDHWM, hwm)
         self._sock.setsockopt(zmq.LINGER, 2000)
-        self._sock.bind(address)
+        self._sock.setsockopt(zmq.HEARTBEAT_IVL, 500)  # a dead receiver is dropped, not waited on
+        self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 2000)
+        try:
+            self._sock.bind(address)
+        except BaseException:
+            self.close()
+            raise
         self.address = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.stream = dict(stream or {})
+        self.run = uuid.uuid4().hex
         self.sent = 0
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """ZAP: let a receiver in only if its public key was allowed."""
+        if key in self._allowed:
+            return True
+        self.refused += 1
+        return False
 
     def send(
         self,
@@ -234,18 +418,20 @@ class FramePublisher:
         nobody writes to afterwards (an adopted frame); a reused buffer needs ``copy``.
         """
         data = np.ascontiguousarray(data)
-        header = encode_header(data, meta, self.stream)
+        header = encode_header(
+            data, meta, self.stream, run=self.run, seq=self.sent, receivers=self.receivers
+        )
         if timeout_ms >= 0:
             if not self._sock.poll(timeout_ms, zmq.POLLOUT):
                 return False
             try:
                 # a receiver that disconnects between the poll and the send would leave a
                 # blocking PUSH send waiting for a peer for ever: never block here
-                self._sock.send_multipart([header, data], copy=copy, flags=zmq.NOBLOCK)
+                self._sock.send_multipart([header, data.data], copy=copy, flags=zmq.NOBLOCK)
             except zmq.Again:
                 return False
         else:
-            self._sock.send_multipart([header, data], copy=copy)
+            self._sock.send_multipart([header, data.data], copy=copy)
         self.sent += 1
         return True
 
@@ -255,7 +441,7 @@ class FramePublisher:
 
     def finish(self, receivers: int = 1, timeout_ms: int = 5000) -> None:
         """Send the end-of-stream marker once per receiver."""
-        msg = end_message(self.sent)
+        msg = end_message(self.sent, self.run)
         for _ in range(max(1, receivers)):
             if not self._sock.poll(timeout_ms, zmq.POLLOUT):
                 break
@@ -266,7 +452,14 @@ class FramePublisher:
 
     def close(self) -> None:
         """Close the socket (pending messages get ``LINGER`` ms to leave)."""
-        self._sock.close()
+        if hasattr(self, "_sock"):
+            self._sock.close()
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        if self._own_ctx:
+            self._ctx.term()
+            self._own_ctx = False
 
 
 @dataclass
@@ -275,11 +468,31 @@ class ReceiverStats:
 
     received: int = 0
     malformed: int = 0
+    #: handshakes that failed: a peer without the publisher's key, or not speaking CURVE
+    refused: int = 0
     errors: deque[str] = field(default_factory=lambda: deque(maxlen=20))
 
 
+#: the largest message part a receiver takes (a bigger one drops the connection):
+#: a 16384 × 8192 uint16 frame; memory stays bounded whatever a peer sends
+DEFAULT_MAX_MESSAGE_BYTES = 2**28
+
+_HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+
+
 class FrameReceiver:
-    """PULL socket that connects to a `FramePublisher` and yields validated frames."""
+    """PULL socket that connects to a `FramePublisher` and yields validated frames.
+
+    Off loopback it needs ``curve_server_key`` (the publisher's public key) and
+    ``curve_secret`` (this receiver's ``.key_secret``, whose public half the
+    publisher allows), or ``insecure=True``. A peer that fails the handshake sends
+    nothing and is counted in ``stats.refused``. The connection is watched (ZMTP
+    heartbeats): `down_for_s` tells how long no publisher has been connected.
+    """
 
     def __init__(
         self,
@@ -287,16 +500,74 @@ class FrameReceiver:
         *,
         hwm: int = DEFAULT_HWM,
         context: zmq.Context[Any] | None = None,
+        curve_server_key: str | Path | None = None,
+        curve_secret: str | Path | None = None,
+        insecure: bool = False,
+        heartbeat_s: float = 2.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
+        if (curve_server_key is None) != (curve_secret is None):
+            raise BadKey(
+                "a CURVE receiver needs both --curve-server-key (the publisher's .key) and "
+                "--curve-secret (its own .key_secret, allowed by the publisher)"
+            )
+        self.secure = curve_server_key is not None
+        if not self.secure and not insecure and not is_loopback(address):
+            _refuse_insecure(address, "connect to")
+        server = load_public_key(curve_server_key) if curve_server_key is not None else None
+        keys = load_secret_key(curve_secret) if curve_secret is not None else None
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.PULL)
+        if server is not None and keys is not None:
+            self._sock.curve_serverkey = server
+            self._sock.curve_publickey, self._sock.curve_secretkey = keys
         self._sock.setsockopt(zmq.RCVHWM, hwm)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes + MAX_HEADER_BYTES)
+        ivl = max(100, int(heartbeat_s * 250))
+        self._sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
+        self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(ivl * 2, int(heartbeat_s * 1000)))
+        self._monitor = self._sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | _HANDSHAKE_FAILED
+        )
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
         self._sock.connect(address)
         self.address = address
         self.stats = ReceiverStats()
         self.ended = False
         self._lock = threading.Lock()
+        self._peers = 0
+        self._ever_connected = False
+        self._down_since: float | None = None
+
+    def _drain_monitor(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self._monitor.poll(0, zmq.POLLIN):
+            event = recv_monitor_message(self._monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._peers += 1
+                self._ever_connected = True
+                self._down_since = None
+            elif event == zmq.EVENT_DISCONNECTED:
+                self._peers = max(0, self._peers - 1)
+                if self._peers == 0 and self._down_since is None:
+                    self._down_since = time.monotonic()
+            elif event & _HANDSHAKE_FAILED:
+                self.stats.refused += 1
+                self.stats.errors.append(
+                    "a peer failed the handshake (wrong or no CURVE key): refused"
+                )
+
+    def down_for_s(self) -> float:
+        """Seconds since the last publisher disconnected (0 while one is connected, or
+        before any connected)."""
+        self._drain_monitor()
+        if not self._ever_connected or self._down_since is None:
+            return 0.0
+        return time.monotonic() - self._down_since
 
     def recv(self, timeout_ms: int = 1000) -> DecodedFrame | EndOfStream | None:
         """Next valid message, or ``None`` after ``timeout_ms`` without one.
@@ -306,8 +577,13 @@ class FrameReceiver:
         deadline = time.monotonic() + timeout_ms / 1000
         while True:
             remaining = max(0, int((deadline - time.monotonic()) * 1000))
-            if not self._sock.poll(remaining, zmq.POLLIN):
-                return None
+            events = dict(self._poller.poll(remaining))
+            if self._monitor in events:
+                self._drain_monitor()
+            if self._sock not in events:
+                if time.monotonic() >= deadline:
+                    return None
+                continue
             parts = self._sock.recv_multipart(copy=False)
             try:
                 msg = decode(parts)
@@ -328,7 +604,10 @@ class FrameReceiver:
 
     def close(self) -> None:
         """Close the socket."""
-        self._sock.close()
+        if not self._sock.closed:
+            self._sock.disable_monitor()
+            self._monitor.close()
+            self._sock.close()
 
 
 class PublisherSink:

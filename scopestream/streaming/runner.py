@@ -707,7 +707,9 @@ class StreamRunner:
             "frames_acquired": acquired,
             "frames_expected": expected,
             "frames_written": written,
-            "frames_lost": max(0, acquired - written) if rec is not None else 0,
+            # lost between acquisition and disk, plus what a remote source never received
+            "frames_lost": (max(0, acquired - written) if rec is not None else 0)
+            + int(counters.get("lost", 0)),
             "frames_skipped": {n: int(c["skipped"]) for n, c in st.consumers.items()},
             "frames_from_recording": dict(self.spilled),
             "not_fed": {k: dict(v) for k, v in self.not_fed.items()},

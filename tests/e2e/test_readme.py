@@ -452,6 +452,15 @@ def check_receive(r: Ran, d: Path) -> None:
     assert s["frames_written"] == 20 and s["malformed"] == 0, s
 
 
+def key_pair(name: str) -> Callable[[Ran, Path], None]:
+    def check(r: Ran, d: Path) -> None:
+        assert (d / "keys" / f"{name}.key").is_file(), r.stderr
+        assert (d / "keys" / f"{name}.key_secret").is_file(), r.stderr
+        assert len(r.stdout.strip()) == 40, r.stdout  # the public key, printed
+
+    return check
+
+
 def json_keys(*keys: str) -> Callable[[Ran, Path], None]:
     def check(r: Ran, d: Path) -> None:
         assert set(keys) <= set(r.json), r.json
@@ -582,9 +591,11 @@ CASE_LIST = [
          setup=my_sequence, check=frames(4, "mda.ome.zarr", (2, 2, 1, 512, 512))),
     Case("run-replay", "--source replay:X.ome.zarr", after=("run-sim-json",),
          check=check_replay),
-    Case("publish(0.0.0.0:5557 -> a free loopback port)", "scopestream publish",
-         "--frames 20 --shape 64x64", subst=(("tcp://0.0.0.0:5557", LOOPBACK),),
-         background=True, partner="receive"),
+    Case("keys-scope", "keys --out keys/scope", check=key_pair("scope")),
+    Case("keys-gpu", "keys --out keys/gpu", check=key_pair("gpu")),
+    Case("publish(0.0.0.0:5557 -> a free port, encrypted)", "scopestream publish",
+         "--frames 20 --shape 64x64", subst=(("tcp://0.0.0.0:5557", "tcp://0.0.0.0:{port}"),),
+         background=True, partner="receive", after=("keys-scope", "keys-gpu")),
     Case("receive(MICROSCOPE:5557 -> the publisher's loopback port)", "tcp://MICROSCOPE",
          subst=(("tcp://MICROSCOPE:5557", LOOPBACK),), after=("publish",),
          check=check_receive),
@@ -721,7 +732,7 @@ def test_bash_blocks_hold_only_scopestream_commands_and_make() -> None:
     assert other == ["make demo", "make test"]
     # ```text blocks are shown, not run (the store's file tree)
     assert {b.lang for b in BLOCKS} == {"bash", "python", "yaml", "text"}
-    assert len(COMMANDS) == len(CASE_LIST) == 39
+    assert len(COMMANDS) == len(CASE_LIST) == 41
 
 
 def test_every_readme_command_has_exactly_one_case() -> None:
