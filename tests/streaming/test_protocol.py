@@ -3,7 +3,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,16 +22,6 @@ from scopestream.streaming.protocol import (
     encode_header,
     end_message,
 )
-
-if TYPE_CHECKING:
-    from collections.abc import Iterator
-
-
-@pytest.fixture
-def sockets() -> Iterator[contextlib.ExitStack]:
-    """Closes the sockets a test opens when it ends, whether it passed or not."""
-    with contextlib.ExitStack() as stack:
-        yield stack
 
 
 def valid_parts(shape: tuple[int, ...] = (4, 6), dtype: str = "uint16") -> list[bytes]:
