@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 TORCH_SPEC ?= torch==2.13.*
 TORCH_PIP_ARGS ?=
-EXTRAS := dev,viewer,inference,mm,train
+EXTRAS := dev,viewer,inference,mm,train,cluster
 ifeq ($(HAS_GPU),yes)
 EXTRAS := $(EXTRAS),tensorrt
 endif

@@ -657,6 +657,56 @@ def default_prediction_path(input: str, model: str) -> Path:
     return src.parent / f"{stem}_{label}{ext}"
 
 
+def _reprocess(
+    model: str, input: str, output: str | None, *, cluster: str, block_t: int | None,
+    as_json: bool, **kw: Any,
+) -> None:  # fmt: skip
+    """``predict --cluster``: the archive in blocks on dask.distributed (`cluster`)."""
+    from scopestream.acquisition.base import SourceError
+    from scopestream.inference.backends import BackendError
+    from scopestream.inference.offline import PredictionFailed
+    from scopestream.inference.package import PackageError
+    from scopestream.streaming.zarr_sink import SinkError
+
+    try:
+        from scopestream.cluster import ClusterError, reprocess
+    except ImportError as e:
+        hint = "pip install 'scopestream[cluster]'"
+        raise _die(f"--cluster needs dask.distributed: {hint} ({e})") from None
+    try:
+        if output is None:
+            from scopestream.inference.package import Registry
+
+            name = Registry(kw["registry"]).resolve(model).name
+            path = default_prediction_path(input, name)
+            output = str(path.with_suffix(".ome.zarr") if path.suffix == ".tif" else path)
+        res = reprocess(
+            input, model, output, cluster=cluster, t_per_block=block_t,
+            progress=err if err.is_terminal else None, **kw,
+        )  # fmt: skip
+    except PredictionFailed as e:  # the output holds the blocks that finished
+        raise _die(str(e), EXIT_FAILED) from None
+    except (
+        ClusterError, SourceError, PackageError, BackendError, SinkError, ValueError,
+        FileExistsError, OSError,
+    ) as e:  # fmt: skip
+        raise _die(str(e)) from None
+    if res["blocks_done_before"]:
+        err.print(
+            f"resumed {res['output']}: {res['blocks_done_before']} of {res['blocks']} blocks "
+            "were done before"
+        )
+    err.print(
+        f"[green]wrote[/] {res['output']}: {res['planes']} predictions in {res['seconds']} s, "
+        f"{res['mpx_per_s']} Mpx/s on {res['workers']} workers ({res['blocks_run']} blocks run, "
+        f"{res['blocks_done_before']} done before, {res['retries']} retried)"
+    )
+    for note in res["notes"]:
+        err.print(f"[yellow]note:[/] {escape(str(note))}")
+    if as_json:
+        typer.echo(json.dumps(res))
+
+
 @app.command()
 def predict(
     model: Annotated[
@@ -703,9 +753,32 @@ def predict(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing output.")
     ] = False,
+    cluster: Annotated[
+        str | None,
+        typer.Option(
+            help="Re-process on dask.distributed: local (a worker per core, or per GPU), "
+            "local:N, or tcp://SCHEDULER:8786. Resumable: run it again to finish an "
+            "interrupted output."
+        ),
+    ] = None,
+    block_t: Annotated[
+        int | None,
+        typer.Option(
+            "--block-t", min=1, help="With --cluster: time points per block (default: ~16 planes)"
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary last.")] = False,
 ) -> None:
     """Predict a saved image or run offline, plane by plane (never all in memory)."""
+    if cluster is not None:
+        _reprocess(
+            model, input, output, axes=axes, input_channel=input_channel, tile=tile,
+            border=border, backend=backend, registry=registry, overwrite=overwrite,
+            cluster=cluster, block_t=block_t, as_json=as_json,
+        )  # fmt: skip
+        return
+    if block_t is not None:
+        raise _die("--block-t is for --cluster")
     from scopestream.acquisition.base import SourceError
     from scopestream.acquisition.replay import ReplaySource
     from scopestream.inference.backends import BackendError

@@ -328,6 +328,10 @@ class ReplaySource(ThreadedSource):
     axes
         A TIFF's axes (``TYX``, ``ZYX``, ``CYX``, ``TCZYX``, …) when its metadata does
         not say or says wrong; see `_open_tiff`.
+    preload
+        Read the whole recording into memory first (default: when it is smaller than
+        `PRELOAD_BYTES`); ``False`` reads each frame when it is asked for (`frames_at`:
+        the blocks of a distributed re-processing).
     """
 
     kind = "replay"
@@ -341,6 +345,7 @@ class ReplaySource(ThreadedSource):
         fps: float | None = None,
         loop: int = 1,
         axes: str | None = None,
+        preload: bool | None = None,
     ) -> None:
         self.path = Path(path)
         if not self.path.exists():
@@ -367,7 +372,7 @@ class ReplaySource(ThreadedSource):
                 "--axes is for TIFF files; OME-Zarr and NDTiff name their own axes"
             )
         nbytes = sum(int(np.prod(v.shape)) for v in views) * np.dtype(info.dtype).itemsize
-        self.preloaded = nbytes <= PRELOAD_BYTES
+        self.preloaded = nbytes <= PRELOAD_BYTES if preload is None else preload
         for data in views:
             if self.preloaded and not isinstance(data.arr, np.ndarray):
                 try:
@@ -397,6 +402,7 @@ class ReplaySource(ThreadedSource):
         self._n_t_once = info.n_t or 0
         #: what was recorded per frame (a scopestream run's frames.npy), by (t, p, c, z)
         self._recorded = _recorded_meta(self.path) if written is not None else {}
+        self._seq: np.ndarray | None = None  # each frame's place in `frames` (`frames_at`)
 
     @property
     def frames_planned(self) -> int:
@@ -438,22 +444,46 @@ class ReplaySource(ThreadedSource):
             ):
                 if self._written is not None and not self._written[p][t, c, z]:
                     continue
-                frame = self._views[p].frame(t, c, z)
-                meta = make_meta(
-                    t=rep * self._n_t_once + t, c=c, z=z, p=p, source=f"replay:{self.path.name}"
-                )
-                rec = self._recorded.get((t, p, c, z))
-                if rec is not None:  # what the microscope said of this frame
-                    for key in (
-                        "exposure_ms",
-                        "stage_x_um",
-                        "stage_y_um",
-                        "stage_z_um",
-                        "engine_time_ms",
-                        "image_number",
-                    ):
-                        meta[key] = rec[key]  # type: ignore[literal-required]
-                yield frame, meta
+                yield self._frame(rep, t, p, c, z)
+
+    def frames_at(self, p: int, ts: range) -> Iterator[tuple[np.ndarray, FrameMeta]]:
+        """The frames of position ``p`` at time points ``ts`` (every c and z), in order, each
+        with the sequence number `frames` gives it (one pass, no loop)."""
+        info = self.info
+        if self._seq is None:
+            written = (
+                np.stack(self._written, axis=1)
+                if self._written is not None
+                else np.ones((self._n_t_once, len(self._views), info.n_c, info.n_z), bool)
+            )  # (t, p, c, z): the order `frames` replays in
+            self._seq = np.cumsum(written.ravel()).reshape(written.shape) - 1
+            self._seq[~written] = -1
+        for t, c, z in itertools.product(ts, range(info.n_c), range(info.n_z)):
+            if not 0 <= t < self._n_t_once or (
+                self._written is not None and not self._written[p][t, c, z]
+            ):
+                continue
+            frame, meta = self._frame(0, t, p, c, z)
+            meta["seq"] = int(self._seq[t, p, c, z])
+            yield frame, meta
+
+    def _frame(self, rep: int, t: int, p: int, c: int, z: int) -> tuple[np.ndarray, FrameMeta]:
+        frame = self._views[p].frame(t, c, z)
+        meta = make_meta(
+            t=rep * self._n_t_once + t, c=c, z=z, p=p, source=f"replay:{self.path.name}"
+        )
+        rec = self._recorded.get((t, p, c, z))
+        if rec is not None:  # what the microscope said of this frame
+            for key in (
+                "exposure_ms",
+                "stage_x_um",
+                "stage_y_um",
+                "stage_z_um",
+                "engine_time_ms",
+                "image_number",
+            ):
+                meta[key] = rec[key]  # type: ignore[literal-required]
+        return frame, meta
 
 
 def _recorded_meta(path: Path) -> dict[tuple[int, int, int, int], FrameMeta]:

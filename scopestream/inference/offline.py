@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +20,7 @@ from scopestream.inference.package import Registry, split_model_spec
 from scopestream.inference.predictor import Predictor, tile_from_string
 from scopestream.streaming.layout import StreamInfo
 from scopestream.streaming.store_lock import prepare_output_path
-from scopestream.streaming.zarr_sink import ImageWriter
+from scopestream.streaming.zarr_sink import ImageWriter, PositionWriters, ZarrSink
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -71,6 +72,105 @@ class TiffPlaneWriter:
             self._map = None
 
 
+def open_prediction_output(
+    out: Path,
+    info: StreamInfo,
+    names: tuple[str, ...],
+    name: str,
+    provenance: dict[str, Any],
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+) -> tuple[Any, ZarrSink | None]:
+    """The output of an offline prediction of a stream laid out as ``info``.
+
+    A TIFF (``.tif``): one t-c-z-y-x stack. An OME-Zarr of one position: the prediction
+    is the root image. Of several positions (a plate too): a collection like a run's,
+    whose ``raw`` image of every field is the prediction (each carries ``provenance``),
+    so `SavedRun`, ``view``, ``inspect`` and ``report`` read it as a run. Returns the
+    writer of the frames and, for a collection, its `ZarrSink` (closed after the writer).
+    ``overwrite``: replace an existing output; ``resume``: open the OME-Zarr output as
+    it was created before (`cluster`).
+    """
+    out_info = StreamInfo(
+        frame_shape=info.frame_shape,
+        dtype="float32",
+        n_t=info.n_t,
+        channel_names=names,
+        n_z=info.n_z,
+        pixel_size_um=info.pixel_size_um,
+        z_step_um=info.z_step_um,
+        interval_s=info.interval_s,
+        positions=info.positions,
+    )
+    if out.suffix.lower() in (".tif", ".tiff") and info.n_p > 1:
+        raise ValueError(
+            f"the input holds {info.n_p} positions; a TIFF output holds one: write "
+            "an .ome.zarr (one image per position)"
+        )
+    if not resume:
+        prepare_output_path(out, overwrite)
+    if out.suffix.lower() in (".tif", ".tiff"):
+        return TiffPlaneWriter(out, out_info, names), None
+    if info.n_p > 1:
+        # the root image is the model's output: `view`/`report` name it as a prediction
+        sink = ZarrSink(
+            out,
+            out_info,
+            source=provenance.get("input"),
+            raw_attrs={"prediction": provenance},
+            attrs={"prediction": provenance},
+            resume=resume,
+        )
+        return PositionWriters(name, sink.raws), sink
+    writer = ImageWriter(
+        out,
+        name,
+        replace(out_info, positions=()),
+        channel_names=names,
+        dtype="float32",
+        attrs={"prediction": provenance},
+        resume=resume,
+    )
+    return writer, None
+
+
+def resolve_channels(
+    predictor: Predictor,
+    info: StreamInfo,
+    input_channel: str | None,
+    channels: tuple[str, ...] | None,
+) -> tuple[str | None, tuple[str, ...], list[str]]:
+    """Which of the input's channels the model runs on, before anything is written.
+
+    Returns the input channel to give the model (a plain TIFF's one unnamed channel
+    is taken as the model's one input), the output's channel names and notes for the
+    user. Raises `ModelChannelError` (a `ValueError`) for a model the input cannot feed.
+    """
+    m = predictor.package.manifest
+    trained = trained_channels(predictor)
+    notes: list[str] = []
+    if (
+        input_channel is None
+        and channels is None
+        and info.channel_names == ("raw",)
+        and len(m.inputs) == 1
+        and not (m.accepts("raw") and (not trained or "raw" in trained))
+    ):
+        input_channel = "raw"
+        taken = trained[0] if trained else m.inputs[0]  # never the wildcard's '*'
+        notes.append(f"the input's one unnamed channel is taken as {taken!r}")
+    targets = check_channels(
+        predictor,
+        info.channel_names,
+        input_channel=input_channel,
+        channels=channels,
+        hint="choose the one it takes with --input-channel NAME",
+        force_hint="to run it there anyway: --model {model}:{channel} or --input-channel NAME",
+    )
+    return input_channel, output_names(predictor, info.channel_names, targets), notes
+
+
 def predict_file(
     src: FrameReader,
     model: str,
@@ -100,61 +200,10 @@ def predict_file(
         border=border,
     )
     info = src.info
-    m = pkg.manifest
-    trained = trained_channels(predictor)
-    notes: list[str] = []
-    if (
-        input_channel is None
-        and channels is None
-        and info.channel_names == ("raw",)
-        and len(m.inputs) == 1
-        and not (m.accepts("raw") and (not trained or "raw" in trained))
-    ):
-        input_channel = "raw"
-        taken = trained[0] if trained else m.inputs[0]  # never the wildcard's '*'
-        notes.append(f"the input's one unnamed channel is taken as {taken!r}")
-    # bad input: before anything is written
-    targets = check_channels(
-        predictor,
-        info.channel_names,
-        input_channel=input_channel,
-        channels=channels,
-        hint="choose the one it takes with --input-channel NAME",
-        force_hint="to run it there anyway: --model {model}:{channel} or --input-channel NAME",
-    )
-    names = output_names(predictor, info.channel_names, targets)
+    input_channel, names, notes = resolve_channels(predictor, info, input_channel, channels)
     out = Path(output)
-    prepare_output_path(out, overwrite)
-    out_info = StreamInfo(
-        frame_shape=info.frame_shape,
-        dtype="float32",
-        n_t=info.n_t,
-        channel_names=names,
-        n_z=info.n_z,
-        pixel_size_um=info.pixel_size_um,
-        z_step_um=info.z_step_um,
-        interval_s=info.interval_s,
-    )
-    writer: Any
-    if out.suffix.lower() in (".tif", ".tiff"):
-        writer = TiffPlaneWriter(out, out_info, names)
-    else:
-        writer = ImageWriter(
-            out,
-            pkg.name,
-            out_info,
-            channel_names=names,
-            dtype="float32",
-            # the root image is the model's output: `view`/`report` name it as a prediction
-            attrs={
-                "prediction": {
-                    "kind": "prediction",
-                    "offline": True,
-                    **predictor.describe(),
-                    "input": src.describe(),
-                }
-            },
-        )
+    prov = {"kind": "prediction", "offline": True, **predictor.describe(), "input": src.describe()}
+    writer, sink = open_prediction_output(out, info, names, pkg.name, prov, overwrite=overwrite)
     engine = InferenceEngine(
         predictor,
         writer,
@@ -185,7 +234,11 @@ def predict_file(
             f"prediction failed after {n} frames ({engine.predicted} written to {out}): {e}"
         ) from e
     finally:
-        engine.close(status)
+        try:
+            engine.close(status)
+        finally:
+            if sink is not None:
+                sink.close(status)
     return {
         "output": str(out),
         "model": pkg.identity,

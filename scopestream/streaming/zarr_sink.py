@@ -171,6 +171,7 @@ class ImageWriter:
         exist_ok: bool = False,
         p: int = 0,
         title: str | None = None,
+        resume: bool = False,
     ) -> None:
         self.group = group
         self.name = name
@@ -200,7 +201,9 @@ class ImageWriter:
         #: the interval between time points measured from the frames (plans without one)
         self.measured_interval_s: float | None = None
         self._t_starts: dict[int, int] = {}
-        group.mkdir(parents=True, exist_ok=exist_ok)
+        group.mkdir(parents=True, exist_ok=exist_ok or resume)
+        if resume:  # the frames adopted again are indexed anew (`adopt`)
+            (group / "frames.npy").unlink(missing_ok=True)
         self.index = FrameIndexWriter(group)
         self._write_attrs(status="acquiring")
         self._arr = ts.open(
@@ -223,6 +226,8 @@ class ImageWriter:
                     "dimension_names": ["t", "c", "z", "y", "x"],
                 },
                 "create": True,
+                # resumed: the array as created before (the same metadata, or an error)
+                "open": resume,
                 # a chunk file for every frame, dark ones too: existence = complete
                 "store_data_equal_to_fill_value": True,
             }
@@ -369,6 +374,28 @@ class ImageWriter:
                 ) from e
         self.reap(block=len(self._pending) >= self.max_in_flight)
 
+    def adopt(self, meta: FrameMeta, sample: np.ndarray) -> None:
+        """Count a frame another process wrote (its chunk is on disk): index its metadata
+        and offer ``sample`` (a strided subsample of its pixels) to the omero windows.
+
+        What `scopestream.cluster` calls for each frame a worker wrote.
+        """
+        t, c, z = meta["t"], meta["c"], meta["z"]
+        n_c, n_z = len(self.channel_names), self.info.n_z
+        if meta["p"] != self.p or not (0 <= c < n_c and 0 <= z < n_z):
+            raise SinkError(
+                f"adopted frame t={t} c={c} z={z} p={meta['p']} is not of {self.title!r}"
+            )
+        self._ensure_t(t)
+        if self._written[t, c, z]:
+            raise SinkError(f"frame t={t}, c={c}, z={z} of {self.title!r} was adopted twice")
+        self._written[t, c, z] = True
+        self.index.append(meta)
+        self.window_sample.offer(c, sample)
+        self.frames_submitted += 1
+        self.frames_written += 1
+        self._t_max = max(self._t_max, t)
+
     def _note_time(self, t: int, ts_ns: int) -> None:
         """Measure the interval between time points (median of the first frames' spacing)."""
         if self.info.interval_s or t in self._t_starts or len(self._t_starts) > 64:
@@ -463,6 +490,10 @@ class PositionWriters:
         """A frame already written."""
         return self._for(p).read_frame(t, c, z, p)
 
+    def adopt(self, meta: FrameMeta, sample: np.ndarray) -> None:
+        """Count a frame another process wrote into its position's image."""
+        self._for(meta["p"]).adopt(meta, sample)
+
     def update_attrs(self, status: str = "acquiring", **extra: Any) -> None:
         """Rewrite every position's attributes."""
         for w in self.writers:
@@ -499,6 +530,13 @@ class ZarrSink:
         JSON-able run configuration and source description, saved in attributes.
     overwrite
         Replace an existing store at ``path``; refused by default.
+    raw_attrs, attrs
+        Extra attributes of every raw image, and of the run (``scopestream`` of the root):
+        a ``scopestream predict`` store of several positions is a collection whose
+        ``raw`` images are the prediction (``{"prediction": provenance}`` in both).
+    resume
+        Open the store ``path`` as it was created before (same layout) instead of a
+        new one: what `scopestream.cluster` does to finish a re-processing.
     """
 
     def __init__(
@@ -511,10 +549,15 @@ class ZarrSink:
         overwrite: bool = False,
         max_in_flight: int = 8,
         attrs_interval_s: float = 1.0,
+        raw_attrs: Mapping[str, Any] | None = None,
+        attrs: Mapping[str, Any] | None = None,
+        resume: bool = False,
     ) -> None:
         self.path = Path(path)
         self.info = info
-        prepare_output_path(self.path, overwrite)
+        self._resume = resume
+        if not resume:
+            prepare_output_path(self.path, overwrite)
         try:
             # held for the writer's lifetime: no --overwrite or second writer while we write
             self.lock: StoreLock | None = StoreLock.acquire(self.path, create=True)
@@ -538,10 +581,13 @@ class ZarrSink:
             "started": _now_iso(),
             "writer": {"pid": os.getpid(), "host": socket.gethostname()},
             "outputs": self._provenance,
+            **dict(attrs or {}),
         }
         try:
             self._write_root("acquiring")
-            self.raws = self._images("raw", info.channel_names, info.dtype, {}, max_in_flight)
+            self.raws = self._images(
+                "raw", info.channel_names, info.dtype, dict(raw_attrs or {}), max_in_flight
+            )
             self._write_index()
         except (OSError, ValueError) as e:
             for w in self._all:
@@ -601,6 +647,7 @@ class ZarrSink:
                 windows=windows,
                 p=p,
                 title=series.name,
+                resume=self._resume,
             )
             self._series.append(series)
             self._all.append(w)
@@ -730,6 +777,10 @@ class ZarrSink:
             )
         except OSError as e:
             raise SinkError(f"updating the attributes of {self.path} failed: {e}") from e
+
+    def update_run_attrs(self, **extra: Any) -> None:
+        """Add ``extra`` to the run's attributes (written with the next status)."""
+        self._run.update(extra)
 
     def mark(self, status: str, error: str | None = None) -> None:
         """Record ``status`` in the run's attributes now (an abort: the process exits next)."""

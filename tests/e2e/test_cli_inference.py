@@ -448,3 +448,35 @@ def test_reflect_border_predicts_the_frame_edges_closer_to_the_truth(
     assert psnr(got["reflect"], band) > psnr(got["zero"], band) + 0.5
     inner = (slice(None), slice(64, -64), slice(64, -64))
     np.testing.assert_allclose(got["reflect"][inner], got["zero"][inner], rtol=1e-4, atol=1e-2)
+
+
+def test_offline_predict_of_several_positions_writes_every_field(
+    tmp_path: Path, cli: Callable[..., CliResult]
+) -> None:
+    """A run of two fields (before: the second frame failed the prediction)."""
+    from tests.conftest import record_sim
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        "stage_positions: [{x: 0, y: 0}, {x: 100, y: 0}]\n"
+        "time_plan: {interval: 0, loops: 2}\n"
+        "channels:\n  - {config: nuclei, exposure: 20}\n"
+    )
+    run = record_sim(tmp_path / "P.ome.zarr", "--shape", "32x32", "--mda", str(plan))
+    out = tmp_path / "out.ome.zarr"
+    r = cli("predict", "--model", "denoise", "--input", str(run), "--output", str(out))
+    assert r.code == 0, r.stderr
+    saved = SavedRun(out)
+    assert saved.status == "complete" and saved.n_positions == 2
+    assert saved.prediction is not None and saved.prediction["model"] == "denoise"
+    raws = {im.p: im for im in SavedRun(run).images if im.name == "raw"}
+    for im in saved.images:
+        assert im.complete().all() and im.provenance["kind"] == "prediction", im.position
+        got = np.asarray(zarr.open_group(str(im.path), mode="r")["0"][...])
+        src = np.asarray(zarr.open_group(str(raws[im.p].path), mode="r")["0"][...])
+        assert got.shape == src.shape and not np.isnan(got).any()
+        assert not np.array_equal(got, src.astype(np.float32))  # predicted, not copied
+    BioFormats2Raw.from_zarr(zarr.open_group(str(out), mode="r"))
+    r = cli("predict", "--model", "denoise", "--input", str(run), "--output",
+            str(tmp_path / "out.tif"))  # fmt: skip
+    assert r.code == 2 and "2 positions" in r.stderr
