@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +16,50 @@ if TYPE_CHECKING:
     import numpy as np
 
     from scopestream.streaming.frame import FrameMeta
+
+
+#: an open-ended stream's next time point may be at most this far past the last one
+#: (a frame at t = 2**31 would make the store grow a time axis of that length)
+MAX_T_AHEAD = 4096
+#: what an announced layout may hold: frames planned in all (time points × channels ×
+#: planes × positions; the store keeps a flag for each) and the stream's own sizes
+MAX_PLANNED_FRAMES = 2**28
+MAX_CHANNELS = 1024
+MAX_Z = 2**16
+MAX_POSITIONS = 2**17
+
+
+def check_layout(info: StreamInfo) -> str | None:
+    """What is wrong with a layout a publisher announced (None: it can be recorded).
+
+    Sizes are bounded by memory (the store's per-frame flags) and every scale must be
+    a finite positive number (a NaN would be written into the store's metadata).
+    """
+    n_t = info.n_t if info.n_t is not None else 64
+    for name, value, hi in (
+        ("n_z", info.n_z, MAX_Z),
+        ("channels", len(info.channel_names), MAX_CHANNELS),
+        ("positions", len(info.positions), MAX_POSITIONS),
+    ):
+        if value > hi:
+            return f"{name}={value} (at most {hi})"
+    if info.n_t is not None and info.n_t < 0:
+        return f"n_t={info.n_t}"
+    planned = n_t * len(info.channel_names) * info.n_z * max(1, len(info.positions))
+    if planned > MAX_PLANNED_FRAMES:
+        return f"{planned} frames (at most {MAX_PLANNED_FRAMES})"
+    for name, v in (
+        ("pixel_size_um", info.pixel_size_um),
+        ("z_step_um", info.z_step_um),
+        ("interval_s", info.interval_s),
+    ):
+        if not math.isfinite(v) or v < 0 or (v == 0 and name == "pixel_size_um"):
+            return f"{name}={v}"
+    for pos in info.positions:
+        for coord in (pos.x_um, pos.y_um, pos.z_um):
+            if coord is not None and not math.isfinite(coord):
+                return f"position {pos.name} at a non-finite coordinate {coord}"
+    return None
 
 
 class RemoteSource(ThreadedSource):
@@ -103,7 +148,18 @@ class RemoteSource(ThreadedSource):
             or info.dtype != first.data.dtype.name
         ):
             info = StreamInfo(frame_shape=first.data.shape, dtype=first.data.dtype.name)  # type: ignore[arg-type]
+        bad_layout = check_layout(info)
+        if bad_layout is not None:
+            self._rx.close()
+            raise SourceError(f"the stream from {address} announces {bad_layout}: not recorded")
         self.info = info
+        self._t_max = -1
+        bad = self._in_plan(first.meta)
+        if bad is not None:  # counted; the stream starts with the next frame in the plan
+            self._rx.reject(bad)
+            self._first = None
+        else:
+            self._t_max = first.meta["t"]
         self.run = first.run
         self.receivers = first.receivers
         self._next_seq = first.seq + 1 if first.seq >= 0 else -1
@@ -137,6 +193,11 @@ class RemoteSource(ThreadedSource):
         for key, n in sizes.items():
             if n is not None and index[key] >= n:
                 return f"frame at {key}={index[key]} outside the plan ({n} of {key}): skipped"
+        if info.n_t is None and meta["t"] > self._t_max + MAX_T_AHEAD:
+            return (
+                f"frame at t={meta['t']}, more than {MAX_T_AHEAD} time points after the "
+                f"last one (t={self._t_max}) of an open-ended stream: skipped"
+            )
         return None
 
     def _account(self, seq: int) -> bool:
@@ -200,6 +261,7 @@ class RemoteSource(ThreadedSource):
             if bad is not None:
                 self._rx.reject(bad)
                 continue
+            self._t_max = max(self._t_max, msg.meta["t"])
             yield msg.data, msg.meta
 
     def finished(self) -> None:

@@ -261,3 +261,46 @@ def test_a_vanished_publisher_ends_the_stream_with_an_error(
     pub.close()  # no end marker: the connection just goes
     with pytest.raises(SourceError, match="lost the publisher"):
         next(it)
+
+
+@pytest.mark.parametrize(
+    ("announced", "named"),
+    [
+        ({"n_z": 10**9}, "n_z"),  # the store would flag 10⁹ planes per time point
+        ({"n_t": 2**31}, "frames"),
+        ({"channel_names": [f"c{i}" for i in range(2000)]}, "channels"),
+        ({"pixel_size_um": float("nan")}, "pixel_size_um"),  # never written into a store
+        ({"interval_s": float("inf")}, "interval_s"),
+    ],
+)
+def test_a_stream_announcing_an_impossible_layout_is_refused(
+    sockets: contextlib.ExitStack, announced: dict[str, object], named: str
+) -> None:
+    stream = {**StreamInfo(frame_shape=(8, 12), n_t=10).to_json(), **announced}
+    pub = FramePublisher("tcp://127.0.0.1:*", stream=stream)
+    sockets.enter_context(contextlib.closing(pub))
+    with pytest.raises(SourceError, match=f"announces .*{named}"):
+        connect_source(pub, sockets)
+
+
+def test_an_open_ended_stream_skips_frames_far_past_its_last_time_point(
+    sockets: contextlib.ExitStack, tmp_path: Path
+) -> None:
+    """t = 2³¹−1 or 10¹² in an open-ended stream: skipped, counted, and the store stays
+    one that `inspect` opens (before: a 16 GiB flag array, or an int32 overflow)."""
+    from scopestream.streaming.runner import SinkSpec, StreamRunner
+    from scopestream.streaming.zarr_sink import ZarrSink, inspect_run
+
+    pub = FramePublisher("tcp://127.0.0.1:*", stream=StreamInfo(frame_shape=(8, 12)).to_json())
+    sockets.enter_context(contextlib.closing(pub))
+    src = connect_source(pub, sockets)
+    for value, t in ((1, 2**31 - 1), (2, 10**12), (3, 1), (4, 4097 + 1)):
+        assert pub.send(frame(value), make_meta(t=t), timeout_ms=10_000)
+    pub.finish()
+    sink = ZarrSink(tmp_path / "rx.ome.zarr", src.info)
+    s = StreamRunner(src, [SinkSpec("zarr", sink, records=True)], buffer_mb=8).run(timeout=60)
+    assert s["status"] == "complete", s
+    assert src.counters()["malformed"] == 3
+    assert sum("open-ended" in e for e in src.errors) == 3
+    report = inspect_run(tmp_path / "rx.ome.zarr")
+    assert report.frames_complete == 2
