@@ -612,11 +612,12 @@ def publish(
     except BaseException:
         pub.close()
         raise
-    err.print(f"publishing {cfg.source} on [bold]{pub.address}[/]; waiting for a receiver…")
+    waiting = "a receiver" if receivers <= 1 else f"{receivers} receivers"
+    err.print(f"publishing {cfg.source} on [bold]{pub.address}[/]; waiting for {waiting}…")
     if not pub.wait_for_receiver(wait_s):
         pipe.close()
         pub.close()
-        raise _die(f"no receiver connected to {pub.address} within {wait_s:g} s", EXIT_FAILED)
+        raise _die(f"{waiting} did not connect to {pub.address} within {wait_s:g} s", EXIT_FAILED)
     summary = _drive(pipe, show_progress=err.is_terminal, label="publishing")
     _finish(summary, as_json)
 
@@ -1196,12 +1197,46 @@ def report(
 
 @app.command()
 def inspect(
-    path: Annotated[Path, typer.Argument(help="A run's OME-Zarr store.")],
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help="A run's OME-Zarr store; several: the stores of one fanned-out stream "
+            "(publish --receivers N), joined."
+        ),
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Report a saved run: status, and how many frames of each image are complete."""
-    from scopestream.streaming.saved_run import inspect_run
+    from scopestream.streaming.saved_run import inspect_run, inspect_stores
 
+    if len(paths) > 1:
+        try:
+            joined = inspect_stores(paths)
+        except (OSError, ValueError, KeyError) as e:
+            raise _die(f"cannot join {len(paths)} stores: {e}") from None
+        if as_json:
+            typer.echo(json.dumps(joined))
+            return
+        t = Table(title=f"stream {joined['run']}", show_header=True, title_justify="left")
+        for col in ("store", "raw frames", "status"):
+            t.add_column(col)
+        for st in joined["stores"]:
+            t.add_row(st["path"], str(st["frames"]), st["status"])
+        Console().print(t)
+        sent = joined["frames_sent"]
+        typer.echo(
+            f"together: {joined['frames_union']} frames"
+            + (f" of {sent} sent" if sent is not None else "")
+            + (f", {joined['frames_expected']} planned" if joined["frames_expected"] else "")
+            + f"; held twice: {joined['frames_held_twice']}"
+        )
+        if joined["complete"]:
+            typer.echo("complete: together they hold every frame")
+        else:
+            missing = joined["missing_vs_sent"] if sent is not None else joined["missing_vs_plan"]
+            typer.echo(f"incomplete: {missing} frames missing")
+        return
+    path = paths[0]
     try:
         report = inspect_run(path)
     except (OSError, ValueError, KeyError) as e:

@@ -166,18 +166,32 @@ class RemoteSource(ThreadedSource):
         if first.seq > 0 and first.receivers == 1:
             self.lost += first.seq  # frames 0..seq-1 went elsewhere or nowhere
 
+    @property
+    def share_complete(self) -> bool:
+        """A receiver of a fanned-out stream (``publish --receivers N``) whose share ended
+        with the publisher's end marker: its run is complete with fewer frames than the plan."""
+        return self.receivers > 1 and self.end_seen
+
     def describe(self) -> dict[str, Any]:
         """Where the frames come from."""
-        return {"kind": self.kind, "address": self.address, "stream": self.info.to_json()}
+        return {
+            "kind": self.kind,
+            "address": self.address,
+            "stream": self.info.to_json(),
+            "run": self.run,  # the publisher's stream: `inspect A B` joins its receivers' stores
+            "receivers": self.receivers,
+        }
 
     def counters(self) -> dict[str, int]:
-        """Received, malformed, foreign (another stream's), refused (handshakes) and lost."""
+        """Received, malformed, foreign (another stream's), refused (handshakes), lost, and
+        what the publisher sent (its end marker's count)."""
         return {
             "received": self._rx.stats.received,
             "malformed": self._rx.stats.malformed,
             "foreign": self.foreign,
             "refused": self._rx.stats.refused,
             "lost": self.lost,
+            "sent": -1 if self.sent is None else self.sent,  # the publisher's count (-1: unknown)
         }
 
     @property

@@ -396,6 +396,11 @@ class FramePublisher:
         self.stream = dict(stream or {})
         self.run = uuid.uuid4().hex
         self.sent = 0
+        #: receivers connected now (handshakes done, minus disconnects: `peers`)
+        self._peers = 0
+        self._monitor: Any = self._sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+        )
 
     def callback(self, domain: str, key: bytes) -> bool:
         """ZAP: let a receiver in only if its public key was allowed."""
@@ -435,9 +440,30 @@ class FramePublisher:
         self.sent += 1
         return True
 
+    def peers(self, timeout_ms: int = 0) -> int:
+        """Receivers connected now (waits up to ``timeout_ms`` for a change)."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self._monitor.poll(timeout_ms):
+            timeout_ms = 0
+            event = recv_monitor_message(self._monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._peers += 1
+            elif event == zmq.EVENT_DISCONNECTED:
+                self._peers = max(0, self._peers - 1)
+        return self._peers
+
     def wait_for_receiver(self, timeout_s: float) -> bool:
-        """Wait until a receiver can take a message."""
-        return bool(self._sock.poll(int(timeout_s * 1000), zmq.POLLOUT))
+        """Wait until every receiver of the stream (``receivers``) is connected, so a
+        fanned-out stream starts shared by all of them; False after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while self.peers() < self.receivers:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.peers(int(min(left, 0.2) * 1000) + 1)
+        left_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
+        return bool(self._sock.poll(left_ms, zmq.POLLOUT))
 
     def finish(self, receivers: int = 1, timeout_ms: int = 5000) -> None:
         """Send the end-of-stream marker once per receiver."""
@@ -452,6 +478,11 @@ class FramePublisher:
 
     def close(self) -> None:
         """Close the socket (pending messages get ``LINGER`` ms to leave)."""
+        monitor = getattr(self, "_monitor", None)
+        if monitor is not None:
+            self._sock.disable_monitor()
+            monitor.close(linger=0)
+            self._monitor = None
         if hasattr(self, "_sock"):
             self._sock.close()
         if self._auth is not None:

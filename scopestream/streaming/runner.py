@@ -677,7 +677,10 @@ class StreamRunner:
         expected = self._expected()
         if self._user_stopped and (expected is None or self._n_acquired < expected):
             return "stopped"
-        if expected is not None and self._n_acquired < expected:
+        # a receiver of a fanned-out stream holds its share of the plan, and is complete
+        # when the publisher's end marker came (`inspect A B` checks the shares add up)
+        share_done = bool(getattr(self.source, "share_complete", False))
+        if expected is not None and self._n_acquired < expected and not share_done:
             return "stopped"  # the source ended early without an error (e.g. a cut recording)
         return "complete"
 

@@ -25,7 +25,7 @@ from scopestream.streaming.layout import Position
 from scopestream.streaming.store_lock import is_locked, read_lock_info
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
 
 #: the per-second timeline of a finished run (written by the run's store at its end)
 TIMELINE_FILE = "timeline.json"
@@ -423,3 +423,62 @@ def inspect_run(path: str | os.PathLike[str]) -> RunReport:
         images=images,
         error=attrs.get("error"),
     )
+
+
+def inspect_stores(paths: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
+    """Which raw frames each store of one fanned-out stream holds, and whether together
+    they hold every frame (``publish --receivers N``: each receiver records its share).
+
+    The stores must come from one stream (the same publisher run id in their source).
+    Returns per store the frames it holds, the union, frames held twice (never, in a
+    sound fan-out), and what is missing against the plan and the publisher's own count.
+    Raises `ValueError` for stores of different streams or layouts.
+    """
+    if not paths:
+        raise ValueError("no store given")
+    runs, stores, per_store = set(), [], []
+    sent: int | None = None
+    expected: int | None = None
+    for path in paths:
+        saved = SavedRun(path)
+        src = saved.attrs.get("source") or {}
+        runs.add(str(src.get("run", "")))
+        counters = (saved.summary.get("source_counters") or {}) if saved.summary else {}
+        if isinstance(counters.get("sent"), int) and counters["sent"] >= 0:
+            sent = int(counters["sent"])
+        expected = saved.attrs.get("frames_expected", expected)
+        raws = sorted((im for im in saved.images if im.name == "raw"), key=lambda im: im.p)
+        flags = [complete_frames(im.path) for im in raws]
+        stores.append(flags)
+        per_store.append({"path": str(path), "status": saved.status,
+                          "frames": int(sum(int(f.sum()) for f in flags))})  # fmt: skip
+    if len(runs) != 1 or "" in runs:
+        raise ValueError(
+            "these stores are not of one stream (their publisher run ids differ or are "
+            f"missing: {sorted(runs)})"
+        )
+    n_p = {len(f) for f in stores}
+    shapes = {fl.shape[1:] for f in stores for fl in f}
+    if len(n_p) != 1 or len(shapes) != 1:
+        raise ValueError("these stores differ in positions, channels or planes")
+    n_t = max(fl.shape[0] for f in stores for fl in f)
+    count = np.zeros((n_p.pop(), n_t, *shapes.pop()), np.int32)
+    for f in stores:
+        for p, fl in enumerate(f):
+            count[p, : fl.shape[0]] += fl
+    union = int((count > 0).sum())
+    twice = int((count > 1).sum())
+    missing_plan = None if expected is None else int(expected) - union
+    missing_sent = None if sent is None else sent - union
+    return {
+        "run": runs.pop(),
+        "stores": per_store,
+        "frames_union": union,
+        "frames_held_twice": twice,
+        "frames_expected": expected,
+        "frames_sent": sent,
+        "missing_vs_plan": missing_plan,
+        "missing_vs_sent": missing_sent,
+        "complete": twice == 0
+        and (missing_sent == 0 if sent is not None else missing_plan == 0),
+    }

@@ -141,3 +141,46 @@ def test_encrypted_stream_with_keys_delivers_identical_pixels(
     assert r.json["frames_written"] == 12
     assert r.json["frames_lost"] == 0
     np.testing.assert_array_equal(raw_array(src), raw_array(dst))
+
+
+def test_a_fanned_out_stream_is_whole_across_its_receivers(
+    cli: Callable[..., CliResult], tmp_path: Path, free_port: int
+) -> None:
+    """``publish --receivers 2``: each receiver records its share; ``inspect A B`` tells
+    which frames each holds and that together they hold all, none twice."""
+    address = f"tcp://127.0.0.1:{free_port}"
+    stores = [tmp_path / f"rx{k}.ome.zarr" for k in range(2)]
+    rxs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "scopestream", "run", "--source", address, "--out",
+             str(out), "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        for out in stores
+    ]
+    try:
+        r = cli("publish", "--bind", address, "--frames", "40", "--fps", "40", "--shape",
+                "32x32", "--receivers", "2", "--json", timeout=120)  # fmt: skip
+        assert r.code == 0, r.stderr
+        for rx in rxs:
+            _, rerr = rx.communicate(timeout=120)
+            assert rx.returncode == 0, rerr
+    finally:
+        for rx in rxs:
+            rx.kill()
+            rx.communicate()
+    shares = [inspect_run(s).frames_complete for s in stores]
+    assert sum(shares) == 40 and min(shares) > 0, shares
+    r = cli("inspect", str(stores[0]), str(stores[1]), "--json")
+    assert r.code == 0, r.stderr
+    joined = json.loads(r.stdout)
+    assert joined["frames_union"] == 40 and joined["frames_held_twice"] == 0
+    assert joined["frames_sent"] == 40 and joined["complete"] is True
+    assert [s["frames"] for s in joined["stores"]] == shares
+    r = cli("inspect", str(stores[0]), str(stores[1]))
+    assert "together they hold every frame" in r.stdout
+    # a store of another stream is not joined to them
+    other = tmp_path / "other.ome.zarr"
+    assert cli("run", "--frames", "3", "--shape", "32x32", "--out", str(other)).code == 0
+    r = cli("inspect", str(stores[0]), str(other))
+    assert r.code == 2 and "not of one stream" in r.stderr
