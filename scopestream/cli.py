@@ -659,53 +659,74 @@ def default_prediction_path(input: str, model: str) -> Path:
 
 
 def _reprocess(
-    model: str, input: str, output: str | None, *, cluster: str, block_t: int | None,
+    model: str, inputs: list[str], output: str | None, *, cluster: str, block_t: int | None,
     as_json: bool, **kw: Any,
 ) -> None:  # fmt: skip
-    """``predict --cluster``: the archive in blocks on dask.distributed (`cluster`)."""
+    """``predict --cluster``: archives in blocks on dask.distributed (`scopestream.cluster`),
+    one cluster for all of them; each output beside its input unless ``--output`` names it."""
     from scopestream.acquisition.base import SourceError
     from scopestream.inference.backends import BackendError
     from scopestream.inference.offline import PredictionFailed
-    from scopestream.inference.package import PackageError
+    from scopestream.inference.package import PackageError, Registry, split_model_spec
     from scopestream.streaming.zarr_sink import SinkError
 
     try:
-        from scopestream.cluster import ClusterError, reprocess
+        from scopestream.cluster import ClusterError, connect, reprocess
     except ImportError as e:
         hint = "pip install 'scopestream[cluster]'"
         raise _die(f"--cluster needs dask.distributed: {hint} ({e})") from None
-    try:
-        if output is None:
-            from scopestream.inference.package import Registry
-
-            name = Registry(kw["registry"]).resolve(model).name
-            path = default_prediction_path(input, name)
-            output = str(path.with_suffix(".ome.zarr") if path.suffix == ".tif" else path)
-        res = reprocess(
-            input, model, output, cluster=cluster, t_per_block=block_t,
-            progress=err if err.is_terminal else None, **kw,
-        )  # fmt: skip
-    except PredictionFailed as e:  # the output holds the blocks that finished
-        raise _die(str(e), EXIT_FAILED) from None
-    except (
+    if output is not None and len(inputs) > 1:
+        raise _die("several --input: leave out --output (each goes beside its input)")
+    bad_input = (
         ClusterError, SourceError, PackageError, BackendError, SinkError, ValueError,
         FileExistsError, OSError,
-    ) as e:  # fmt: skip
+    )  # fmt: skip
+    try:
+        name = Registry(kw["registry"]).resolve(split_model_spec(model)[0]).name
+        handle = connect(cluster, kw["backend"])
+    except bad_input as e:
         raise _die(str(e)) from None
-    if res["blocks_done_before"]:
-        err.print(
-            f"resumed {res['output']}: {res['blocks_done_before']} of {res['blocks']} blocks "
-            "were done before"
-        )
-    err.print(
-        f"[green]wrote[/] {res['output']}: {res['planes']} predictions in {res['seconds']} s, "
-        f"{res['mpx_per_s']} Mpx/s on {res['workers']} workers ({res['blocks_run']} blocks run, "
-        f"{res['blocks_done_before']} done before, {res['retries']} retried)"
-    )
-    for note in res["notes"]:
-        err.print(f"[yellow]note:[/] {escape(str(note))}")
+    results: list[dict[str, Any]] = []
+    failed: list[str] = []
+    with handle:
+        for input in inputs:
+            out = output
+            if out is None:
+                path = default_prediction_path(input, name)
+                out = str(path.with_suffix(".ome.zarr") if path.suffix == ".tif" else path)
+            try:
+                res = reprocess(
+                    input, model, out, cluster=handle, t_per_block=block_t,
+                    progress=err if err.is_terminal else None, **kw,
+                )  # fmt: skip
+            except (PredictionFailed, *bad_input) as e:  # the next archive still runs
+                if len(inputs) == 1:
+                    code = EXIT_FAILED if isinstance(e, PredictionFailed) else 2
+                    raise _die(str(e), code) from None
+                err.print(f"[red]error:[/] {escape(input)}: {escape(str(e))}")
+                failed.append(input)
+                continue
+            results.append(res)
+            if res["blocks_done_before"]:
+                err.print(
+                    f"resumed {res['output']}: {res['blocks_done_before']} of "
+                    f"{res['blocks']} blocks were done before"
+                )
+            err.print(
+                f"[green]wrote[/] {res['output']}: {res['planes']} predictions in "
+                f"{res['seconds']} s, {res['mpx_per_s']} Mpx/s on {res['workers']} workers "
+                f"({res['blocks_run']} blocks run, {res['blocks_done_before']} done before, "
+                f"{res['retries']} retried)"
+            )
+            for note in res["notes"]:
+                err.print(f"[yellow]note:[/] {escape(str(note))}")
     if as_json:
-        typer.echo(json.dumps(res))
+        typer.echo(json.dumps(results[0] if len(inputs) == 1 else {
+            "archives": results, "failed": failed,
+        }))  # fmt: skip
+    if failed:
+        raise _die(f"{len(failed)} of {len(inputs)} archives failed: {', '.join(failed)}",
+                   EXIT_FAILED)  # fmt: skip
 
 
 @app.command()
@@ -717,7 +738,13 @@ def predict(
             "input on those channels)."
         ),
     ],
-    input: Annotated[str, typer.Option("--input", help="TIFF / OME-TIFF / OME-Zarr / NDTiff.")],
+    inputs: Annotated[
+        list[str],
+        typer.Option(
+            "--input",
+            help="TIFF / OME-TIFF / OME-Zarr / NDTiff (with --cluster: repeat for several).",
+        ),
+    ],
     output: Annotated[
         str | None,
         typer.Option(
@@ -773,13 +800,16 @@ def predict(
     """Predict a saved image or run offline, plane by plane (never all in memory)."""
     if cluster is not None:
         _reprocess(
-            model, input, output, axes=axes, input_channel=input_channel, tile=tile,
+            model, inputs, output, axes=axes, input_channel=input_channel, tile=tile,
             border=border, backend=backend, registry=registry, overwrite=overwrite,
             cluster=cluster, block_t=block_t, as_json=as_json,
         )  # fmt: skip
         return
     if block_t is not None:
         raise _die("--block-t is for --cluster")
+    if len(inputs) > 1:
+        raise _die("several --input need --cluster (one cluster re-processes them all)")
+    input = inputs[0]
     from scopestream.acquisition.base import SourceError
     from scopestream.acquisition.replay import ReplaySource
     from scopestream.inference.backends import BackendError

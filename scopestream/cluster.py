@@ -326,6 +326,33 @@ def _start_cluster(spec: str, gpu: bool) -> tuple[Any, Any, dict[str, Any]]:
     return client, None, {"cluster": spec, "workers": n}
 
 
+@dataclass
+class ClusterHandle:
+    """A client of a dask cluster (and the local cluster it started, if any)."""
+
+    client: Any
+    local: Any
+    where: dict[str, Any]
+
+    def close(self) -> None:
+        """Disconnect (and stop the local cluster)."""
+        self.client.close()
+        if self.local is not None:
+            self.local.close()
+
+    def __enter__(self) -> ClusterHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(spec: str, backend: str = "auto") -> ClusterHandle:
+    """Start ``local[:N]`` (one worker per core, or per GPU for a GPU backend) or connect to
+    a scheduler at ``tcp://HOST:PORT``."""
+    return ClusterHandle(*_start_cluster(spec, _takes_gpu(backend)))
+
+
 def gpu_count() -> int:
     """CUDA devices on this machine (0 without torch or a GPU)."""
     try:
@@ -346,7 +373,7 @@ def reprocess(
     model: str,
     output: str,
     *,
-    cluster: str = "local",
+    cluster: str | ClusterHandle = "local",
     axes: str | None = None,
     tile: str | None = None,
     backend: str = "auto",
@@ -361,7 +388,9 @@ def reprocess(
 
     The output is what `scopestream.inference.offline.predict_file` writes, pixel for
     pixel. An output this function left unfinished (with the same model and settings)
-    is resumed: only blocks without a marker run. Returns the summary.
+    is resumed: only blocks without a marker run. ``cluster``: ``local[:N]``, a
+    scheduler's address, or a `ClusterHandle` (`connect`) shared by several calls.
+    Returns the summary.
     """
     from scopestream.acquisition.replay import ReplaySource
     from scopestream.inference.backends import make_backend
@@ -420,14 +449,14 @@ def reprocess(
             )
         resume = True
         t_per_block = int(old["t_per_block"])
-    gpu = _takes_gpu(backend)
     prov: dict[str, Any] = {
         "kind": "prediction",
         "offline": True,
         **check.describe(),
         "input": source_description,
     }
-    client, local, where = _start_cluster(cluster, gpu)
+    handle = cluster if isinstance(cluster, ClusterHandle) else connect(cluster, backend)
+    client, local, where = handle.client, handle.local, handle.where
     summary: dict[str, Any] = {}
     status = "failed"
     prov_final = prov
@@ -492,9 +521,8 @@ def reprocess(
                 if lock is not None:
                     lock.release()
     finally:
-        client.close()
-        if local is not None:
-            local.close()
+        if handle is not cluster:
+            handle.close()
     summary.update(
         output=str(out), model=pkg.identity, notes=[*notes, *check.notes], status=status
     )

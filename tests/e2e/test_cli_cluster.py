@@ -312,3 +312,33 @@ def test_an_ndtiff_dataset_is_reprocessed_as_predict_does(
     assert r.code == 0, r.stderr
     assert summary(r)["planes"] == 2 * 2 * 2
     assert_identical(single, dist)
+
+
+def test_several_archives_on_one_cluster_each_beside_its_input(
+    tmp_path: Path, cli: Callable[..., CliResult], cluster: Cluster
+) -> None:
+    rng = np.random.default_rng(5)
+    tifs = []
+    for k in range(2):
+        tif = tmp_path / f"plate{k}.tif"
+        tifffile.imwrite(tif, rng.poisson(60, (5, 40, 40)).astype(np.uint16))
+        tifs.append(tif)
+    missing = tmp_path / "gone.tif"
+    r = cli("predict", "--model", "denoise", "--input", str(tifs[0]), "--input", str(missing),
+            "--input", str(tifs[1]), "--cluster", cluster.address, "--json")  # fmt: skip
+    assert r.code == 1 and "1 of 3 archives failed" in r.stderr, r.stderr  # the others ran
+    s = summary(r)
+    assert [a["output"] for a in s["archives"]] == [
+        str(tmp_path / "plate0_denoise.ome.zarr"), str(tmp_path / "plate1_denoise.ome.zarr"),
+    ]  # fmt: skip
+    assert s["failed"] == [str(missing)]
+    for tif in tifs:
+        single = tmp_path / f"{tif.stem}_single.ome.zarr"
+        r = cli("predict", "--model", "denoise", "--input", str(tif), "--output", str(single))
+        assert r.code == 0, r.stderr
+        assert_identical(single, tmp_path / f"{tif.stem}_denoise.ome.zarr")
+    r = cli("predict", "--model", "denoise", "--input", str(tifs[0]), "--input", str(tifs[1]),
+            "--output", str(tmp_path / "one.ome.zarr"), "--cluster", cluster.address)  # fmt: skip
+    assert r.code == 2 and "leave out --output" in r.stderr
+    r = cli("predict", "--model", "denoise", "--input", str(tifs[0]), "--input", str(tifs[1]))
+    assert r.code == 2 and "need --cluster" in r.stderr

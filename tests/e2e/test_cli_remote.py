@@ -150,12 +150,11 @@ def test_a_fanned_out_stream_is_whole_across_its_receivers(
     which frames each holds and that together they hold all, none twice."""
     address = f"tcp://127.0.0.1:{free_port}"
     stores = [tmp_path / f"rx{k}.ome.zarr" for k in range(2)]
+    cmd = [sys.executable, "-m", "scopestream", "run", "--source", address, "--json", "--out"]
     rxs = [
         subprocess.Popen(
-            [sys.executable, "-m", "scopestream", "run", "--source", address, "--out",
-             str(out), "--json"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            [*cmd, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         for out in stores
     ]
     try:
