@@ -154,6 +154,7 @@ class RemoteSource(ThreadedSource):
             raise SourceError(f"the stream from {address} announces {bad_layout}: not recorded")
         self.info = info
         self._t_max = -1
+        self._last_own = time.monotonic()  # the last message of this stream
         bad = self._in_plan(first.meta)
         if bad is not None:  # counted; the stream starts with the next frame in the plan
             self._rx.reject(bad)
@@ -233,6 +234,7 @@ class RemoteSource(ThreadedSource):
             yield self._first.data, self._first.meta
             self._first = None
         idle_ms, idle_total = 200, 0.0
+        self._last_own = time.monotonic()
         while not self._stop.is_set():
             msg = self._rx.recv(timeout_ms=idle_ms)
             if msg is None:
@@ -249,6 +251,14 @@ class RemoteSource(ThreadedSource):
                 continue
             if msg.run != self.run:
                 self.foreign += 1
+                quiet = time.monotonic() - self._last_own
+                if quiet >= self.heartbeat_s:  # only another stream's frames for that long
+                    raise SourceError(
+                        f"another stream took over {self.address} (the publisher restarted?): "
+                        f"{self.foreign} of its messages refused and none of this stream's "
+                        f"for {quiet:.1f} s; {self._rx.stats.received - self.foreign} frames "
+                        "arrived"
+                    )
                 what = "end marker" if isinstance(msg, EndOfStream) else "frame"
                 self._rx.reject(
                     f"a {what} of another stream (run {msg.run or '?'}, not {self.run or '?'}: "
@@ -256,6 +266,7 @@ class RemoteSource(ThreadedSource):
                 )
                 continue
             idle_total = 0.0
+            self._last_own = time.monotonic()
             if isinstance(msg, EndOfStream):
                 self.end_seen = True
                 self.sent = msg.frames

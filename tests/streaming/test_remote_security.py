@@ -304,3 +304,39 @@ def test_an_open_ended_stream_skips_frames_far_past_its_last_time_point(
     assert sum("open-ended" in e for e in src.errors) == 3
     report = inspect_run(tmp_path / "rx.ome.zarr")
     assert report.frames_complete == 2
+
+
+def test_a_restarted_publisher_ends_the_old_stream_failed_not_open(
+    free_port: int, sockets: contextlib.ExitStack
+) -> None:
+    """Only the restarted stream's frames for a heartbeat: the run ends with an error
+    (before: refused one by one while the run stayed open for ever)."""
+    address = f"tcp://127.0.0.1:{free_port}"
+    info = StreamInfo(frame_shape=(8, 12), n_t=1000)
+    first = FramePublisher(address, stream=info.to_json())
+    src = connect_source(first, sockets, address, heartbeat_s=1.0)
+    assert first.send(frame(1), make_meta(t=1), timeout_ms=10_000)
+    first.close()
+    again = rebind(address, info)
+    sockets.enter_context(contextlib.closing(again))
+    done = threading.Event()
+
+    def restarted() -> None:  # the restarted publisher streams on, t from 0 again
+        t = 0
+        while not done.is_set() and t < 3000:
+            again.send(frame(100 + t % 100), make_meta(t=t % 1000), timeout_ms=100)
+            t += 1
+            time.sleep(0.005)
+
+    sender = threading.Thread(target=restarted)
+    sender.start()
+    got = []
+    try:
+        with pytest.raises(SourceError, match="another stream took over"):
+            for data, _ in src.frames():
+                got.append(int(data[0, 0]))
+    finally:
+        done.set()
+        sender.join()
+    assert got == [0, 1]  # none of the restarted stream's frames
+    assert src.foreign >= 1
