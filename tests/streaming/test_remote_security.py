@@ -330,11 +330,10 @@ def test_a_restarted_publisher_ends_the_old_stream_failed_not_open(
 
     sender = threading.Thread(target=restarted)
     sender.start()
-    got = []
+    got: list[int] = []
     try:
         with pytest.raises(SourceError, match="another stream took over"):
-            for data, _ in src.frames():
-                got.append(int(data[0, 0]))
+            got.extend(int(data[0, 0]) for data, _ in src.frames())
     finally:
         done.set()
         sender.join()
