@@ -116,6 +116,7 @@ class Job:
     halo_t: int
     settings: str  # the settings' hash: the plugin's name
     threads: int | None  # CPU threads per worker (a local cluster's share of the cores)
+    spread_gpus: bool = False  # a local cluster of one worker per GPU: worker k on GPU k
 
 
 def settings_hash(settings: dict[str, Any]) -> str:
@@ -147,6 +148,11 @@ class PredictorPlugin(WorkerPlugin):  # type: ignore[misc]
         # a local cluster's workers share the cores (ONNX Runtime gives the same pixels
         # on any thread count; torch's CPU convolutions differ in the last bits)
         kw = {"threads": job.threads} if job.threads and job.backend in CPU_BACKENDS else {}
+        if job.spread_gpus and str(getattr(worker, "name", "")).isdigit():
+            import torch  # a local cluster's worker k takes GPU k (one worker per GPU)
+
+            if torch.cuda.is_available() and torch.cuda.device_count() > 1:
+                torch.cuda.set_device(int(worker.name) % torch.cuda.device_count())
         pkg = load_package(job.model_path)
         self.predictor = Predictor(
             pkg,
@@ -503,6 +509,7 @@ def reprocess(
                 halo_t=halo_t,
                 settings=f"scopestream-{key[:16]}",
                 threads=max(1, (os.cpu_count() or 1) // n_workers) if local else None,
+                spread_gpus=local is not None and gpu_resource,
             )
             summary = _run_blocks(
                 client, job, blocks, writer, progress, gpu_resource, f"{pkg.name} v{pkg.version}"
