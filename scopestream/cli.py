@@ -887,11 +887,26 @@ def train(
     init_from: Annotated[
         str | None, typer.Option(help="pix2pix: start the generator from this supervised model.")
     ] = None,
+    gan: Annotated[
+        str,
+        typer.Option(
+            help="pix2pix's discriminator: patch (one PatchGAN, L1) | multiscale (pix2pixHD as "
+            "in MMV_Im2Im: 2 scales, feature matching x10, MSE x20; fine-tune a supervised "
+            "model with --init-from)"
+        ),
+    ] = "patch",
     gan_weight: Annotated[
-        float, typer.Option(help="pix2pix: weight of the adversarial term.")
-    ] = 0.05,
+        float | None,
+        typer.Option(help="pix2pix: weight of the adversarial term (default 0.05; multiscale 1)."),
+    ] = None,
     batch: Annotated[int, typer.Option(help="Patches per step.")] = 16,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 4e-4,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            help="Learning rate (default 4e-4; multiscale pix2pix: 2e-5 with --init-from, "
+            "else 2e-4)."
+        ),
+    ] = None,
     preset: Annotated[
         str,
         typer.Option(
@@ -993,6 +1008,7 @@ def train(
         spatial=spatial,
         window=window,
         init_from=init_from,
+        gan=gan,
         gan_weight=gan_weight,
         batch=batch,
         max_steps=max_steps,
@@ -1089,6 +1105,12 @@ def evaluate(
         f"{pkg.name} v{pkg.version}: PSNR {m['psnr']} dB (input {b['psnr']}), SSIM {m['ssim']} "
         f"({b['ssim']}), Pearson {m['pearson']} ({b['pearson']}) over {len(res['images'])} images"
     )
+    if "objects" in m:
+        err.print(
+            f"objects: {m['objects']:g} per image (target {m['objects_target']:g}), nearest "
+            f"centroid {m['centroid_distance']} px, IoU {m['iou']}, matched (IoU ≥ 0.5) "
+            f"{m['matched']}"
+        )
     if as_json:
         typer.echo(
             json.dumps(

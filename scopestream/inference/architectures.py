@@ -229,6 +229,163 @@ def receptive_radius(module: UNet, probe: int = 64, *, twin: bool = True) -> tup
         sizes = [s * 2 if g else s for s, g in zip(sizes, grow, strict=True)]
 
 
+# --- the seeds' translation layers, re-implemented from their equations (one
+# self-contained file: a bioimage.io export ships it as the architecture's source) ---
+#
+# Layers of the seeds' translation networks, re-implemented from their equations.
+#
+# ``DemodConv2d``
+#     STABLE's weight-demodulated convolution (StyleGAN2's demodulation without a
+#     style): every output channel's kernel scaled to unit norm, no bias.
+# ``DySample``
+#     Learnable dynamic upsampling (Liu et al., ICCV 2023; STABLE's up-sampler, style
+#     "lp", static scope): each output pixel samples the input bilinearly at its
+#     sub-pixel position plus a learned offset, 0.25 × a 1×1 convolution of the input.
+#     With the offsets' convolution at zero it *is* bilinear ×2 upsampling.
+# ``GPTLayer``
+#     The Global Pixel Transformer layer (Liu et al., IEEE TMI 2020): O = V·softmax(KᵀQ)
+#     with K, V from 1×1 convolutions and Q from a 3×3 convolution of stride 1 ("same"),
+#     stride 2 ("down") or a stride-2 transposed convolution ("up"): one layer samples
+#     down, keeps or samples up, and each output pixel sees the whole input.
+# ``DenseBlock``
+#     GPT's dense block: each 3×3 convolution sees every earlier one's output
+#     (growth 16 channels per layer).
+#
+# Global attention has no bounded receptive field, so a GPT network is not tiled
+# exactly like our U-Nets; memory grows with the square of the pixels attended over.
+
+
+class DemodConv2d(nn.Module):
+    """A 3×3 (or k×k) convolution whose kernels are demodulated: for every output
+    channel o, w'_o = w_o / sqrt(Σ w_o² + 1e-8). No bias; standard-normal init."""
+
+    def __init__(self, cin: int, cout: int, k: int = 3) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin, k, k))
+        self.padding = k // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raw = self.weight
+        w = raw * torch.rsqrt((raw * raw).sum(dim=(1, 2, 3), keepdim=True) + 1e-8)
+        return F.conv2d(x, w, padding=self.padding)
+
+
+class DySample(nn.Module):
+    """×``scale`` learnable upsampling of ``channels`` channels in ``groups`` groups.
+
+    O_lr = 0.25·Conv1×1(X) + P0 (P0: the sub-pixel positions ±1/4 for ×2), pixel-shuffled
+    to one (dx, dy) per output pixel and group, added to the input's pixel centres, and
+    sampled bilinearly (align_corners=False, border padding): X' has ``channels``
+    channels at ``scale``× the size. The offsets' convolution starts near zero
+    (N(0, 0.001)), i.e. near bilinear upsampling.
+    """
+
+    init_pos: torch.Tensor
+
+    def __init__(self, channels: int, scale: int = 2, groups: int = 4) -> None:
+        super().__init__()
+        if channels % groups:
+            raise ValueError(f"DySample: {channels} channels do not split into {groups} groups")
+        self.scale, self.groups = scale, groups
+        self.offset = nn.Conv2d(channels, 2 * groups * scale * scale, 1)
+        nn.init.normal_(self.offset.weight, std=0.001)
+        nn.init.zeros_(self.offset.bias)  # type: ignore[arg-type]
+        h = (torch.arange(scale, dtype=torch.float32) - (scale - 1) / 2) / scale
+        # (1, 2·g·s², 1, 1): x offsets for every group and sub-pixel, then y offsets
+        gy, gx = torch.meshgrid(h, h, indexing="ij")
+        pos = torch.stack([gx, gy]).reshape(2, 1, scale * scale).repeat(1, groups, 1)
+        self.register_buffer("init_pos", pos.reshape(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sample(x, self.offset(x) * 0.25 + self.init_pos)
+
+    def sample(self, x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """``x`` sampled at its pixel centres + ``offset`` (B, 2·g·s², H, W; in low-res px)."""
+        b, c, h, w = x.shape
+        s, g = self.scale, self.groups
+        ys = torch.arange(h, dtype=x.dtype, device=x.device) + 0.5
+        xs = torch.arange(w, dtype=x.dtype, device=x.device) + 0.5
+        cy, cx = torch.meshgrid(ys, xs, indexing="ij")
+        off = offset.reshape(b, 2, g * s * s, h, w)
+        # normalized to [-1, 1] per axis (sizes from the input, so an ONNX export follows
+        # the frame's size instead of freezing the export's)
+        gx = 2 * (cx + off[:, 0]) / w - 1
+        gy = 2 * (cy + off[:, 1]) / h - 1
+        coords = torch.stack([gx, gy], 1)
+        # (B, 2·g·s², H, W) → (B, 2·g, sH, sW) → (B·g, sH, sW, 2)
+        coords = F.pixel_shuffle(coords.reshape(b, 2 * g * s * s, h, w), s)
+        coords = coords.reshape(b, 2, g, s * h, s * w).permute(0, 2, 3, 4, 1).reshape(
+            b * g, s * h, s * w, 2
+        )
+        out = F.grid_sample(
+            x.reshape(b * g, c // g, h, w),
+            coords,
+            mode="bilinear",
+            align_corners=False,
+            padding_mode="border",
+        )
+        return out.reshape(b, c, s * h, s * w)
+
+
+class GPTLayer(nn.Module):
+    """O = V·softmax(KᵀQ/√C_K) over every input position (one head).
+
+    ``mode``: "same" (Q from a 3×3 convolution, stride 1), "down" (stride 2: half the
+    size) or "up" (a 3×3 transposed convolution, stride 2: twice the size). K and V
+    are 1×1 convolutions of the input with ``cin`` channels; a final 1×1 convolution
+    gives ``cout`` (default: ``cin``, half of it for "up", as in the seed). Each
+    projection is convolution + ReLU (+ dropout in training, the seed's 0.5).
+    """
+
+    def __init__(
+        self, cin: int, mode: str = "same", cout: int | None = None, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        if mode not in ("same", "down", "up"):
+            raise ValueError(f"GPTLayer mode must be same, down or up, got {mode!r}")
+        self.mode = mode
+        if mode == "up":
+            self.q: nn.Module = nn.ConvTranspose2d(cin, cin, 3, 2, padding=1, output_padding=1)
+        else:
+            self.q = nn.Conv2d(cin, cin, 3, 1 if mode == "same" else 2, padding=1)
+        self.k = nn.Conv2d(cin, cin, 1)
+        self.v = nn.Conv2d(cin, cin, 1)
+        if cout is None:
+            cout = cin // 2 if mode == "up" else cin
+        self.out = nn.Conv2d(cin, cout, 1)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c = x.shape[:2]
+        q = self.drop(F.relu(self.q(x)))
+        hq, wq = q.shape[-2:]
+        k = self.drop(F.relu(self.k(x))).flatten(2)  # (B, C, HW)
+        v = self.drop(F.relu(self.v(x))).flatten(2)
+        attn = torch.softmax(k.transpose(1, 2) @ q.flatten(2) / c**0.5, dim=1)  # (B, HW, HqWq)
+        o = (v @ self.drop(attn)).reshape(b, c, hq, wq)
+        out: torch.Tensor = self.drop(F.relu(self.out(o)))
+        return out
+
+
+class DenseBlock(nn.Module):
+    """``layers`` × [3×3 conv → ReLU (→ dropout)] on the concatenation of the input and
+    every earlier layer's output; out: ``cin + growth·layers`` channels."""
+
+    def __init__(self, cin: int, layers: int, growth: int = 16, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(
+            nn.Conv2d(cin + growth * i, growth, 3, padding=1) for i in range(layers)
+        )
+        self.drop = nn.Dropout(dropout)
+        self.out_channels = cin + growth * layers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = [x]
+        for conv in self.convs:
+            feats.append(self.drop(F.relu(conv(torch.cat(feats, 1)))))
+        return torch.cat(feats, 1)
+
+
 ArchKind = Literal["denoise_unet", "stain_unet"]
 
 

@@ -26,7 +26,7 @@ from scopestream.training.data import (
     load_tiff_pairs,
     split_regions,
 )
-from scopestream.training.metrics import affine_fit, image_metrics, mean_metrics
+from scopestream.training.metrics import affine_fit, image_metrics, mean_metrics, region_metrics
 from scopestream.training.n2v import REPLACE
 
 if TYPE_CHECKING:
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from scopestream.inference.package import ModelPackage
 
 MODES = ("n2v", "care", "supervised", "pix2pix")
+GANS = ("patch", "multiscale")
 SPATIAL = ("2d", "2.5d-z", "3d")
 
 
@@ -54,11 +55,20 @@ class TrainConfig:
     spatial: str = "2d"  # 2d | 2.5d-z (a window of z-planes in) | 3d (sub-volumes)
     window: int = 5  # z-planes per 2.5d window or 3d patch
     init_from: str | None = None  # pix2pix: a supervised model to start the generator from
-    gan_weight: float = 0.05  # pix2pix: adversarial term next to the L1 reconstruction
+    #: pix2pix's discriminator: "patch" (one PatchGAN, L1 reconstruction) or "multiscale"
+    #: (pix2pixHD as in MMV_Im2Im: two scales, feature matching, MSE reconstruction)
+    gan: str = "patch"
+    #: pix2pix: the adversarial term's weight (None: 0.05 next to patch's L1; 1, the
+    #: seed's, for multiscale, whose reconstruction weighs ``rec_weight``)
+    gan_weight: float | None = None
+    fm_weight: float = 10.0  # multiscale: feature matching (the seed's 10)
+    rec_weight: float = 20.0  # multiscale: the MSE reconstruction (the seed's fine-tune: 20)
     batch: int = 16
     max_steps: int = 1000
     epochs: int | None = None
-    lr: float = 4e-4
+    #: None: 4e-4; multiscale pix2pix: the seed's 2e-5 from a supervised model (--init-from,
+    #: the fine-tune), 2e-4 from scratch
+    lr: float | None = None
     loss: str = "l2"
     ssim_weight: float = 0.0
     base: int = 16
@@ -94,6 +104,11 @@ class TrainConfig:
     force: bool = False
 
     def __post_init__(self) -> None:
+        multiscale = self.gan == "multiscale"
+        if self.gan_weight is None:
+            self.gan_weight = 1.0 if multiscale else 0.05
+        if self.lr is None:
+            self.lr = (2e-5 if self.init_from else 2e-4) if multiscale else 4e-4
         denoiser = self.mode in ("n2v", "care")
         if not self.norm:
             self.norm = "standard" if denoiser else "percentile"
@@ -108,6 +123,9 @@ class TrainConfig:
         for k in ("work_dir", "resume", "devices", "num_nodes", "force"):
             d.pop(k)
         defaults = {
+            "gan": "patch",  # the options after pix2pixHD: older trainings keep their key
+            "fm_weight": 10.0,
+            "rec_weight": 20.0,
             "norm": "percentile",
             "target_norm": "percentile",
             "mask_fraction": 0.002,  # the masking before these options (with "n2v2")
@@ -141,6 +159,10 @@ def _load(cfg: TrainConfig) -> list[FieldData]:
         raise DataError(
             "2.5d-z and 3d training is for --task stain; the denoiser is 2D (it runs per plane)"
         )
+    if cfg.gan not in GANS:
+        raise DataError(f"--gan must be one of {GANS}, got {cfg.gan!r}")
+    if cfg.gan != "patch" and cfg.mode != "pix2pix":
+        raise DataError(f"--gan {cfg.gan} is pix2pix's discriminator: give --mode pix2pix")
     if cfg.mode == "pix2pix" and cfg.task != "stain":
         raise DataError("--mode pix2pix is for --task stain (label-free prediction)")
     if cfg.mode in ("n2v", "care") and cfg.task != "denoise":
@@ -360,8 +382,8 @@ def evaluate(
             "figure_png": b"",
         }
     predictor = Predictor(package, make_backend(package, backend))
-    rows: list[dict[str, float]] = []
-    base_rows: list[dict[str, float]] = []
+    rows: list[dict[str, float | None]] = []
+    base_rows: list[dict[str, float | None]] = []
     figs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     per_image = []
     man = package.manifest
@@ -382,7 +404,10 @@ def evaluate(
                 pred = out[r.y, r.x]
                 inp = np.asarray(f.input[centre, r.y, r.x], np.float32)
                 tgt = np.asarray(f.targets[ch][centre, r.y, r.x], np.float32)
-            m, b = image_metrics(pred, tgt), image_metrics(inp, tgt)
+            m: dict[str, float | None] = dict(image_metrics(pred, tgt))
+            b: dict[str, float | None] = dict(image_metrics(inp, tgt))
+            if man.task == "stain":  # the seeds' object metrics: count, centroids, IoU
+                m.update(region_metrics(pred, tgt))
             rows.append(m)
             base_rows.append(b)
             per_image.append(
@@ -464,11 +489,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         arch.kind,
         dict(arch.params),
         cfg.mode,
-        lr=cfg.lr,
+        lr=float(cfg.lr or 4e-4),
         loss=cfg.loss,
         ssim_weight=cfg.ssim_weight,
         max_steps=steps,
-        gan_weight=cfg.gan_weight,
+        gan_weight=float(cfg.gan_weight or 0.0),
+        gan=cfg.gan,
+        fm_weight=cfg.fm_weight,
+        rec_weight=cfg.rec_weight,
     )
     if init is not None:
         module.net.load_state_dict(init.build_module().state_dict())

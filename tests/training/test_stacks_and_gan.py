@@ -16,7 +16,7 @@ from scopestream.inference.architectures import build
 from scopestream.inference.package import load_package
 from scopestream.streaming.saved_run import SavedRun
 from scopestream.training.data import FieldData, PatchSampler, Region, load_run
-from scopestream.training.module import PatchDiscriminator, TrainModule
+from scopestream.training.module import MultiscaleDiscriminator, PatchDiscriminator, TrainModule
 from tests.conftest import record_sim
 
 if TYPE_CHECKING:
@@ -103,6 +103,43 @@ def test_pix2pix_step_trains_generator_and_discriminator() -> None:
     d_weights = [k for k in d0 if k.endswith("weight") and d0[k].ndim == 4]
     assert len(d_weights) == 4
     assert [k for k in d_weights if torch.equal(d0[k], d1[k])] == []
+
+
+def test_multiscale_step_trains_generator_and_both_discriminators() -> None:
+    """pix2pixHD: two PatchGANs (full and half scale) and feature matching."""
+    torch.manual_seed(0)
+    m = TrainModule(
+        "stain_unet", {"base": 8, "out_channels": 1}, "pix2pix", max_steps=3, gan="multiscale"
+    )
+    assert isinstance(m.disc, MultiscaleDiscriminator)
+    logits = m.disc(torch.zeros(2, 2, 64, 64))
+    assert [tuple(t.shape) for t in logits] == [(2, 1, 8, 8), (2, 1, 4, 4)]
+    feats = m.disc.features(torch.zeros(2, 2, 64, 64))
+    assert [len(f) for f in feats] == [4, 4]  # three activations + the logits, per scale
+    g0, d0 = _params(m.net), _params(m.disc)
+    x = torch.rand(8, 1, 32, 32)
+    y = torch.rand(8, 1, 32, 32)
+    data = DataLoader(TensorDataset(x, y, torch.ones_like(y)), batch_size=4)
+    trainer = L.Trainer(
+        max_steps=2 * 3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        trainer.fit(m, data, data)
+    g1, d1 = _params(m.net), _params(m.disc)
+    assert [k for k in g0 if torch.equal(g0[k], g1[k])] == []
+    d_weights = [k for k in d0 if k.endswith("weight") and d0[k].ndim == 4]
+    assert len(d_weights) == 8 and {k.split(".")[1] for k in d_weights} == {"0", "1"}
+    assert [k for k in d_weights if torch.equal(d0[k], d1[k])] == []
+    # the discriminators learn at their own rate (the seed's 2e-4), not the generator's
+    opt_d = m.optimizers()[1]  # type: ignore[index]
+    assert opt_d.param_groups[0]["lr"] == 2e-4
 
 
 def test_3d_and_25d_stain_models_train_and_run_live(
@@ -199,6 +236,25 @@ def test_pix2pix_starts_from_a_supervised_model(
 
     # ... by a few steps from the supervised weights, far from any random start
     assert dist(b, a) < 0.2 * dist(r, a), (dist(b, a), dist(r, a))
+    hd = cli(
+        "train", "--force", "--mode", "pix2pix", "--gan", "multiscale",
+        "--init-from", sup.json["package"], "--max-steps", "6",
+        "--out", str(tmp_path / "reg" / "hd"), "--work-dir", str(tmp_path / "w4"), *common,
+    )  # fmt: skip
+    assert hd.code == 0, hd.stderr
+    hd_pkg = load_package(hd.json["package"])
+    hd_cfg = hd_pkg.manifest.training["config"]
+    assert (hd_cfg["gan"], hd_cfg["lr"], hd_cfg["gan_weight"]) == ("multiscale", 2e-5, 1.0)
+    assert hd_pkg.manifest.training["init_from"]["sha256"] == sup.json["sha256"]
+    assert hd_pkg.onnx_bytes()  # exported like every model
+    c = _params(hd_pkg.build_module())
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    assert dist(c, a) < 0.2 * dist(r, a)  # the seed's fine-tune: 2e-5 from the FCN
+    nogan = cli(
+        "train", "--force", "--mode", "supervised", "--gan", "multiscale", "--max-steps", "2",
+        "--out", str(tmp_path / "reg" / "x"), *common,
+    )  # fmt: skip
+    assert nogan.code == 2 and "give --mode pix2pix" in nogan.stderr
     bad = cli(
         "train", "--force", "--mode", "pix2pix", "--init-from", "stain", "--max-steps", "2",
         "--out", str(tmp_path / "reg" / "gan2"), "--work-dir", str(tmp_path / "w3"),
