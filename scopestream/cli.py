@@ -858,12 +858,55 @@ def predict(
 @app.command()
 def train(
     task: Annotated[str, typer.Option(help="denoise | stain")],
-    mode: Annotated[str, typer.Option(help="n2v | care | supervised | pix2pix")],
+    mode: Annotated[
+        str, typer.Option(help="n2v | care | supervised | pix2pix | cyclegan | stable (unpaired)")
+    ],
     out: Annotated[str, typer.Option(help="REGISTRY/NAME: the new version goes there.")],
     data: Annotated[
         list[str] | None, typer.Option("--data", help="OME-Zarr run(s); one field each.")
     ] = None,
-    inputs: Annotated[str | None, typer.Option(help="TIFF file or folder of inputs.")] = None,
+    inputs: Annotated[
+        str | None,
+        typer.Option(
+            "--inputs", "--inputs-a", help="TIFF file or folder of inputs (unpaired: domain A)."
+        ),
+    ] = None,
+    inputs_b: Annotated[
+        str | None,
+        typer.Option(help="cyclegan/stable: TIFF file or folder of domain B (no pairs)."),
+    ] = None,
+    unpaired: Annotated[
+        bool,
+        typer.Option(
+            help="cyclegan/stable from paired data: no block or field gives both domains; "
+            "the test pairs evaluate."
+        ),
+    ] = False,
+    generator: Annotated[
+        str,
+        typer.Option(
+            help="cyclegan: resnet (the reference; whole frames live) | unet (ours: tiles "
+            "exactly live)."
+        ),
+    ] = "resnet",
+    n_info: Annotated[int, typer.Option(help="stable: channels of the information map.")] = 3,
+    upsample: Annotated[
+        str, typer.Option(help="stable: dysample (learned) | bilinear (the ablation).")
+    ] = "dysample",
+    info_consistency: Annotated[
+        bool,
+        typer.Option(
+            "--info-consistency/--no-info-consistency",
+            help="stable: the information-consistency loss (off: the ablation).",
+        ),
+    ] = True,
+    cycle_weight: Annotated[
+        float | None, typer.Option(help="cyclegan/stable: cycle loss weight (10 / 5).")
+    ] = None,
+    ramp_steps: Annotated[
+        int | None,
+        typer.Option(help="stable: steps over which the cycle weight grows (default: half)."),
+    ] = None,
     targets: Annotated[
         str | None, typer.Option(help="TIFF file or folder of targets (same names).")
     ] = None,
@@ -1001,6 +1044,14 @@ def train(
         data=list(data or []),
         inputs=inputs,
         targets=targets,
+        inputs_b=inputs_b,
+        unpaired=unpaired,
+        generator=generator,
+        n_info=n_info,
+        upsample=upsample,
+        info_consistency=info_consistency,
+        cycle_weight=cycle_weight,
+        ramp_steps=ramp_steps,
         input_channel=input_channel,
         target_channels=list(target_channel or []),
         eval_target=eval_target,

@@ -189,7 +189,7 @@ def _support_twin(module: UNet) -> UNet:
 
 
 @torch.no_grad()
-def receptive_radius(module: UNet, probe: int = 64, *, twin: bool = True) -> tuple[int, ...]:
+def receptive_radius(module: Any, probe: int = 64, *, twin: bool = True) -> tuple[int, ...]:
     """Measured receptive-field radius (pixels) per spatial axis.
 
     A copy of the network with all weights made positive and biases zeroed (so no
@@ -201,7 +201,12 @@ def receptive_radius(module: UNet, probe: int = 64, *, twin: bool = True) -> tup
     """
     import copy
 
-    m = _support_twin(module) if twin else copy.deepcopy(module)
+    if twin and isinstance(module, UNet):
+        m: nn.Module = _support_twin(module)
+    elif twin and hasattr(module, "support_twin"):
+        m = module.support_twin()
+    else:
+        m = copy.deepcopy(module)
     m = m.float().eval()
     for name, p in m.named_parameters():
         if name.endswith("bias"):
@@ -210,7 +215,7 @@ def receptive_radius(module: UNet, probe: int = 64, *, twin: bool = True) -> tup
             p.abs_()
             p.add_(1e-3)
     mult = module.size_multiple
-    cin = m.in_channels
+    cin = module.in_channels
     sizes = [max(probe, 4 * k) // k * k for k in mult]
     while True:
         x = torch.zeros(1, cin, *sizes)
@@ -386,7 +391,195 @@ class DenseBlock(nn.Module):
         return torch.cat(feats, 1)
 
 
-ArchKind = Literal["denoise_unet", "stain_unet"]
+def _norm2d(kind: str, channels: int) -> nn.Module:
+    if kind == "none":
+        return nn.Identity()
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    raise ValueError(f"norm must be none, batch or instance, got {kind!r}")
+
+
+class _DoubleConv(nn.Module):
+    """STABLE's [3×3 conv (demodulated, no bias) → norm → ReLU] × 2."""
+
+    def __init__(self, cin: int, cout: int, mid: int | None = None, norm: str = "none") -> None:
+        super().__init__()
+        mid = mid or cout
+        self.net = nn.Sequential(
+            DemodConv2d(cin, mid), _norm2d(norm, mid), nn.ReLU(),
+            DemodConv2d(mid, cout), _norm2d(norm, cout), nn.ReLU(),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.net(x)
+        return out
+
+
+class StableUNet(nn.Module):
+    """One of STABLE's four U-Nets (an encoder E or a decoder D).
+
+    ``inc`` DoubleConv(in → c0); per level max-pool 2×2 → DoubleConv(c_i → c_i+1) with
+    c_i = base·2^i; per up level DySample ×2 (or fixed bilinear, the ablation) → 3×3
+    conv (c_i+1 → c_i) → concatenation with the skip → DoubleConv(c_i+1 → c_i); out
+    3×3 conv → ReLU → 1×1 conv (linear: information maps and images are unbounded).
+    ``norm`` "none" (the default here, as the seed's calcium experiment: quantitative
+    intensities, exact tiling), "batch" (the seed's other experiments) or "instance".
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        *,
+        base: int = 16,
+        depth: int = 3,
+        norm: str = "none",
+        upsample: str = "dysample",
+    ) -> None:
+        super().__init__()
+        if upsample not in ("dysample", "bilinear"):
+            raise ValueError(f"upsample must be dysample or bilinear, got {upsample!r}")
+        ch = [base * 2**i for i in range(depth + 1)]
+        self.depth, self.in_channels = depth, in_channels
+        self.inc = _DoubleConv(in_channels, ch[0], norm=norm)
+        self.downs = nn.ModuleList(_DoubleConv(ch[i], ch[i + 1], norm=norm) for i in range(depth))
+        self.ups = nn.ModuleList()
+        self.up_convs = nn.ModuleList()
+        self.dec = nn.ModuleList()
+        for i in reversed(range(depth)):
+            self.ups.append(
+                DySample(ch[i + 1])
+                if upsample == "dysample"
+                else nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+            )
+            self.up_convs.append(DemodConv2d(ch[i + 1], ch[i]))
+            self.dec.append(_DoubleConv(ch[i + 1], ch[i], mid=ch[i], norm=norm))
+        self.out = nn.Sequential(
+            nn.Conv2d(ch[0], ch[0], 3, padding=1), nn.ReLU(), nn.Conv2d(ch[0], out_channels, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inc(x)
+        skips = [x]
+        for down in self.downs:
+            x = down(F.max_pool2d(x, 2))
+            skips.append(x)
+        skips.pop()
+        for up, conv, block in zip(self.ups, self.up_convs, self.dec, strict=True):
+            x = block(torch.cat([skips.pop(), conv(up(x))], 1))
+        out: torch.Tensor = self.out(x)
+        return out
+
+
+class StableGenerator(nn.Module):
+    """STABLE's translation A → B as it runs live: D_B(E_A(x)), an encoder to the
+    information map Z (``n_info`` channels at full resolution) and a decoder from it.
+    No min–max rescaling of the output (the reference code's, which discards absolute
+    intensities)."""
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        *,
+        n_info: int = 3,
+        base: int = 16,
+        depth: int = 3,
+        norm: str = "none",
+        upsample: str = "dysample",
+    ) -> None:
+        super().__init__()
+        kw: dict[str, Any] = {"base": base, "depth": depth, "norm": norm, "upsample": upsample}
+        self.enc = StableUNet(in_channels, n_info, **kw)
+        self.dec = StableUNet(n_info, out_channels, **kw)
+        self.kwargs: dict[str, Any] = {
+            "in_channels": in_channels, "out_channels": out_channels, "n_info": n_info, **kw
+        }  # fmt: skip
+        self.dims, self.in_channels, self.depth = 2, in_channels, depth
+
+    @property
+    def size_multiple(self) -> tuple[int, ...]:
+        return (2**self.depth, 2**self.depth)
+
+    def support_twin(self) -> nn.Module:
+        """A copy whose positive-weight probe has the same support: bilinear upsampling
+        (DySample's offsets move samples by a fraction of a pixel), no norm."""
+        return StableGenerator(**{**self.kwargs, "upsample": "bilinear", "norm": "none",
+                                  "base": 4})  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.dec(self.enc(x))
+        return out
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, ch: int, norm: str) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.ReflectionPad2d(1), nn.Conv2d(ch, ch, 3), _norm2d(norm, ch), nn.ReLU(),
+            nn.ReflectionPad2d(1), nn.Conv2d(ch, ch, 3), _norm2d(norm, ch),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = x + self.net(x)
+        return out
+
+
+class ResnetGenerator(nn.Module):
+    """CycleGAN's reference generator (Johnson et al.): 7×7 conv, two stride-2 convs,
+    ``blocks`` residual blocks, two stride-2 transposed convs, 7×7 conv; reflection
+    padding, instance norm (``norm="none"`` drops it). No final tanh: the output is in
+    the target's normalized units, unbounded. Instance norm uses each image's own
+    statistics, so tiles differ from the whole frame: run it on whole frames."""
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        *,
+        base: int = 64,
+        blocks: int = 9,
+        norm: str = "instance",
+    ) -> None:
+        super().__init__()
+        self.kwargs: dict[str, Any] = {"in_channels": in_channels, "out_channels": out_channels,
+                                       "base": base, "blocks": blocks, "norm": norm}  # fmt: skip
+        layers: list[nn.Module] = [
+            nn.ReflectionPad2d(3), nn.Conv2d(in_channels, base, 7), _norm2d(norm, base), nn.ReLU()
+        ]  # fmt: skip
+        ch = base
+        for _ in range(2):
+            layers += [nn.Conv2d(ch, ch * 2, 3, 2, 1), _norm2d(norm, ch * 2), nn.ReLU()]
+            ch *= 2
+        layers += [_ResBlock(ch, norm) for _ in range(blocks)]
+        for _ in range(2):
+            layers += [
+                nn.ConvTranspose2d(ch, ch // 2, 3, 2, 1, output_padding=1),
+                _norm2d(norm, ch // 2),
+                nn.ReLU(),
+            ]
+            ch //= 2
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ch, out_channels, 7)]
+        self.net = nn.Sequential(*layers)
+        self.dims, self.in_channels = 2, in_channels
+
+    @property
+    def size_multiple(self) -> tuple[int, ...]:
+        return (4, 4)
+
+    def support_twin(self) -> nn.Module:
+        """One-channel copy without norm: the same support for the positive-weight probe."""
+        return ResnetGenerator(**{**self.kwargs, "base": 1, "norm": "none"})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.net(x)
+        return out
+
+
+ArchKind = Literal["denoise_unet", "stain_unet", "stable", "resnet"]
+Network = UNet | StableGenerator | ResnetGenerator
 
 
 def unet_kwargs(kind: ArchKind, params: dict[str, Any]) -> dict[str, Any]:
@@ -405,6 +598,18 @@ def unet_kwargs(kind: ArchKind, params: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"unknown architecture {kind!r}")
 
 
-def build(kind: ArchKind, params: dict[str, Any]) -> UNet:
+def arch_callable(kind: ArchKind, params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The class (in this file) and its constructor arguments for an architecture."""
+    if kind == "stable":
+        return "StableGenerator", dict(params)
+    if kind == "resnet":
+        return "ResnetGenerator", dict(params)
+    return "UNet", unet_kwargs(kind, params)
+
+
+def build(kind: ArchKind, params: dict[str, Any]) -> Network:
     """An architecture from its manifest description."""
-    return UNet(**unet_kwargs(kind, params))
+    name, kwargs = arch_callable(kind, params)
+    net: Network = {"UNet": UNet, "StableGenerator": StableGenerator,
+                    "ResnetGenerator": ResnetGenerator}[name](**kwargs)  # fmt: skip
+    return net

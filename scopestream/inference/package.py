@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
     from torch import nn
 
-    from scopestream.inference.architectures import UNet
+    from scopestream.inference.architectures import Network, UNet
 
 MANIFEST = "manifest.yaml"
 BUNDLED = Path(__file__).resolve().parents[1] / "models"
@@ -121,7 +121,7 @@ class ModelPackage:
             "path": str(self.path),
         }
 
-    def build_module(self) -> UNet:
+    def build_module(self) -> Network:
         """The PyTorch network with its weights (eval mode, CPU, fp32)."""
         import torch
 

@@ -188,7 +188,7 @@ def export_bioimageio(
     from bioimageio.spec import InvalidDescr, load_description, save_bioimageio_package
 
     from scopestream.inference.architectures import __file__ as arch_file
-    from scopestream.inference.architectures import unet_kwargs
+    from scopestream.inference.architectures import arch_callable
     from scopestream.inference.predictor import Predictor
 
     man = pkg.manifest
@@ -236,7 +236,7 @@ def export_bioimageio(
         if mode == "n2v" and arch.params.get("n2v2"):
             mode = "n2v2"
         cite_text, doi = _CITES.get(mode, _CITES["supervised"])
-        kwargs = unet_kwargs(arch.kind, dict(arch.params))  # type: ignore[arg-type]
+        callable_name, kwargs = arch_callable(arch.kind, dict(arch.params))  # type: ignore[arg-type]
         if "pool_z" in kwargs:
             kwargs["pool_z"] = [bool(v) for v in kwargs["pool_z"]]
         rdf: dict[str, Any] = {
@@ -285,7 +285,7 @@ def export_bioimageio(
                     "source": "weights.pt",
                     "architecture": {
                         "source": "architectures.py",
-                        "callable": "UNet",
+                        "callable": callable_name,
                         "kwargs": kwargs,
                     },
                     "pytorch_version": torch.__version__.split("+")[0],

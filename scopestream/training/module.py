@@ -175,7 +175,7 @@ class TrainModule(L.LightningModule):
         #: processes that trained together (the process group's size, not the devices asked for)
         self.world_size = 1
         if mode == "pix2pix":
-            out_ch = int(self.net.head.out_channels)  # type: ignore[arg-type]
+            out_ch = int(self.net.head.out_channels)  # type: ignore[arg-type,union-attr]
             # conditioned on the input (a 2.5D window's centre plane): 1 channel + the stains
             if gan == "multiscale":
                 self.disc = MultiscaleDiscriminator(self.net.dims, 1 + out_ch)

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from scopestream.inference.guard import Fingerprint
     from scopestream.inference.package import ModelPackage
 
-MODES = ("n2v", "care", "supervised", "pix2pix")
+MODES = ("n2v", "care", "supervised", "pix2pix", "cyclegan", "stable")
 GANS = ("patch", "multiscale")
 SPATIAL = ("2d", "2.5d-z", "3d")
 
@@ -46,8 +46,23 @@ class TrainConfig:
     mode: str
     out: str  # REGISTRY/NAME
     data: list[str] = field(default_factory=list)  # OME-Zarr runs (one field each)
-    inputs: str | None = None  # TIFF file or folder
+    inputs: str | None = None  # TIFF file or folder (unpaired modes: domain A)
     targets: str | None = None
+    #: cyclegan/stable: domain B's TIFF file or folder (no pairs with ``inputs``)
+    inputs_b: str | None = None
+    #: cyclegan/stable from paired data (``data`` or ``inputs`` + ``targets``): split so
+    #: no block or field gives both domains (`unpaired_split`); the test pairs evaluate
+    unpaired: bool = False
+    #: cyclegan: "resnet" (the reference: 9 blocks, 4·base filters, instance norm; whole
+    #: frames live) or "unet" (our U-Net with 2·base: no norm, tiles exactly live)
+    generator: str = "resnet"
+    n_info: int = 3  # stable: channels of the information map Z
+    upsample: str = "dysample"  # stable: dysample | bilinear (the seed's ablation)
+    info_consistency: bool = True  # stable: False is the seed's ablation
+    #: cyclegan/stable: the cycle loss's weight (None: cyclegan 10, stable 5)
+    cycle_weight: float | None = None
+    #: stable: steps over which the cycle weight grows (sigmoid; None: half the steps)
+    ramp_steps: int | None = None
     input_channel: str | None = None
     target_channels: list[str] = field(default_factory=list)
     eval_target: str | None = None  # e.g. truth:nuclei (evaluation only)
@@ -108,7 +123,13 @@ class TrainConfig:
         if self.gan_weight is None:
             self.gan_weight = 1.0 if multiscale else 0.05
         if self.lr is None:
-            self.lr = (2e-5 if self.init_from else 2e-4) if multiscale else 4e-4
+            unpaired = {"cyclegan": 2e-4, "stable": 3e-4}
+            if self.mode in unpaired:
+                self.lr = unpaired[self.mode]
+            else:
+                self.lr = (2e-5 if self.init_from else 2e-4) if multiscale else 4e-4
+        if self.cycle_weight is None and self.mode in ("cyclegan", "stable"):
+            self.cycle_weight = 10.0 if self.mode == "cyclegan" else 5.0
         denoiser = self.mode in ("n2v", "care")
         if not self.norm:
             self.norm = "standard" if denoiser else "percentile"
@@ -126,6 +147,14 @@ class TrainConfig:
             "gan": "patch",  # the options after pix2pixHD: older trainings keep their key
             "fm_weight": 10.0,
             "rec_weight": 20.0,
+            "inputs_b": None,  # ... and after the unpaired modes
+            "unpaired": False,
+            "generator": "resnet",
+            "n_info": 3,
+            "upsample": "dysample",
+            "info_consistency": True,
+            "cycle_weight": None,
+            "ramp_steps": None,
             "norm": "percentile",
             "target_norm": "percentile",
             "mask_fraction": 0.002,  # the masking before these options (with "n2v2")
@@ -163,6 +192,8 @@ def _load(cfg: TrainConfig) -> list[FieldData]:
         raise DataError(f"--gan must be one of {GANS}, got {cfg.gan!r}")
     if cfg.gan != "patch" and cfg.mode != "pix2pix":
         raise DataError(f"--gan {cfg.gan} is pix2pix's discriminator: give --mode pix2pix")
+    if cfg.mode in ("cyclegan", "stable") and cfg.task != "stain":
+        raise DataError(f"--mode {cfg.mode} is for --task stain (A → B translation)")
     if cfg.mode == "pix2pix" and cfg.task != "stain":
         raise DataError("--mode pix2pix is for --task stain (label-free prediction)")
     if cfg.mode in ("n2v", "care") and cfg.task != "denoise":
@@ -445,6 +476,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     from scopestream.inference.predictor import halo_for
     from scopestream.training.module import PatchDataset, TrainModule
 
+    if cfg.mode in ("cyclegan", "stable"):
+        from scopestream.training.translation import train_unpaired
+
+        return train_unpaired(cfg, progress)
     t0 = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     fields = _load(cfg)
