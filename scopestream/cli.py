@@ -1668,6 +1668,39 @@ def bench_stain_norms_cmd(
     )
 
 
+@bench_app.command("translation")
+def bench_translation_cmd(
+    rows: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated: supervised, cyclegan, cyclegan-resnet, stable, "
+            "stable-no-info, stable-bilinear."
+        ),
+    ] = "supervised,cyclegan,stable,stable-no-info,stable-bilinear",
+    fields: Annotated[int, typer.Option(help="Simulated fields (split by field).")] = 6,
+    steps: Annotated[int, typer.Option(help="Generator steps of every training.")] = 2000,
+    batch: Annotated[int, typer.Option(help="Patches per step.")] = 4,
+    seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
+    workdir: Annotated[
+        str | None, typer.Option(help="Where recordings and trainings go (default: temp dir).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+) -> None:
+    """Unpaired brightfield → nuclei (CycleGAN, STABLE and its ablations) against the
+    supervised U-Net on true pairs: Pearson, SSIM and object metrics vs the truth."""
+    from scopestream.bench.translation import bench_translation
+
+    if steps < 1:
+        raise _die(f"--steps must be positive, got {steps}")
+    names = [r.strip() for r in rows.split(",") if r.strip()]
+    _training_bench(
+        lambda log: bench_translation(
+            names, fields=fields, steps=steps, batch=batch, seed=seed, workdir=workdir, log=log
+        ),
+        as_json,
+    )
+
+
 def main() -> None:
     """Entry point of the ``scopestream`` command.
 

@@ -177,3 +177,30 @@ def test_bench_stain_norms_trains_each_normalization_and_scores_both_stains(
     assert (newest["norm"], newest["target_norm"]) == rows[-1]
     with pytest.raises(ValueError, match="unknown normalization 'minmax'"):
         bench_stain_norms((("minmax", "percentile"),), fields=3, workdir=str(tmp_path))
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec")
+def test_bench_translation_scores_unpaired_rows_on_the_paired_rows_test_fields(
+    tmp_path: Path,
+) -> None:
+    from scopestream.bench.translation import bench_translation
+    from scopestream.inference.package import Registry
+
+    b = bench_translation(
+        ("supervised", "stable-bilinear"), fields=4, steps=1, batch=2, frames=2,
+        workdir=str(tmp_path), log=lambda s: None,
+    )  # fmt: skip
+    assert [r["row"] for r in b["rows"]] == ["supervised", "stable-bilinear"]
+    for r in b["rows"]:
+        assert r["optimizer_steps"] == 1 and -1 <= r["pearson"] <= 1
+        assert r["objects_target"] > 0  # the truth has nuclei to find
+    assert "pearson_vs_supervised" in b["rows"][1]
+    # the same truth and test fields for every row; the domains' fields are disjoint
+    assert len({r["brightfield_pearson"] for r in b["rows"]}) == 1
+    f = b["settings"]["unpaired_fields"]
+    assert f["a"] and f["b"] and not set(f["a"]) & set(f["b"])
+    assert not (set(f["a"]) | set(f["b"])) & set(f["test"])
+    cfg = Registry(tmp_path / "reg").resolve("stable-bilinear").manifest.training["config"]
+    assert (cfg["mode"], cfg["upsample"], cfg["unpaired"]) == ("stable", "bilinear", True)
+    with pytest.raises(ValueError, match="unknown row 'gpt2'"):
+        bench_translation(("gpt2",), workdir=str(tmp_path))
