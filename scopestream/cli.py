@@ -859,7 +859,11 @@ def predict(
 def train(
     task: Annotated[str, typer.Option(help="denoise | stain")],
     mode: Annotated[
-        str, typer.Option(help="n2v | care | supervised | pix2pix | cyclegan | stable (unpaired)")
+        str,
+        typer.Option(
+            help="n2v | care | supervised | pix2pix | gpt | cyclegan | stable (the last two: "
+            "unpaired)"
+        ),
     ],
     out: Annotated[str, typer.Option(help="REGISTRY/NAME: the new version goes there.")],
     data: Annotated[
@@ -907,6 +911,14 @@ def train(
         int | None,
         typer.Option(help="stable: steps over which the cycle weight grows (default: half)."),
     ] = None,
+    attention_from: Annotated[
+        int,
+        typer.Option(
+            help="gpt: first level with attention (0: full resolution, the seed's; 2: 1/4 "
+            "and 1/8 of the frame; 3: the bottom only)."
+        ),
+    ] = 2,
+    dropout: Annotated[float, typer.Option(help="gpt: dropout (the seed's 0.5).")] = 0.5,
     targets: Annotated[
         str | None, typer.Option(help="TIFF file or folder of targets (same names).")
     ] = None,
@@ -1052,6 +1064,8 @@ def train(
         info_consistency=info_consistency,
         cycle_weight=cycle_weight,
         ramp_steps=ramp_steps,
+        attention_from=attention_from,
+        dropout=dropout,
         input_channel=input_channel,
         target_channels=list(target_channel or []),
         eval_target=eval_target,
@@ -1696,6 +1710,31 @@ def bench_translation_cmd(
     _training_bench(
         lambda log: bench_translation(
             names, fields=fields, steps=steps, batch=batch, seed=seed, workdir=workdir, log=log
+        ),
+        as_json,
+    )
+
+
+@bench_app.command("gpt")
+def bench_gpt_cmd(
+    budget: Annotated[
+        float, typer.Option(help="Training seconds of each network (steps set from its rate).")
+    ] = 600.0,
+    fields: Annotated[int, typer.Option(help="Simulated fields (split by field).")] = 5,
+    batch: Annotated[int, typer.Option(help="Patches per step.")] = 8,
+    seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
+    workdir: Annotated[
+        str | None, typer.Option(help="Where recordings and trainings go (default: temp dir).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+) -> None:
+    """Global Pixel Transformers vs our stain U-Net at equal training time on the
+    simulator's brightfield → nuclei + membrane: Pearson r per stain vs the truth."""
+    from scopestream.bench.gpt import bench_gpt
+
+    _training_bench(
+        lambda log: bench_gpt(
+            budget, fields=fields, batch=batch, seed=seed, workdir=workdir, log=log
         ),
         as_json,
     )

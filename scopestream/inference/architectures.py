@@ -201,6 +201,8 @@ def receptive_radius(module: Any, probe: int = 64, *, twin: bool = True) -> tupl
     """
     import copy
 
+    if hasattr(module, "halo_px"):  # a global network: its stated tile overlap
+        return tuple(module.halo_px)
     if twin and isinstance(module, UNet):
         m: nn.Module = _support_twin(module)
     elif twin and hasattr(module, "support_twin"):
@@ -215,7 +217,7 @@ def receptive_radius(module: Any, probe: int = 64, *, twin: bool = True) -> tupl
             p.abs_()
             p.add_(1e-3)
     mult = module.size_multiple
-    cin = module.in_channels
+    cin = int(getattr(m, "in_channels", module.in_channels))  # the twin's (one channel)
     sizes = [max(probe, 4 * k) // k * k for k in mult]
     while True:
         x = torch.zeros(1, cin, *sizes)
@@ -578,8 +580,129 @@ class ResnetGenerator(nn.Module):
         return out
 
 
-ArchKind = Literal["denoise_unet", "stain_unet", "stable", "resnet"]
-Network = UNet | StableGenerator | ResnetGenerator
+class _ConvReLU(nn.Sequential):
+    def __init__(self, cin: int, cout: int, k: int = 3, dropout: float = 0.0) -> None:
+        super().__init__(nn.Conv2d(cin, cout, k, padding=k // 2), nn.ReLU(), nn.Dropout(dropout))
+
+
+class GPTNet(nn.Module):
+    """The Global Pixel Transformer network (Liu et al., IEEE TMI 2020; Table II).
+
+    Multi-scale input → 1×1 conv (``base``) → encoder: dense blocks of 2, 4, 8 layers
+    (growth 16), each with a 1×1 conv to 2·, 4·, 8·``base`` channels (the skips), then a
+    down-sampling GPT layer (GDT) → bottom: dense block of 8 and a same-size GPT layer
+    (GST) → decoder: up-sampling GPT layers (GUT, halving the channels), the skip
+    concatenated, a 1×1 conv halving again, dense blocks of 4, 2, 1 → 1×1 conv to
+    ``out_channels`` (several stains at once). With ``base`` 32: 64/128/256 channels,
+    384 at the bottom, 288/168/90 up — the seed's arithmetic.
+
+    Multi-scale input: the seed crops 2× and ½× the field around each patch's centre
+    and rescales them with learned layers. For whole-frame prediction the three scales
+    are here the same field at three resolutions: x itself (2 convs), x average-pooled
+    ×2 (2 convs, a transposed conv back) and x upsampled ×2 (2 convs, max-pooled back),
+    concatenated and mixed by a 1×1 conv; the wider context reaches every pixel anyway
+    through the global attention.
+
+    Attention costs (H·W)·(H'·W') entries: ``attention_from`` is the first level (0:
+    full resolution, as in the seed) whose transitions are GPT layers; shallower ones
+    are a stride-2 conv / transposed conv. The default 2 uses attention where the
+    feature maps are ¼ and ⅛ of the frame and at the bottom: a 512² frame then needs
+    128²·64² = 67 M weights (268 MB fp32) per attention layer.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        *,
+        base: int = 32,
+        attention_from: int = 2,
+        dropout: float = 0.0,
+        growth: int = 16,
+    ) -> None:
+        super().__init__()
+        if not 0 <= attention_from <= 3:
+            raise ValueError(
+                f"attention_from must be 0..3 (3: the bottom only), got {attention_from}"
+            )
+        d = dropout
+        self.dims, self.in_channels, self.depth = 2, in_channels, 3
+        self.attention_from = attention_from
+        self.ms_same = nn.Sequential(
+            _ConvReLU(in_channels, base, 3, d), _ConvReLU(base, base, 3, d)
+        )
+        self.ms_coarse = nn.Sequential(
+            nn.AvgPool2d(2), _ConvReLU(in_channels, base, 3, d), _ConvReLU(base, base, 3, d),
+            nn.ConvTranspose2d(base, base, 2, 2),
+        )  # fmt: skip
+        self.ms_fine = nn.Sequential(
+            nn.Upsample(scale_factor=2, mode="nearest"), _ConvReLU(in_channels, base, 3, d),
+            _ConvReLU(base, base, 3, d), nn.MaxPool2d(2),
+        )  # fmt: skip
+        self.ms_mix = nn.Conv2d(3 * base, base, 1)
+        self.enc_blocks = nn.ModuleList()
+        self.enc_proj = nn.ModuleList()
+        self.downs = nn.ModuleList()
+        ch = base
+        skips = []
+        for level, layers in enumerate((2, 4, 8)):
+            block = DenseBlock(ch, layers, growth, d)
+            out = base * 2 ** (level + 1)
+            self.enc_blocks.append(block)
+            self.enc_proj.append(nn.Conv2d(block.out_channels, out, 1))
+            self.downs.append(
+                GPTLayer(out, "down", dropout=d)
+                if level >= attention_from
+                else nn.Sequential(nn.Conv2d(out, out, 3, 2, 1), nn.ReLU())
+            )
+            skips.append(out)
+            ch = out
+        self.bottom = DenseBlock(ch, 8, growth, d)
+        ch = self.bottom.out_channels
+        self.bottom_attn = GPTLayer(ch, "same", dropout=d)
+        self.ups = nn.ModuleList()
+        self.dec_proj = nn.ModuleList()
+        self.dec_blocks = nn.ModuleList()
+        for level, layers in zip((2, 1, 0), (4, 2, 1), strict=True):
+            half = ch // 2
+            self.ups.append(
+                GPTLayer(ch, "up", cout=half, dropout=d)
+                if level >= attention_from
+                else nn.Sequential(nn.ConvTranspose2d(ch, half, 2, 2), nn.ReLU())
+            )
+            cat = half + skips[level]
+            self.dec_proj.append(nn.Conv2d(cat, cat // 2, 1))
+            block = DenseBlock(cat // 2, layers, growth, d)
+            self.dec_blocks.append(block)
+            ch = block.out_channels
+        self.head = nn.Conv2d(ch, out_channels, 1)
+        self.channels_up = ch
+
+    @property
+    def size_multiple(self) -> tuple[int, ...]:
+        return (8, 8)
+
+    #: attention reaches every pixel, so no halo makes tiles exact: tiles overlap by this
+    #: margin (the error against whole frames is measured in the tests and README)
+    halo_px = (64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.ms_mix(torch.cat([self.ms_same(x), self.ms_coarse(x), self.ms_fine(x)], 1))
+        skips = []
+        for block, proj, down in zip(self.enc_blocks, self.enc_proj, self.downs, strict=True):
+            x = F.relu(proj(block(x)))
+            skips.append(x)
+            x = down(x)
+        x = self.bottom_attn(self.bottom(x))
+        for up, proj, block in zip(self.ups, self.dec_proj, self.dec_blocks, strict=True):
+            x = F.relu(proj(torch.cat([up(x), skips.pop()], 1)))
+            x = block(x)
+        out: torch.Tensor = self.head(x)
+        return out
+
+
+ArchKind = Literal["denoise_unet", "stain_unet", "stable", "resnet", "gpt"]
+Network = UNet | StableGenerator | ResnetGenerator | GPTNet
 
 
 def unet_kwargs(kind: ArchKind, params: dict[str, Any]) -> dict[str, Any]:
@@ -604,12 +727,17 @@ def arch_callable(kind: ArchKind, params: dict[str, Any]) -> tuple[str, dict[str
         return "StableGenerator", dict(params)
     if kind == "resnet":
         return "ResnetGenerator", dict(params)
+    if kind == "gpt":
+        return "GPTNet", dict(params)
     return "UNet", unet_kwargs(kind, params)
 
 
 def build(kind: ArchKind, params: dict[str, Any]) -> Network:
     """An architecture from its manifest description."""
     name, kwargs = arch_callable(kind, params)
-    net: Network = {"UNet": UNet, "StableGenerator": StableGenerator,
-                    "ResnetGenerator": ResnetGenerator}[name](**kwargs)  # fmt: skip
+    classes: dict[str, Any] = {
+        "UNet": UNet, "StableGenerator": StableGenerator, "ResnetGenerator": ResnetGenerator,
+        "GPTNet": GPTNet,
+    }  # fmt: skip
+    net: Network = classes[name](**kwargs)
     return net

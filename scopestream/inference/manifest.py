@@ -90,7 +90,7 @@ class Architecture(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    kind: Literal["denoise_unet", "stain_unet", "stable", "resnet", "external"] = Field(
+    kind: Literal["denoise_unet", "stain_unet", "stable", "resnet", "gpt", "external"] = Field(
         description="external: an imported network (TorchScript and/or ONNX weights, no source)"
     )
     params: dict[str, Any] = Field(default_factory=dict)

@@ -52,6 +52,9 @@ class FieldData:
     #: what is known of how the input was acquired (the model's `Fingerprint`):
     #: ``channels`` (name, preset), ``pixel_size_um``, ``exposures_ms``, ``dtype``
     context: dict[str, Any] = field(default_factory=dict)
+    #: target channels this field does not have (their planes are NaN: no loss, no
+    #: normalization statistics, no evaluation), when a run lacks some of several stains
+    missing_targets: list[str] = field(default_factory=list)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -173,14 +176,20 @@ def load_run(
 
 
 def load_run_fields(
-    run: str | Path, input_channel: str | None = None, target_channels: list[str] | None = None
+    run: str | Path,
+    input_channel: str | None = None,
+    target_channels: list[str] | None = None,
+    *,
+    allow_missing: bool = False,
 ) -> list[FieldData]:
     """Every field (position) of a scopestream OME-Zarr run, one `FieldData` each.
 
     ``input_channel`` is a raw channel; targets are ``[image:]channel`` (an output or
     truth image's channel of the same field, or a raw channel). Frames a field never
     completed are left out of its data. Fields are the unit of the train/validation
-    split's regions, so frames of one field never straddle it with another's."""
+    split's regions, so frames of one field never straddle it with another's.
+    ``allow_missing``: a target channel the run does not have is all-NaN for it (listed
+    in `FieldData.missing_targets`) instead of an error, as long as it has one."""
     from scopestream.streaming.saved_run import SavedRun
 
     path = Path(run)
@@ -195,6 +204,7 @@ def load_run_fields(
             input_channel,
             target_channels,
             f"{path.name}@{im.position}" if several else path.name,
+            allow_missing,
         )
         for im in raws
     ]
@@ -207,6 +217,7 @@ def _load_field(
     input_channel: str | None,
     target_channels: list[str] | None,
     name: str,
+    allow_missing: bool = False,
 ) -> FieldData:
     import zarr
 
@@ -222,23 +233,33 @@ def _load_field(
     inp = _frames_of(raw, ci)
     complete = _complete_mask(raw_group)
     keep = None if complete is None else complete[:, ci].reshape(-1)
-    targets, tnames = [], []
+    targets: list[Any] = []
+    tnames: list[str] = []
+    missing: list[str] = []
     for spec in target_channels or []:
         image, _, chan = spec.rpartition(":")
         try:
             image_path = saved.image(image, p).path if image else raw_group
-        except KeyError as e:
-            raise DataError(str(e.args[0])) from None
-        group: Any = zarr.open_group(str(image_path), mode="r")
-        tnames_all = [c["label"] for c in group.attrs.asdict()["ome"]["omero"]["channels"]]
-        where = f"{path}/{image}" if image else str(path)
-        ct = _channel_index(tnames_all, chan, where)
+            group: Any = zarr.open_group(str(image_path), mode="r")
+            tnames_all = [c["label"] for c in group.attrs.asdict()["ome"]["omero"]["channels"]]
+            where = f"{path}/{image}" if image else str(path)
+            ct = _channel_index(tnames_all, chan, where)
+        except (KeyError, DataError) as e:
+            if not allow_missing:
+                raise DataError(str(e.args[0])) from None
+            # this run has no such stain: NaN planes, masked out of the loss
+            targets.append(np.broadcast_to(np.float32(np.nan), inp.shape))
+            tnames.append(chan)
+            missing.append(chan)
+            continue
         targets.append(_frames_of(group["0"], ct))
         tnames.append(chan)
         tc = _complete_mask(image_path)
         if tc is not None:
             tk = tc[:, ct].reshape(-1)
             keep = tk if keep is None else keep & tk
+    if target_channels and len(missing) == len(target_channels):
+        raise DataError(f"{path} has none of the target channels {target_channels}")
     context = _acquisition_context(saved, raw_group, root, ci, input_channel, p)
     z = int(raw.shape[2])
     if keep is not None and z > 1:
@@ -248,7 +269,7 @@ def _load_field(
         idx = np.flatnonzero(keep)  # frames never acquired are not training data
         inp = _take(inp, idx)
         targets = [_take(t, idx) for t in targets]
-    return FieldData(name, inp, targets, tnames, z=z, context=context)
+    return FieldData(name, inp, targets, tnames, z=z, context=context, missing_targets=missing)
 
 
 def _acquisition_context(

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from scopestream.inference.guard import Fingerprint
     from scopestream.inference.package import ModelPackage
 
-MODES = ("n2v", "care", "supervised", "pix2pix", "cyclegan", "stable")
+MODES = ("n2v", "care", "supervised", "pix2pix", "cyclegan", "stable", "gpt")
 GANS = ("patch", "multiscale")
 SPATIAL = ("2d", "2.5d-z", "3d")
 
@@ -63,6 +63,10 @@ class TrainConfig:
     cycle_weight: float | None = None
     #: stable: steps over which the cycle weight grows (sigmoid; None: half the steps)
     ramp_steps: int | None = None
+    #: gpt: the first level whose transitions are attention (0: full resolution, the
+    #: seed's; 2: feature maps of ¼ and ⅛ the patch, and the bottom)
+    attention_from: int = 2
+    dropout: float = 0.5  # gpt: dropout of its convolutions and attention (the seed's)
     input_channel: str | None = None
     target_channels: list[str] = field(default_factory=list)
     eval_target: str | None = None  # e.g. truth:nuclei (evaluation only)
@@ -155,6 +159,8 @@ class TrainConfig:
             "info_consistency": True,
             "cycle_weight": None,
             "ramp_steps": None,
+            "attention_from": 2,  # ... and after gpt
+            "dropout": 0.5,
             "norm": "percentile",
             "target_norm": "percentile",
             "mask_fraction": 0.002,  # the masking before these options (with "n2v2")
@@ -192,6 +198,8 @@ def _load(cfg: TrainConfig) -> list[FieldData]:
         raise DataError(f"--gan must be one of {GANS}, got {cfg.gan!r}")
     if cfg.gan != "patch" and cfg.mode != "pix2pix":
         raise DataError(f"--gan {cfg.gan} is pix2pix's discriminator: give --mode pix2pix")
+    if cfg.mode == "gpt" and (cfg.task != "stain" or cfg.spatial == "3d"):
+        raise DataError("--mode gpt is for --task stain, 2d or 2.5d-z (a window of z-planes in)")
     if cfg.mode in ("cyclegan", "stable") and cfg.task != "stain":
         raise DataError(f"--mode {cfg.mode} is for --task stain (A → B translation)")
     if cfg.mode == "pix2pix" and cfg.task != "stain":
@@ -203,7 +211,16 @@ def _load(cfg: TrainConfig) -> list[FieldData]:
         targets = list(cfg.target_channels)
         if needs_target and not targets:
             raise DataError(f"--mode {cfg.mode} needs --target-channel (pairs)")
-        fields = [f for p in cfg.data for f in load_run_fields(p, cfg.input_channel, targets)]
+        # several stains at once: a run may lack some (its loss is masked to those it has)
+        partial = cfg.mode in ("supervised", "gpt") and len(targets) > 1
+        fields = [
+            f
+            for p in cfg.data
+            for f in load_run_fields(p, cfg.input_channel, targets, allow_missing=partial)
+        ]
+        for name in targets:
+            if fields and all(name.rpartition(":")[2] in f.missing_targets for f in fields):
+                raise DataError(f"no run has the target channel {name!r}")
     elif cfg.inputs:
         if needs_target and not cfg.targets:
             raise DataError(f"--mode {cfg.mode} needs --targets (pairs)")
@@ -246,6 +263,8 @@ def _norm_from(
     rng = np.random.default_rng(0)
     for r in regions[:64]:
         f = fields[r.field]
+        if which is not None and f.target_names[which] in f.missing_targets:
+            continue  # this field has no such stain
         arr = f.input if which is None else f.targets[which]
         frames = np.arange(f.n)
         if method == "center" and f.z > 1:  # planes of the central chunk of each stack
@@ -254,6 +273,8 @@ def _norm_from(
             frames = frames[(frames % f.z >= lo) & (frames % f.z < hi)]
         for i in rng.choice(frames, size=min(4, frames.size), replace=False):
             vals.append(np.asarray(arr[int(i), r.y, r.x], np.float32).ravel()[::7])
+    if not vals:
+        raise DataError("no training field has this target: nothing to normalize it by")
     v = np.concatenate(vals)
     if method == "percentile":
         return Normalization.from_percentiles(v, source="training")
@@ -301,6 +322,14 @@ def _architecture(cfg: TrainConfig, n_out: int) -> Architecture:
         if cfg.mode == "n2v" and cfg.variant == "n2v2":
             params["n2v2"] = True
         return Architecture(kind="denoise_unet", params=params)
+    if cfg.mode == "gpt":  # the seed's widths at the fast preset's base (16 → 32)
+        gpt: dict[str, Any] = {
+            "out_channels": n_out, "base": 2 * cfg.base,
+            "attention_from": cfg.attention_from, "dropout": cfg.dropout,
+        }  # fmt: skip
+        if cfg.spatial == "2.5d-z":
+            gpt["in_channels"] = cfg.window
+        return Architecture(kind="gpt", params=gpt)
     params = {"base": cfg.base, "out_channels": n_out}
     if cfg.max_channels:
         params["max_channels"] = cfg.max_channels
@@ -421,6 +450,10 @@ def evaluate(
     ch = target_index if man.task == "stain" else 0
     for r in regions:
         f = fields[r.field]
+        if f.target_names and f.target_names[min(ch, len(f.target_names) - 1)] in (
+            f.missing_targets
+        ):
+            continue  # the field has no such stain to compare with
         units = _eval_units(f, man.spatial, man.window)
         step = max(1, len(units) // max(1, max_images // max(1, len(regions))))
         for i, planes, centre in units[::step]:

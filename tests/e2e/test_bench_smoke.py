@@ -204,3 +204,23 @@ def test_bench_translation_scores_unpaired_rows_on_the_paired_rows_test_fields(
     assert (cfg["mode"], cfg["upsample"], cfg["unpaired"]) == ("stable", "bilinear", True)
     with pytest.raises(ValueError, match="unknown row 'gpt2'"):
         bench_translation(("gpt2",), workdir=str(tmp_path))
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec")
+def test_bench_gpt_trains_both_networks_for_the_budget_and_scores_each_stain(
+    tmp_path: Path,
+) -> None:
+    from scopestream.bench.gpt import bench_gpt
+
+    b = bench_gpt(1.0, fields=3, batch=2, frames=2, workdir=str(tmp_path), log=lambda s: None)
+    unet, gpt = b["rows"]
+    assert (unet["network"], gpt["network"]) == ("unet", "gpt")
+    assert gpt["architecture"]["kind"] == "gpt" and unet["architecture"]["kind"] == "stain_unet"
+    for r in b["rows"]:
+        assert r["optimizer_steps"] >= 10 and r["seconds_per_step"] > 0
+        assert -1 <= r["nuclei_pearson"] <= 1 and -1 <= r["membrane_pearson"] <= 1
+    assert set(b["gpt_minus_unet"]) == {"nuclei", "membrane"}
+    tiles = gpt["tiled_vs_whole"]
+    assert tiles["tile"] == [192, 192] and tiles["max_abs_over_range"] >= 0
+    with pytest.raises(ValueError, match="budget_s must be positive"):
+        bench_gpt(0, workdir=str(tmp_path))

@@ -69,7 +69,7 @@ def test_shift_equivariant_by_the_size_multiple() -> None:
 
 def test_unknown_architecture_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown architecture"):
-        build("resnet", {})  # type: ignore[arg-type]
+        build("vgg16", {})  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
