@@ -7,6 +7,7 @@ import io
 import warnings
 from typing import TYPE_CHECKING
 
+import bioimageio.core as bioimageio_core
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from tests.conftest import CliResult
+
+# bioimageio.spec leaves its zip open (see test_bioimageio.py)
+pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
 
 def test_gpt_network_has_the_seeds_widths_and_attention_where_asked() -> None:
@@ -109,6 +113,12 @@ def test_gpt_trains_several_stains_from_runs_that_lack_some_and_runs_live(
     man = pkg.manifest
     assert man.architecture.kind == "gpt" and man.outputs == ("nuclei", "membrane")
     assert man.architecture.params["dropout"] == 0.5 and man.halo == (64, 64)
+    zipped = tmp_path / "gpt.zip"
+    pkg_path = r.json["package"]
+    ex = cli("export", "--model", pkg_path, "--format", "bioimageio", "--out", str(zipped))
+    assert ex.code == 0, ex.stderr  # validated by bioimageio.spec ...
+    summary = bioimageio_core.test_model(zipped)  # ... and reproduced by bioimageio.core
+    assert summary.status == "passed", summary.format()
     out = tmp_path / "live.ome.zarr"
     live = cli(
         "run", "--source", "sim", "--channels", "brightfield:5", "--time-points", "2",

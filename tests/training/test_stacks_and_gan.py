@@ -238,7 +238,7 @@ def test_pix2pix_starts_from_a_supervised_model(
     assert dist(b, a) < 0.2 * dist(r, a), (dist(b, a), dist(r, a))
     hd = cli(
         "train", "--force", "--mode", "pix2pix", "--gan", "multiscale",
-        "--init-from", sup.json["package"], "--max-steps", "6",
+        "--init-from", sup.json["package"], "--max-steps", "3",
         "--out", str(tmp_path / "reg" / "hd"), "--work-dir", str(tmp_path / "w4"), *common,
     )  # fmt: skip
     assert hd.code == 0, hd.stderr

@@ -107,14 +107,14 @@ def test_stable_and_cyclegan_train_export_and_run_live(
     common = [
         "--task", "stain", "--data", str(pairs), "--input-channel", "brightfield",
         "--target-channel", "nuclei", "--unpaired", "--patch", "32x32", "--batch", "2",
-        "--max-steps", "4", "--base", "4", "--force", "--json",
+        "--max-steps", "2", "--base", "4", "--force", "--json",
     ]  # fmt: skip
     st = cli(
         "train", "--mode", "stable", "--out", str(tmp_path / "reg" / "st"),
         "--work-dir", str(tmp_path / "w1"), *common,
     )  # fmt: skip
     assert st.code == 0, st.stderr
-    assert st.json["steps"] == 4
+    assert st.json["steps"] == 2
     split = st.json["split"]
     assert split["train_a"] > 0 and split["train_b"] > 0 and split["test"] > 0
     # evaluated on the withheld true pairs, objects included
