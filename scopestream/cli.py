@@ -909,7 +909,7 @@ def train(
     ] = None,
     ramp_steps: Annotated[
         int | None,
-        typer.Option(help="stable: steps over which the cycle weight grows (default: half)."),
+        typer.Option(help="stable: steps over which the cycle weight grows (default: none)."),
     ] = None,
     attention_from: Annotated[
         int,

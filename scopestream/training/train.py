@@ -61,7 +61,8 @@ class TrainConfig:
     info_consistency: bool = True  # stable: False is the seed's ablation
     #: cyclegan/stable: the cycle loss's weight (None: cyclegan 10, stable 5)
     cycle_weight: float | None = None
-    #: stable: steps over which the cycle weight grows (sigmoid; None: half the steps)
+    #: stable: steps over which the cycle weight grows along a sigmoid (None or 0: no
+    #: ramp, the full weight from the start; the seed ramps it for its calcium data only)
     ramp_steps: int | None = None
     #: gpt: the first level whose transitions are attention (0: full resolution, the
     #: seed's; 2: feature maps of ¼ and ⅛ the patch, and the bottom)

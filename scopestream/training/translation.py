@@ -15,7 +15,7 @@ their true pairs for a leak-free evaluation.
     You et al. 2025 (§002 of the seed notes): encoders E_A, E_B to an information map
     Z at full resolution (n_info channels) and decoders D_A, D_B (U-Nets with
     demodulated convolutions and DySample upsampling); G_AB = D_B∘E_A. Losses: LSGAN
-    (no 0.5), cycle L1 with the sigmoid ramp, information consistency (its
+    (no 0.5), cycle L1 (optionally ramped along a sigmoid), information consistency (its
     asymmetric stop-gradients); weights 1 / 5 / 10; AdamW 3e-4 without weight decay;
     one generator step (all four U-Nets), then the discriminators'. Live it runs
     D_B(E_A(x)) without the reference code's min–max rescaling.
@@ -442,7 +442,7 @@ def train_unpaired(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         max_steps=steps,
         cycle_weight=float(cfg.cycle_weight or 0.0),
         info_consistency=cfg.info_consistency,
-        ramp_steps=cfg.ramp_steps if cfg.ramp_steps is not None else steps // 2,
+        ramp_steps=cfg.ramp_steps or 0,
         seed=cfg.seed,
     )
     work = (

@@ -130,6 +130,11 @@ def test_stable_and_cyclegan_train_export_and_run_live(
     by_onnx = Predictor(pkg, make_backend(pkg, "onnxruntime")).predict(frame)
     assert by_torch.shape == (1, 64, 96)
     np.testing.assert_allclose(by_onnx, by_torch, atol=1e-3 * float(np.abs(by_torch).max()))
+    # no normalization layer: tiles (halo = both U-Nets' receptive field) = the whole frame
+    big = np.random.default_rng(1).normal(300, 40, (320, 384)).astype(np.float32)
+    whole = Predictor(pkg, make_backend(pkg, "torch")).predict(big)
+    tiled = Predictor(pkg, make_backend(pkg, "torch"), tile=(288, 288)).predict(big)
+    np.testing.assert_allclose(tiled, whole, atol=1e-4 * float(np.ptp(whole)))
     # the ablations train too, and say so
     abl = cli(
         "train", "--mode", "stable", "--no-info-consistency", "--upsample", "bilinear",
