@@ -506,7 +506,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
     from scopestream.inference.architectures import receptive_radius
-    from scopestream.inference.package import Registry, save_package
+    from scopestream.inference.package import save_package
     from scopestream.inference.predictor import halo_for
     from scopestream.training.module import PatchDataset, TrainModule
 
@@ -643,41 +643,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     pkg = save_package(staging, net, manifest)
     ev = evaluate(pkg, _eval_fields(cfg, fields), splits["test"])
     seconds = round(time.perf_counter() - t0, 1)
-    report = {k: ev[k] for k in ("metrics", "baseline_metrics", "baseline", "images")}
-    report.update(
-        steps=done_steps,
-        seconds=seconds,
+    published = publish_trained(
+        cfg, pkg, ev, work, steps=done_steps, seconds=seconds,
         eval_target=cfg.eval_target or "the training target",
-    )
-    losses = _collect_losses(work)
-    (staging / "report.json").write_text(json.dumps(report, indent=1))
-    if ev["figure_png"]:
-        (staging / "report.png").write_bytes(ev["figure_png"])
-    (staging / "losses.csv").write_text(losses)
-    (staging / "losses.png").write_bytes(loss_plot(losses))
-    final = pkg.manifest.model_copy(
-        update={
-            "training": {
-                **manifest.training,
-                "metrics": ev["metrics"],
-                "baseline_metrics": ev["baseline_metrics"],
-            }
-        }
-    )
-    from scopestream.inference.package import add_files
-
-    pkg = add_files(staging, final, ["report.json", "report.png", "losses.csv", "losses.png"])
-    root, name = Path(cfg.out).parent, Path(cfg.out).name
-    worse = worse_than_input(manifest.task, ev["metrics"], ev["baseline_metrics"])
-    if worse is not None and not cfg.force:
-        raise NotPublished(
-            f"not published: {worse}, so {name} would make data worse than leaving it alone "
-            f"(the package is kept at {staging}; train longer or on more data, or --force "
-            "publishes it anyway)"
-        )
-    # numbered above every root's newest (the bundled models too): a retrained 'denoise'
-    # is v2 over the bundled v1, never a second v1 that hides it
-    published = Registry(root).publish(pkg, name)
+    )  # fmt: skip
     return {
         "model": published.name,
         "version": published.version,
@@ -692,6 +661,54 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         "resumed_from_step": resumed_from,
         "world_size": module.world_size,
     }
+
+
+def publish_trained(
+    cfg: TrainConfig,
+    pkg: ModelPackage,
+    ev: dict[str, Any],
+    work: Path,
+    *,
+    steps: int,
+    seconds: float,
+    eval_target: str,
+) -> Any:
+    """Add the evaluation and loss reports to the staged package ``pkg`` and publish it to
+    ``cfg.out``'s registry, unless its held-out result is worse than the untouched input's
+    (`NotPublished`, kept in staging) and ``cfg.force`` is not set."""
+    from scopestream.inference.package import Registry, add_files
+
+    staging = Path(pkg.path)
+    report = {k: ev[k] for k in ("metrics", "baseline_metrics", "baseline", "images")}
+    report.update(steps=steps, seconds=seconds, eval_target=eval_target)
+    losses = _collect_losses(work)
+    (staging / "report.json").write_text(json.dumps(report, indent=1))
+    if ev["figure_png"]:
+        (staging / "report.png").write_bytes(ev["figure_png"])
+    (staging / "losses.csv").write_text(losses)
+    (staging / "losses.png").write_bytes(loss_plot(losses))
+    man = pkg.manifest
+    final = man.model_copy(
+        update={
+            "training": {
+                **man.training,
+                "metrics": ev["metrics"],
+                "baseline_metrics": ev["baseline_metrics"],
+            }
+        }
+    )
+    pkg = add_files(staging, final, ["report.json", "report.png", "losses.csv", "losses.png"])
+    root, name = Path(cfg.out).parent, Path(cfg.out).name
+    worse = worse_than_input(man.task, ev["metrics"], ev["baseline_metrics"])
+    if worse is not None and not cfg.force:
+        raise NotPublished(
+            f"not published: {worse}, so {name} would make data worse than leaving it alone "
+            f"(the package is kept at {staging}; train longer or on more data, or --force "
+            "publishes it anyway)"
+        )
+    # numbered above every root's newest (the bundled models too): a retrained 'denoise'
+    # is v2 over the bundled v1, never a second v1 that hides it
+    return Registry(root).publish(pkg, name)
 
 
 def _checkpoint_step(path: Path) -> int:

@@ -379,7 +379,6 @@ def train_unpaired(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     generator packaged, evaluated on the withheld pairs (when there are any) and
     published like every model."""
     import datetime as _dt
-    import json
     import shutil
     import time
     import warnings
@@ -393,18 +392,15 @@ def train_unpaired(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     from scopestream import __version__
     from scopestream.inference.architectures import receptive_radius
     from scopestream.inference.manifest import Architecture, Manifest
-    from scopestream.inference.package import Registry, add_files, save_package
+    from scopestream.inference.package import save_package
     from scopestream.inference.predictor import halo_for
     from scopestream.training.data import PatchSampler
     from scopestream.training.train import (
-        NotPublished,
         _checkpoint_step,
-        _collect_losses,
         _norm_from,
         evaluate,
-        loss_plot,
+        publish_trained,
         training_fingerprint,
-        worse_than_input,
     )
 
     t0 = time.perf_counter()
@@ -518,37 +514,10 @@ def train_unpaired(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     else:
         ev = evaluate(pkg, [], [])
     seconds = round(time.perf_counter() - t0, 1)
-    report = {k: ev[k] for k in ("metrics", "baseline_metrics", "baseline", "images")}
-    report.update(
-        steps=done_steps, seconds=seconds, eval_target=cfg.eval_target or "the withheld pairs"
-    )
-    losses = _collect_losses(work)
-    (staging / "report.json").write_text(json.dumps(report, indent=1))
-    files = ["report.json", "losses.csv", "losses.png"]
-    if ev["figure_png"]:
-        (staging / "report.png").write_bytes(ev["figure_png"])
-        files.append("report.png")
-    (staging / "losses.csv").write_text(losses)
-    (staging / "losses.png").write_bytes(loss_plot(losses))
-    final = pkg.manifest.model_copy(
-        update={
-            "training": {
-                **manifest.training,
-                "metrics": ev["metrics"],
-                "baseline_metrics": ev["baseline_metrics"],
-            }
-        }
-    )
-    pkg = add_files(staging, final, files)
-    root, name = Path(cfg.out).parent, Path(cfg.out).name
-    worse = worse_than_input("stain", ev["metrics"], ev["baseline_metrics"])
-    if worse is not None and not cfg.force:
-        raise NotPublished(
-            f"not published: {worse}, so {name} would make data worse than leaving it alone "
-            f"(the package is kept at {staging}; train longer or on more data, or --force "
-            "publishes it anyway)"
-        )
-    published = Registry(root).publish(pkg, name)
+    published = publish_trained(
+        cfg, pkg, ev, work, steps=done_steps, seconds=seconds,
+        eval_target=cfg.eval_target or "the withheld pairs",
+    )  # fmt: skip
     return {
         "model": published.name,
         "version": published.version,
